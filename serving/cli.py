@@ -1,0 +1,153 @@
+"""``medgemma-serve``: serve, engine-args, devmodel.
+
+Guarantee: every ``serve``/``engine-args`` flag is generated from a ``ServeSettings``
+field (its description is the help text), and all settings are validated before any
+engine process starts. Exit status 2 means the settings were refused (the message says
+what to fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from serving import config, devmodel, engine, hardware
+
+logger = logging.getLogger("serving")
+
+DEV_MODEL_BANNER = (
+    "\n" + "!" * 78 + "\n"
+    "!! DEV CHECKPOINT: tiny RANDOM weights (%s).\n"
+    "!! Outputs are RANDOM TEXT, not medical answers. Pass --model for the real model.\n"
+    + "!" * 78
+)
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    for name, field in config.ServeSettings.model_fields.items():
+        if name == "vllm_args":
+            continue
+        flag = "--" + name.replace("_", "-")
+        annotation = field.annotation
+        kind: Any = str
+        if annotation in (int, int | None):
+            kind = int
+        elif annotation in (float, float | None):
+            kind = float
+        parser.add_argument(flag, dest=name, type=kind, default=None, help=field.description)
+    parser.add_argument(
+        "--config", dest="config_file", default=None, help="YAML file of settings (lowest layer)."
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medgemma-serve",
+        description="Serve MedGemma-4b-it through vLLM's OpenAI-compatible API.",
+        epilog="Extra vLLM arguments go after '--' and pass through untouched.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="Start the OpenAI-compatible server.")
+    _add_setting_flags(serve)
+    args_cmd = sub.add_parser("engine-args", help="Print the resolved vLLM arguments and exit.")
+    _add_setting_flags(args_cmd)
+    args_cmd.add_argument("--json", action="store_true", help="Print a JSON list.")
+    sub.add_parser("profiles", help="Print the engine profile table as JSON.")
+    dev = sub.add_parser("devmodel", help="Write the dev checkpoint (tiny random MedGemma).")
+    dev.add_argument("path", help="Folder to write the checkpoint into.")
+    dev.add_argument("--seed", type=int, default=0, help="Random seed (same seed, same bytes).")
+    return parser
+
+
+def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
+    if "--" in argv:
+        cut = argv.index("--")
+        return argv[:cut], argv[cut + 1 :]
+    return argv, []
+
+
+def resolve_engine_args(ns: argparse.Namespace, passthrough: list[str], serving: bool):
+    """Settings layers -> validated EngineSettings -> vLLM argv. Raises SettingsError."""
+    flags = {
+        name: getattr(ns, name)
+        for name in config.ServeSettings.model_fields
+        if name != "vllm_args" and getattr(ns, name, None) is not None
+    }
+    settings = config.load_settings(flags, ns.config_file)
+    if passthrough:
+        settings = settings.model_copy(update={"vllm_args": [*settings.vllm_args, *passthrough]})
+    resolved = config.resolve(settings, hardware.detect_gpu(), serving=serving)
+    return settings, resolved
+
+
+def _engine_argv(settings: config.ServeSettings, resolved: engine.EngineSettings, build_dev: bool):
+    if config.uses_dev_model(resolved):
+        path = settings.dev_model_dir
+        if build_dev:
+            devmodel.ensure(path)
+        resolved = _replace_model(resolved, str(path))
+    elif build_dev:
+        config.check_model_access(resolved.model)
+    argv = engine.engine_args(resolved)
+    argv += ["--host", settings.host, "--port", str(settings.port)]
+    return resolved, argv
+
+
+def _replace_model(resolved: engine.EngineSettings, model: str) -> engine.EngineSettings:
+    from dataclasses import replace
+
+    return replace(resolved, model=model)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ours, passthrough = _split_passthrough(argv)
+    ns = _build_parser().parse_args(ours)
+    logging.basicConfig(
+        level=getattr(ns, "log_level", None) and ns.log_level.upper() or logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if ns.command == "devmodel":
+        out = devmodel.build(ns.path, seed=ns.seed)
+        print(f"wrote the dev checkpoint to {out}")
+        return 0
+    if ns.command == "profiles":
+        print(json.dumps(engine.profile_table(), indent=2))
+        return 0
+    try:
+        serving = ns.command == "serve"
+        settings, resolved = resolve_engine_args(ns, passthrough, serving)
+        resolved, vllm_argv = _engine_argv(settings, resolved, build_dev=serving)
+    except config.SettingsError as exc:
+        print(f"medgemma-serve: {exc}", file=sys.stderr)
+        return 2
+    if ns.command == "engine-args":
+        if ns.json:
+            print(json.dumps(vllm_argv))
+        else:
+            import shlex
+
+            print(shlex.join(vllm_argv))
+        return 0
+
+    from serving.launcher import ServerContext, serve
+    from serving.metrics import ServingMetrics
+
+    if resolved.model == str(settings.dev_model_dir):
+        logger.warning(DEV_MODEL_BANNER, resolved.model)
+    logger.info("profile %s, model %s, settings %s", resolved.profile, resolved.model, config.describe(settings))
+    context = ServerContext(
+        profile=resolved.profile,
+        model=resolved.model,
+        served_model_name=resolved.served_model_name,
+        metrics=ServingMetrics(),
+    )
+    serve(vllm_argv, context)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""Serving settings: defaults -> YAML file -> environment (``MEDGEMMA_``) -> command-line flags.
+
+Guarantees:
+- Every field's description is its ``--help`` text (see ``serving.cli``).
+- ``load_settings`` validates everything that can be checked without loading the model
+  (ranges, the dtype, the profile, context limits, the model's location and access) and
+  raises ``SettingsError`` with a message that says what to change, before any engine
+  process starts.
+- The resolved ``EngineSettings`` (model and profile decided, GPU detected) is what the
+  launcher hands to ``serving.engine``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from serving import engine, hardware
+
+logger = logging.getLogger(__name__)
+
+PRODUCTION_MODEL = "google/medgemma-4b-it"
+GATED_MODEL_PREFIXES = ("google/medgemma", "google/gemma")
+ENV_PREFIX = "MEDGEMMA_"
+
+
+class SettingsError(ValueError):
+    """Settings that cannot start a server; the message says what to fix."""
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "medgemma-serving"
+
+
+class ServeSettings(BaseSettings):
+    """Settings of ``medgemma-serve serve``."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    model: str | None = Field(
+        None,
+        description="Hugging Face hub id or local checkpoint path. Default: "
+        f"{PRODUCTION_MODEL} when a CUDA GPU is present, else the dev checkpoint "
+        "(tiny random weights, built on first use).",
+    )
+    profile: str | None = Field(
+        None,
+        description=f"Engine profile: one of {', '.join(engine.PROFILES)}. "
+        "Default: detected from the GPU (cpu-dev without one).",
+    )
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 in containers).")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
+    served_model_name: str = Field(
+        "medgemma-4b-it", min_length=1, description="Model name clients put in requests."
+    )
+    dtype: str = Field(
+        "bfloat16", description="Weights and activations dtype; bfloat16 only (fp16 is refused)."
+    )
+    max_model_len: int = Field(
+        32768, ge=1, description=f"Context length in tokens (at most {engine.MAX_CONTEXT})."
+    )
+    max_images_per_prompt: int = Field(4, description="Images allowed in one request.")
+    max_num_seqs: int | None = Field(
+        None, description="Concurrent sequences per engine; default sized from GPU memory."
+    )
+    max_num_batched_tokens: int | None = Field(
+        None, description="Tokens per engine step; default from the profile."
+    )
+    gpu_memory_gib: float | None = Field(
+        None, gt=0, description="GPU memory used for sizing; default detected with nvidia-smi."
+    )
+    dev_model_dir: Path = Field(
+        default_factory=lambda: default_cache_dir() / f"devmodel-v{_dev_model_version()}",
+        description="Where the dev checkpoint is built and cached.",
+    )
+    log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+    vllm_args: list[str] = Field(
+        default_factory=list,
+        description="Extra vLLM arguments passed through untouched (after '--' on the "
+        "command line; a JSON list in MEDGEMMA_VLLM_ARGS).",
+    )
+
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, value: str | None) -> str | None:
+        if value is not None and value not in engine.PROFILES:
+            raise ValueError(f"unknown profile {value!r}; choose one of {list(engine.PROFILES)}")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.lower() not in {"debug", "info", "warning", "error", "critical"}:
+            raise ValueError("log_level must be debug, info, warning, error or critical")
+        return value.lower()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Highest first: flags (init kwargs), environment, then the YAML file (injected by
+        # load_settings as the lowest init layer), then defaults.
+        return (init_settings, env_settings)
+
+
+def _dev_model_version() -> int:
+    from serving import devmodel
+
+    return devmodel.DEV_MODEL_VERSION
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError as exc:
+        raise SettingsError(f"config file {path} does not exist") from exc
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SettingsError(f"config file {path} must hold a mapping of setting: value")
+    return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+def load_settings(
+    flags: dict[str, Any] | None = None, config_file: str | os.PathLike | None = None
+) -> ServeSettings:
+    """Merge the four layers and validate field by field."""
+    layered: dict[str, Any] = read_yaml(config_file) if config_file else {}
+    env_names = {f"{ENV_PREFIX}{name}".upper() for name in ServeSettings.model_fields}
+    env_set = {name for name in ServeSettings.model_fields if f"{ENV_PREFIX}{name}".upper() in os.environ}
+    unknown_env = sorted(
+        k for k in os.environ if k.startswith(ENV_PREFIX) and k.upper() not in env_names
+    )
+    if unknown_env:
+        # A warning, not an error: Kubernetes injects MEDGEMMA_SERVICE_HOST and friends for
+        # a Service named "medgemma" (the manifests set enableServiceLinks: false).
+        logger.warning(
+            "ignoring unknown environment setting(s) %s; known: %s",
+            ", ".join(unknown_env),
+            ", ".join(sorted(env_names)),
+        )
+    for name in env_set:  # the environment beats the file
+        layered.pop(name, None)
+    layered.update({k: v for k, v in (flags or {}).items() if v is not None})
+    try:
+        return ServeSettings(**layered)
+    except ValidationError as exc:
+        raise SettingsError(_explain(exc)) from None
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = ["invalid settings:"]
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"]) or "settings"
+        lines.append(
+            f"  {where}: {error['msg']} (flag --{where.replace('_', '-')}, "
+            f"env {ENV_PREFIX}{where.upper()})"
+        )
+    return "\n".join(lines)
+
+
+def resolve(
+    settings: ServeSettings, gpu: hardware.Gpu | None, *, serving: bool = True
+) -> engine.EngineSettings:
+    """Decide model and profile from the detected GPU; check what the engine would refuse.
+
+    ``serving=False`` (printing arguments) allows a GPU profile on a machine without a GPU.
+    """
+    profile = settings.profile
+    if profile is None:
+        profile = hardware.profile_for(gpu)
+        if profile is None:
+            raise SettingsError(
+                f"no engine profile for GPU {gpu.name!r}; pass --profile "
+                f"({', '.join(n for n in engine.PROFILES if n != 'cpu-dev')}) "
+                "with the closest GPU, and --gpu-memory-gib"
+            )
+    if serving and engine.PROFILES[profile].device == "cuda" and gpu is None:
+        raise SettingsError(
+            f"profile {profile} needs a CUDA GPU and none was found (nvidia-smi); "
+            "use --profile cpu-dev on a machine without one"
+        )
+    model = settings.model
+    if model is None:
+        model = PRODUCTION_MODEL if engine.PROFILES[profile].device == "cuda" else ""
+    gpu_memory = settings.gpu_memory_gib or (gpu.memory_gib if gpu else None)
+    resolved = engine.EngineSettings(
+        model=model,
+        profile=profile,
+        served_model_name=settings.served_model_name,
+        dtype=settings.dtype,
+        max_model_len=settings.max_model_len,
+        max_images_per_prompt=settings.max_images_per_prompt,
+        gpu_memory_gib=gpu_memory,
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        extra_args=tuple(settings.vllm_args),
+    )
+    try:
+        engine.validate(resolved)
+    except engine.ProfileError as exc:
+        raise SettingsError(str(exc)) from None
+    return resolved
+
+
+def uses_dev_model(resolved: engine.EngineSettings) -> bool:
+    return resolved.model == ""
+
+
+def check_model_access(model: str, environ: dict[str, str] | None = None) -> None:
+    """Fail fast when a model cannot be loaded: missing path, or a gated hub model without a token."""
+    environ = dict(os.environ if environ is None else environ)
+    path = Path(model).expanduser()
+    if path.exists() or model.startswith((".", "/", "~")):
+        if not (path / "config.json").is_file():
+            raise SettingsError(f"model path {model} has no config.json: not a checkpoint folder")
+        return
+    if _in_hub_cache(model):
+        return
+    token = environ.get("HF_TOKEN") or environ.get("HUGGING_FACE_HUB_TOKEN") or _stored_token()
+    if environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}:
+        raise SettingsError(
+            f"model {model} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+            "download it first or pass --model /path/to/checkpoint"
+        )
+    if token is None and model.lower().startswith(GATED_MODEL_PREFIXES):
+        raise SettingsError(
+            f"model {model} is gated on the Hugging Face hub and no token is set: accept its "
+            f"terms at https://huggingface.co/{model}, then export HF_TOKEN=<your token> "
+            "(or mount a downloaded checkpoint and pass --model /path/to/it)"
+        )
+
+
+def _in_hub_cache(model: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    found = try_to_load_from_cache(model, "config.json")
+    return isinstance(found, str)
+
+
+def _stored_token() -> str | None:
+    try:
+        from huggingface_hub import get_token
+    except ImportError:
+        return None
+    return get_token()
+
+
+def describe(settings: ServeSettings) -> str:
+    """The settings as JSON, for logs (holds no secrets: tokens come only from the environment)."""
+    return json.dumps(settings.model_dump(mode="json"), sort_keys=True)

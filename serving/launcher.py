@@ -1,0 +1,244 @@
+"""Starts vLLM's OpenAI-compatible server for MedGemma with our pieces attached.
+
+Guarantees:
+- No policy lives here: engine arguments come from ``serving.engine``, settings from
+  ``serving.config``; this module only wires vLLM's own server together.
+- The port answers from the moment it is bound: while the engine loads (minutes for the
+  real model), ``/health`` is 200 (the process is alive), ``/ready`` is 503 and model
+  endpoints return an OpenAI-style 503 ``model_loading`` with ``Retry-After``.
+- Once the engine is up, vLLM's own app serves every endpoint; ``attach`` adds ``/ready``
+  and our metrics, and is the single place where later layers (admission) plug in, as
+  ASGI middleware in the same process: no extra network hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from serving.metrics import ServingMetrics
+
+logger = logging.getLogger(__name__)
+
+LOADING_RETRY_AFTER_S = 10
+
+
+@dataclass
+class ServerContext:
+    """What the attached layers share: resolved settings and the metrics registry."""
+
+    profile: str
+    model: str
+    served_model_name: str
+    metrics: ServingMetrics
+
+
+# --- while the engine loads -----------------------------------------------------------
+
+
+def _json_response(status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()):
+    payload = json.dumps(body).encode()
+    start = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(payload)).encode()),
+            *headers,
+        ],
+    }
+    return start, {"type": "http.response.body", "body": payload}
+
+
+async def loading_app(scope, receive, send) -> None:
+    """ASGI app that answers while the engine loads."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    if scope["type"] != "http":
+        return
+    path = scope.get("path", "")
+    if path == "/health":
+        start, body = _json_response(200, {"status": "loading"})
+    elif path == "/ready":
+        start, body = _json_response(503, {"status": "loading"})
+    else:
+        start, body = _json_response(
+            503,
+            {
+                "error": {
+                    "message": "The model is loading; retry shortly.",
+                    "type": "service_unavailable",
+                    "param": None,
+                    "code": "model_loading",
+                }
+            },
+            [(b"retry-after", str(LOADING_RETRY_AFTER_S).encode())],
+        )
+    await send(start)
+    await send(body)
+
+
+class LoadingResponder:
+    """Serves ``loading_app`` on a duplicate of the listening socket, in its own thread.
+
+    A thread, because vLLM builds its engine synchronously on the main event loop.
+    Closing the duplicate leaves the original socket listening for vLLM's server.
+    """
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock.dup()
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        import uvicorn
+        from vllm.entrypoints.launchers.launcher import NoSignalServer
+
+        config = uvicorn.Config(loading_app, log_level="warning", access_log=False, lifespan="on")
+        self._server = NoSignalServer(config)
+        server = self._server
+
+        def run() -> None:
+            asyncio.run(server.serve(sockets=[self._sock]))
+
+        self._thread = threading.Thread(target=run, name="medgemma-loading", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+        self._sock.close()
+
+
+# --- once the engine is up ------------------------------------------------------------
+
+
+def attach(app, context: ServerContext) -> None:
+    """Attach our endpoints and metrics to vLLM's FastAPI app (the admission layer goes here)."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+    from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+    metrics = context.metrics
+
+    async def ready(raw_request: Request) -> JSONResponse:
+        """Readiness: 200 only while the engine can serve requests."""
+        client = raw_request.app.state.engine_client
+        try:
+            await client.check_health()
+        except EngineDeadError:
+            metrics.engine_ready.set(0)
+            return JSONResponse({"status": "engine_dead"}, status_code=503)
+        metrics.engine_ready.set(1)
+        return JSONResponse({"status": "ready", "model": context.served_model_name})
+
+    app.add_api_route("/ready", ready, methods=["GET"], include_in_schema=False)
+    get_prometheus_registry().register(metrics.registry)
+    app.state.medgemma = context
+
+
+async def run_server(args, context: ServerContext) -> None:
+    """vLLM's single-process API server (``run_server_worker``) with our hooks in it."""
+    from vllm import envs
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.launcher import serve_http, setup_server
+    from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
+
+    def interrupt_init(*_: Any) -> None:
+        raise KeyboardInterrupt("terminated while loading")
+
+    signal.signal(signal.SIGTERM, interrupt_init)
+    listen_address, sock = setup_server(args, reuse_port=False)
+    responder = LoadingResponder(sock)
+    responder.start()
+    logger.info("listening on %s; /ready turns 200 once the engine has loaded", listen_address)
+    try:
+        async with build_async_engine_client(args) as engine_client:
+            supported_tasks = await engine_client.get_supported_tasks()
+            app = build_app(args, supported_tasks, engine_client.model_config)
+            await init_app_state(engine_client, app.state, args, supported_tasks)
+            attach(app, context)
+            responder.stop()
+            context.metrics.engine_ready.set(1)
+            logger.info("engine ready: serving %s on %s", context.served_model_name, listen_address)
+            uvicorn_kwargs: dict[str, Any] = {}
+            log_config = get_uvicorn_log_config(args)
+            if log_config is not None:
+                uvicorn_kwargs["log_config"] = log_config
+            shutdown_task = await serve_http(
+                app,
+                sock=sock,
+                enable_ssl_refresh=args.enable_ssl_refresh,
+                host=args.host,
+                port=args.port,
+                log_level=args.uvicorn_log_level,
+                access_log=not args.disable_uvicorn_access_log,
+                timeout_keep_alive=envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE,
+                ssl_keyfile=args.ssl_keyfile,
+                ssl_certfile=args.ssl_certfile,
+                ssl_ca_certs=args.ssl_ca_certs,
+                ssl_cert_reqs=args.ssl_cert_reqs,
+                ssl_ciphers=args.ssl_ciphers,
+                h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
+                h11_max_header_count=args.h11_max_header_count,
+                **uvicorn_kwargs,
+            )
+        await shutdown_task
+    finally:
+        responder.stop()
+        sock.close()
+
+
+def parse_vllm_args(argv: list[str]):
+    """Parse an argument list with vLLM 0.32's own API-server parser (raises SystemExit on error)."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="vllm (via medgemma-serve)"))
+    args = parser.parse_args(argv)
+    validate_parsed_serve_args(args)
+    return args
+
+
+def serve(vllm_argv: list[str], context: ServerContext) -> None:
+    """Parse ``vllm_argv`` with vLLM's parser and run the server until it is told to stop."""
+    import uvloop
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+    from vllm.version import __version__ as vllm_version
+
+    cli_env_setup()
+    args = parse_vllm_args(vllm_argv)
+    if str(args.dtype).lower() in {"float16", "half", "fp16"}:
+        # A pass-through --dtype would otherwise bypass the profile's bf16.
+        raise SystemExit("medgemma-serve: --dtype float16 is refused for Gemma 3; use bfloat16")
+    configure_logging_from_args(args)
+    context.metrics.set_build(
+        profile=context.profile,
+        model=context.model,
+        served_model_name=context.served_model_name,
+        vllm_version=vllm_version,
+    )
+    uvloop.run(run_server(args, context))
