@@ -91,9 +91,7 @@ def _engine_argv(settings: config.ServeSettings, resolved: engine.EngineSettings
         resolved = _replace_model(resolved, str(path))
     elif build_dev:
         config.check_model_access(resolved.model)
-    argv = engine.engine_args(resolved)
-    argv += ["--host", settings.host, "--port", str(settings.port)]
-    return resolved, argv
+    return resolved, engine.engine_args(resolved)
 
 
 def _replace_model(resolved: engine.EngineSettings, model: str) -> engine.EngineSettings:

