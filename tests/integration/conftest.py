@@ -1,0 +1,116 @@
+"""One real vLLM CPU server on the dev checkpoint for the whole test session.
+
+It is started through the product's own CLI with default settings (only the port and
+the dev checkpoint's cache folder differ), so the tests exercise what ``make serve`` runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+START_TIMEOUT_S = float(os.environ.get("MEDGEMMA_TEST_START_TIMEOUT_S", "300"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+    dev_model_dir: Path
+    ready_history: list[int] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def assert_alive(self) -> None:
+        assert self.process.poll() is None, "server exited:\n" + self.log()[-4000:]
+        assert httpx.get(self.url + "/health", timeout=10).status_code == 200
+
+
+def _wait_ready(server: Server) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError("server exited during start-up:\n" + server.log()[-6000:])
+        try:
+            status = httpx.get(server.url + "/ready", timeout=5).status_code
+        except httpx.TransportError:
+            status = 0
+        if not server.ready_history or server.ready_history[-1] != status:
+            server.ready_history.append(status)
+        if status == 200:
+            return
+        time.sleep(0.25)
+    raise RuntimeError(f"server not ready after {START_TIMEOUT_S}s:\n" + server.log()[-6000:])
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> Server:
+    root = tmp_path_factory.mktemp("server")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDGEMMA_")}
+    env.update(
+        {
+            "MEDGEMMA_DEV_MODEL_DIR": str(root / "devmodel"),
+            "MEDGEMMA_PORT": str(port),
+            "HF_HUB_OFFLINE": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+        }
+    )
+    log_path = root / "server.log"
+    log = log_path.open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serving", "serve"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    srv = Server(f"http://127.0.0.1:{port}", process, log_path, root / "devmodel")
+    try:
+        _wait_ready(srv)
+        yield srv
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def processor(server):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(server.dev_model_dir)

@@ -1,0 +1,220 @@
+"""The OpenAI-compatible API of the real vLLM CPU server on the dev checkpoint."""
+
+import base64
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.images import data_url, image, image_part
+
+MODEL = "medgemma-4b-it"
+
+
+def chat(client, content, **kwargs):
+    kwargs.setdefault("max_tokens", 8)
+    return client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": content}], **kwargs
+    )
+
+
+def expected_prompt_tokens(processor, messages, images):
+    """Prompt length computed independently, by transformers' Gemma3Processor."""
+    hf_messages = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            content = [
+                {"type": "image"} if part["type"] == "image_url" else part for part in content
+            ]
+        hf_messages.append({"role": message["role"], "content": content})
+    text = processor.apply_chat_template(hf_messages, add_generation_prompt=True, tokenize=False)
+    encoded = processor(text=text, images=images or None, add_special_tokens=False)
+    return len(encoded["input_ids"][0]), encoded["input_ids"][0]
+
+
+def test_ready_flipped_from_503_to_200(server):
+    assert server.ready_history[-1] == 200
+    assert 503 in server.ready_history, server.ready_history
+    ready = httpx.get(server.url + "/ready").json()
+    assert ready == {"status": "ready", "model": MODEL}
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_dev_checkpoint_is_announced_loudly(server):
+    log = server.log()
+    assert "DEV CHECKPOINT" in log and "RANDOM" in log
+
+
+def test_models_lists_medgemma(client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == [MODEL]
+
+
+def test_text_chat(client):
+    response = chat(client, "What are common causes of chest pain?", max_tokens=12)
+    choice = response.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content.strip()
+    assert choice.finish_reason == "length"
+    assert response.usage.completion_tokens == 12
+
+
+def test_text_completion(client):
+    response = client.completions.create(model=MODEL, prompt="Findings:", max_tokens=6)
+    assert response.choices[0].text.strip()
+    assert response.usage.completion_tokens == 6
+
+
+def test_chat_with_one_png_image_counts_its_tokens(client, processor):
+    img = image(640, 480, seed=1)
+    content = [image_part(data_url(img, "PNG")), {"type": "text", "text": "Describe this radiograph."}]
+    messages = [{"role": "user", "content": content}]
+    response = chat(client, content)
+    expected, ids = expected_prompt_tokens(processor, messages, [img])
+    assert response.usage.prompt_tokens == expected
+    image_token_id = processor.tokenizer.convert_tokens_to_ids("<image_soft_token>")
+    assert ids.count(image_token_id) == 256  # like the real model: 256 tokens per image
+    text_only = chat(client, [{"type": "text", "text": "Describe this radiograph."}])
+    assert response.usage.prompt_tokens - text_only.usage.prompt_tokens >= 256
+    assert response.choices[0].message.content.strip()
+
+
+def test_chat_with_several_images_of_different_formats_and_sizes(client, processor):
+    images = [image(896, 896, seed=2), image(300, 1200, seed=3, mode="RGB"), image(64, 48, seed=4)]
+    urls = [data_url(images[0], "PNG"), data_url(images[1], "JPEG"), data_url(images[2], "JPEG")]
+    content = [image_part(u) for u in urls] + [{"type": "text", "text": "Compare these images."}]
+    response = chat(client, content)
+    expected, ids = expected_prompt_tokens(processor, [{"role": "user", "content": content}], images)
+    assert response.usage.prompt_tokens == expected
+    assert ids.count(processor.tokenizer.convert_tokens_to_ids("<image_soft_token>")) == 3 * 256
+
+
+def test_streaming_with_usage_carries_text_in_every_chunk(client, processor):
+    img = image(512, 512, seed=5)
+    content = [image_part(data_url(img)), {"type": "text", "text": "Summarise."}]
+    stream = chat(client, content, max_tokens=20, stream=True, stream_options={"include_usage": True})
+    pieces, usage = [], None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content is not None and choice.delta.role is None:
+                pieces.append(choice.delta.content)
+    assert usage is not None
+    assert usage.completion_tokens == 20
+    expected, _ = expected_prompt_tokens(processor, [{"role": "user", "content": content}], [img])
+    assert usage.prompt_tokens == expected
+    text_pieces = [p for p in pieces if p]
+    assert len(text_pieces) >= 15, pieces  # streamed chunk by chunk, not all at the end
+    assert all(p.strip() for p in text_pieces), pieces
+
+
+def test_system_prompt_is_folded_into_the_first_user_turn(client, processor):
+    messages = [
+        {"role": "system", "content": "You are an expert radiologist."},
+        {"role": "user", "content": "Is this normal?"},
+    ]
+    response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5)
+    expected, _ = expected_prompt_tokens(processor, messages, [])
+    assert response.usage.prompt_tokens == expected
+    without = chat(client, "Is this normal?", max_tokens=5)
+    assert response.usage.prompt_tokens > without.usage.prompt_tokens
+
+
+def test_multi_turn_conversation(client):
+    messages = [
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi, how can I help?"},
+        {"role": "user", "content": "Explain atelectasis."},
+    ]
+    response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5)
+    assert response.choices[0].message.content.strip()
+
+
+# --- errors: a 4xx OpenAI-style error, and the server keeps serving ---------------------
+
+
+def assert_openai_error(exc: openai.APIStatusError, status: int, fragment: str):
+    assert exc.status_code == status
+    body = exc.response.json()
+    assert set(body) == {"error"}
+    assert {"message", "type", "code"} <= set(body["error"])
+    assert fragment.lower() in body["error"]["message"].lower()
+
+
+@pytest.fixture
+def still_serving(server, client):
+    yield
+    server.assert_alive()
+    assert chat(client, "Still there?", max_tokens=3).usage.completion_tokens == 3
+
+
+def test_more_images_than_allowed(client, still_serving):
+    url = data_url(image(64, 64))
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, [image_part(url)] * 5 + [{"type": "text", "text": "x"}])
+    assert_openai_error(info.value, 400, "at most 4 image")
+
+
+def test_corrupt_image(client, still_serving):
+    corrupt = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64).decode()
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, [image_part(corrupt), {"type": "text", "text": "x"}])
+    assert_openai_error(info.value, 400, "image")
+
+
+def test_truncated_image(client, still_serving):
+    url = data_url(image(256, 256), "JPEG")
+    header, payload = url.split(",", 1)
+    raw = base64.b64decode(payload)
+    truncated = header + "," + base64.b64encode(raw[: len(raw) // 3]).decode()
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, [image_part(truncated), {"type": "text", "text": "x"}])
+    assert_openai_error(info.value, 400, "image")
+
+
+def test_non_image_data_url(client, still_serving):
+    text_url = "data:text/plain;base64," + base64.b64encode(b"patient notes").decode()
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, [image_part(text_url), {"type": "text", "text": "x"}])
+    assert_openai_error(info.value, 400, "image")
+
+
+def test_max_tokens_beyond_the_context(client, still_serving):
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, "hi", max_tokens=40000)
+    assert_openai_error(info.value, 400, "max_tokens")
+    # vLLM 0.32 clamps max_tokens to the room left after the prompt instead of refusing
+    # prompt + max_tokens > context; the admission layer refuses that case (issue 3).
+
+
+def test_prompt_longer_than_the_context(client, still_serving):
+    long_prompt = "pneumonia " * 40000
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, long_prompt, max_tokens=1)
+    assert_openai_error(info.value, 400, "context length")
+
+
+def test_roles_must_alternate(client, still_serving):
+    messages = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3)
+    assert_openai_error(info.value, 400, "alternate")
+
+
+def test_unknown_model(client, still_serving):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(
+            model="gpt-4", messages=[{"role": "user", "content": "a"}], max_tokens=3
+        )
+    assert_openai_error(info.value, 404, "does not exist")
+
+
+def test_metrics_expose_ours_beside_vllms(server):
+    text = httpx.get(server.url + "/metrics").text
+    assert "# TYPE medgemma_build_info gauge" in text
+    assert 'medgemma_build_info{model=' in text and 'profile="cpu-dev"' in text
+    assert "medgemma_engine_ready 1.0" in text
+    assert 'vllm:num_requests_running{engine="0",model_name="medgemma-4b-it"}' in text
+    assert "vllm:prompt_tokens_total" in text
