@@ -28,7 +28,7 @@ def torchvision_available() -> bool:
         return False
     try:
         import torchvision  # noqa: F401
-    except Exception:  # a broken build raises RuntimeError or ImportError
+    except (ImportError, RuntimeError, OSError):  # a build that does not match torch
         return False
     return True
 

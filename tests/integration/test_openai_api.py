@@ -211,6 +211,15 @@ def test_unknown_model(client, still_serving):
     assert_openai_error(info.value, 404, "does not exist")
 
 
+def test_prompt_and_image_content_is_not_logged(server, client):
+    canary = "CANARY-7f3a91 patient Jane Roe, MRN 0042"
+    url = data_url(image(128, 128, seed=9))
+    chat(client, [image_part(url), {"type": "text", "text": canary}], max_tokens=4)
+    log = server.log()
+    assert "CANARY-7f3a91" not in log and "Jane Roe" not in log
+    assert url.split(",", 1)[1][:64] not in log
+
+
 def test_metrics_expose_ours_beside_vllms(server):
     text = httpx.get(server.url + "/metrics").text
     assert "# TYPE medgemma_build_info gauge" in text
