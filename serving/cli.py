@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -83,31 +84,19 @@ def resolve_engine_args(ns: argparse.Namespace, passthrough: list[str], serving:
     return settings, resolved
 
 
-def _engine_argv(settings: config.ServeSettings, resolved: engine.EngineSettings, build_dev: bool):
-    if config.uses_dev_model(resolved):
-        path = settings.dev_model_dir
-        if build_dev:
-            devmodel.ensure(path)
-        resolved = _replace_model(resolved, str(path))
-    elif build_dev:
+def _prepare_model(settings: config.ServeSettings, resolved: engine.EngineSettings) -> None:
+    """Before serving: build the dev checkpoint if needed, or check the model can be loaded."""
+    if config.uses_dev_model(settings, resolved):
+        devmodel.ensure(settings.dev_model_dir)
+    else:
         config.check_model_access(resolved.model)
-    return resolved, engine.engine_args(resolved)
-
-
-def _replace_model(resolved: engine.EngineSettings, model: str) -> engine.EngineSettings:
-    from dataclasses import replace
-
-    return replace(resolved, model=model)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, passthrough = _split_passthrough(argv)
     ns = _build_parser().parse_args(ours)
-    logging.basicConfig(
-        level=getattr(ns, "log_level", None) and ns.log_level.upper() or logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if ns.command == "devmodel":
         out = devmodel.build(ns.path, seed=ns.seed)
         print(f"wrote the dev checkpoint to {out}")
@@ -118,10 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         serving = ns.command == "serve"
         settings, resolved = resolve_engine_args(ns, passthrough, serving)
-        resolved, vllm_argv = _engine_argv(settings, resolved, build_dev=serving)
+        if serving:
+            _prepare_model(settings, resolved)
     except config.SettingsError as exc:
         print(f"medgemma-serve: {exc}", file=sys.stderr)
         return 2
+    vllm_argv = engine.engine_args(resolved)
     if ns.command == "engine-args":
         if ns.json:
             print(json.dumps(vllm_argv))
@@ -134,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     from serving.launcher import ServerContext, serve
     from serving.metrics import ServingMetrics
 
-    if resolved.model == str(settings.dev_model_dir):
+    logging.getLogger().setLevel(settings.log_level.upper())
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", settings.log_level.upper())
+    if config.uses_dev_model(settings, resolved):
         logger.warning(DEV_MODEL_BANNER, resolved.model)
     logger.info("profile %s, model %s, settings %s", resolved.profile, resolved.model, config.describe(settings))
     context = ServerContext(

@@ -195,7 +195,8 @@ def resolve(
         )
     model = settings.model
     if model is None:
-        model = PRODUCTION_MODEL if engine.PROFILES[profile].device == "cuda" else ""
+        on_gpu = engine.PROFILES[profile].device == "cuda"
+        model = PRODUCTION_MODEL if on_gpu else str(settings.dev_model_dir)
     gpu_memory = settings.gpu_memory_gib or (gpu.memory_gib if gpu else None)
     resolved = engine.EngineSettings(
         model=model,
@@ -218,8 +219,9 @@ def resolve(
     return resolved
 
 
-def uses_dev_model(resolved: engine.EngineSettings) -> bool:
-    return resolved.model == ""
+def uses_dev_model(settings: ServeSettings, resolved: engine.EngineSettings) -> bool:
+    """True when the resolved model is the dev checkpoint (built on first use)."""
+    return resolved.model == str(settings.dev_model_dir)
 
 
 def check_model_access(model: str, environ: dict[str, str] | None = None) -> None:

@@ -139,21 +139,19 @@ def attach(app, context: ServerContext) -> None:
     from vllm.v1.engine.exceptions import EngineDeadError
     from vllm.v1.metrics.prometheus import get_prometheus_registry
 
-    metrics = context.metrics
+    engine_client = app.state.engine_client
 
     async def ready(raw_request: Request) -> JSONResponse:
         """Readiness: 200 only while the engine can serve requests."""
-        client = raw_request.app.state.engine_client
         try:
-            await client.check_health()
+            await engine_client.check_health()
         except EngineDeadError:
-            metrics.engine_ready.set(0)
             return JSONResponse({"status": "engine_dead"}, status_code=503)
-        metrics.engine_ready.set(1)
         return JSONResponse({"status": "ready", "model": context.served_model_name})
 
     app.add_api_route("/ready", ready, methods=["GET"], include_in_schema=False)
-    get_prometheus_registry().register(metrics.registry)
+    context.metrics.engine_ready.set_function(lambda: 0.0 if engine_client.errored else 1.0)
+    get_prometheus_registry().register(context.metrics.registry)
     app.state.medgemma = context
 
 
@@ -181,7 +179,6 @@ async def run_server(args, context: ServerContext) -> None:
             await init_app_state(engine_client, app.state, args, supported_tasks)
             attach(app, context)
             responder.stop()
-            context.metrics.engine_ready.set(1)
             logger.info("engine ready: serving %s on %s", context.served_model_name, listen_address)
             uvicorn_kwargs: dict[str, Any] = {}
             log_config = get_uvicorn_log_config(args)

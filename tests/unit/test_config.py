@@ -90,13 +90,17 @@ def test_unknown_env_setting_warns(monkeypatch, caplog):
 
 
 def test_resolve_without_gpu_is_the_dev_model_on_cpu_dev():
-    resolved = resolve(load_settings(), None)
-    assert resolved.profile == "cpu-dev" and config.uses_dev_model(resolved)
+    settings = load_settings({"dev_model_dir": "/tmp/dev"})
+    resolved = resolve(settings, None)
+    assert resolved.profile == "cpu-dev" and resolved.model == "/tmp/dev"
+    assert config.uses_dev_model(settings, resolved)
 
 
 def test_resolve_with_gpu_is_the_hub_model_on_the_matching_profile():
-    resolved = resolve(load_settings(), H100)
+    settings = load_settings()
+    resolved = resolve(settings, H100)
     assert resolved.profile == "h100" and resolved.model == config.PRODUCTION_MODEL
+    assert not config.uses_dev_model(settings, resolved)
     assert resolved.gpu_memory_gib == 79.6
 
 
