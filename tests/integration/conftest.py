@@ -34,6 +34,8 @@ class Server:
     log_path: Path
     dev_model_dir: Path
     ready_history: list[int] = field(default_factory=list)
+    # What the port answered while the engine was still loading (first 503 from /ready).
+    while_loading: dict[str, httpx.Response] = field(default_factory=dict)
 
     @property
     def base_url(self) -> str:
@@ -58,6 +60,15 @@ def _wait_ready(server: Server) -> None:
             status = 0
         if not server.ready_history or server.ready_history[-1] != status:
             server.ready_history.append(status)
+        if status == 503 and not server.while_loading:
+            server.while_loading = {
+                "health": httpx.get(server.url + "/health", timeout=5),
+                "chat": httpx.post(
+                    server.url + "/v1/chat/completions",
+                    json={"model": "medgemma-4b-it", "messages": [{"role": "user", "content": "hi"}]},
+                    timeout=5,
+                ),
+            }
         if status == 200:
             return
         time.sleep(0.25)

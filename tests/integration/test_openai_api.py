@@ -41,6 +41,15 @@ def test_ready_flipped_from_503_to_200(server):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
+def test_while_loading_the_port_answers(server):
+    assert server.while_loading, "the engine was ready before the first probe"
+    assert server.while_loading["health"].status_code == 200
+    chat = server.while_loading["chat"]
+    assert chat.status_code == 503
+    assert chat.headers["retry-after"].isdigit()
+    assert chat.json()["error"]["code"] == "model_loading"
+
+
 def test_dev_checkpoint_is_announced_loudly(server):
     log = server.log()
     assert "DEV CHECKPOINT" in log and "RANDOM" in log
