@@ -27,9 +27,12 @@ DEV_MODEL_BANNER = (
 )
 
 
+FILE_ONLY_SETTINGS = {"vllm_args", "model_costs"}  # lists and maps: YAML or env (JSON) only
+
+
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     for name, field in config.ServeSettings.model_fields.items():
-        if name == "vllm_args":
+        if name in FILE_ONLY_SETTINGS:
             continue
         flag = "--" + name.replace("_", "-")
         annotation = field.annotation
@@ -57,10 +60,28 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_setting_flags(args_cmd)
     args_cmd.add_argument("--json", action="store_true", help="Print a JSON list.")
     sub.add_parser("profiles", help="Print the engine profile table as JSON.")
+    keys = sub.add_parser("keys", help="Manage API keys in a keys file.")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    add = keys_sub.add_parser("add", help="Create a key for an account; prints it once.")
+    add.add_argument("--file", required=True, help="The keys file (created if missing).")
+    add.add_argument("--account", required=True, help="Account the key belongs to.")
+    add.add_argument("--plan", required=True, help="The account's plan (must exist in the file).")
+    add.add_argument("--label", default=None, help="Free-text label stored beside the hash.")
     dev = sub.add_parser("devmodel", help="Write the dev checkpoint (tiny random MedGemma).")
     dev.add_argument("path", help="Folder to write the checkpoint into.")
     dev.add_argument("--seed", type=int, default=0, help="Random seed (same seed, same bytes).")
     return parser
+
+
+def configure_logging(level: str) -> None:
+    """Our loggers get their own handler: vLLM reconfigures the root logger as it starts."""
+    log = logging.getLogger("serving")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
 
 
 def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -75,13 +96,42 @@ def resolve_engine_args(ns: argparse.Namespace, passthrough: list[str], serving:
     flags = {
         name: getattr(ns, name)
         for name in config.ServeSettings.model_fields
-        if name != "vllm_args" and getattr(ns, name, None) is not None
+        if name not in FILE_ONLY_SETTINGS and getattr(ns, name, None) is not None
     }
     settings = config.load_settings(flags, ns.config_file)
     if passthrough:
         settings = settings.model_copy(update={"vllm_args": [*settings.vllm_args, *passthrough]})
     resolved = config.resolve(settings, hardware.detect_gpu(), serving=serving)
     return settings, resolved
+
+
+def _load_keys(settings: config.ServeSettings):
+    from serving.admission.keys import KeysFileError, KeyStore
+
+    if settings.keys_file is None:
+        logger.warning(
+            "no keys file: OPEN MODE, every request shares one anonymous account of %d "
+            "units; pass --keys-file for per-account budgets",
+            settings.open_budget,
+        )
+        return KeyStore.open(settings.open_budget)
+    try:
+        return KeyStore.load(settings.keys_file)
+    except KeysFileError as exc:
+        raise config.SettingsError(str(exc)) from None
+
+
+def _keys_command(ns: argparse.Namespace) -> int:
+    from serving.admission.keys import KeysFileError, add_key
+
+    try:
+        key = add_key(ns.file, ns.account, ns.plan, ns.label)
+    except KeysFileError as exc:
+        print(f"medgemma-serve: {exc}", file=sys.stderr)
+        return 2
+    print(key)
+    print(f"(stored only as a SHA-256 hash in {ns.file}; this is the only time it is shown)", file=sys.stderr)
+    return 0
 
 
 def _prepare_model(settings: config.ServeSettings, resolved: engine.EngineSettings) -> None:
@@ -96,11 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, passthrough = _split_passthrough(argv)
     ns = _build_parser().parse_args(ours)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("INFO")
     if ns.command == "devmodel":
         out = devmodel.build(ns.path, seed=ns.seed)
         print(f"wrote the dev checkpoint to {out}")
         return 0
+    if ns.command == "keys":
+        return _keys_command(ns)
     if ns.command == "profiles":
         print(json.dumps(engine.profile_table(), indent=2))
         return 0
@@ -108,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         serving = ns.command == "serve"
         settings, resolved = resolve_engine_args(ns, passthrough, serving)
         if serving:
+            keys = _load_keys(settings)
             _prepare_model(settings, resolved)
     except config.SettingsError as exc:
         print(f"medgemma-serve: {exc}", file=sys.stderr)
@@ -122,10 +175,11 @@ def main(argv: list[str] | None = None) -> int:
             print(shlex.join(vllm_argv))
         return 0
 
+    from serving.admission.install import AdmissionSettings
     from serving.launcher import ServerContext, serve
     from serving.metrics import ServingMetrics
 
-    logging.getLogger().setLevel(settings.log_level.upper())
+    configure_logging(settings.log_level.upper())
     os.environ.setdefault("VLLM_LOGGING_LEVEL", settings.log_level.upper())
     if config.uses_dev_model(settings, resolved):
         logger.warning(DEV_MODEL_BANNER, resolved.model)
@@ -135,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
         model=resolved.model,
         served_model_name=resolved.served_model_name,
         metrics=ServingMetrics(),
+        admission=AdmissionSettings(
+            keys=keys,
+            queue_size=settings.queue_size,
+            queue_timeout_s=settings.queue_timeout_s,
+            model_costs=settings.model_costs,
+        ),
     )
     serve(vllm_argv, context)
     return 0

@@ -82,6 +82,24 @@ class ServeSettings(BaseSettings):
         description="Where the dev checkpoint is built and cached.",
     )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+    keys_file: Path | None = Field(
+        None,
+        description="YAML file of plans, accounts and hashed API keys (medgemma-serve keys add). "
+        "Without one the server runs in open mode: one anonymous account.",
+    )
+    open_budget: int = Field(
+        4, ge=1, description="Concurrency units of the anonymous account in open mode."
+    )
+    queue_size: int = Field(
+        256, ge=0, description="Admitted requests that may wait for a free engine slot."
+    )
+    queue_timeout_s: float = Field(
+        30.0, gt=0, description="How long a request may wait for an engine slot before a 503."
+    )
+    model_costs: dict[str, int] = Field(
+        default_factory=lambda: {"medgemma-4b-it": 1},
+        description="Concurrency units one in-flight request of each model costs (YAML/env).",
+    )
     vllm_args: list[str] = Field(
         default_factory=list,
         description="Extra vLLM arguments passed through untouched (after '--' on the "
@@ -93,6 +111,13 @@ class ServeSettings(BaseSettings):
     def _known_profile(cls, value: str | None) -> str | None:
         if value is not None and value not in engine.PROFILES:
             raise ValueError(f"unknown profile {value!r}; choose one of {list(engine.PROFILES)}")
+        return value
+
+    @field_validator("model_costs")
+    @classmethod
+    def _positive_costs(cls, value: dict[str, int]) -> dict[str, int]:
+        if not value or any(cost < 1 for cost in value.values()):
+            raise ValueError("model_costs needs at least one model, each costing 1 or more units")
         return value
 
     @field_validator("log_level")

@@ -26,6 +26,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from serving.admission.install import AdmissionSettings, install
 from serving.metrics import ServingMetrics
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class ServerContext:
     model: str
     served_model_name: str
     metrics: ServingMetrics
+    admission: AdmissionSettings
 
 
 # --- while the engine loads -----------------------------------------------------------
@@ -135,7 +137,7 @@ class LoadingResponder:
 
 
 def attach(app, context: ServerContext) -> None:
-    """Attach our endpoints and metrics to vLLM's FastAPI app (the admission layer goes here)."""
+    """Attach /ready, our metrics and the admission middleware to vLLM's FastAPI app."""
     from vllm.v1.engine.exceptions import EngineDeadError
     from vllm.v1.metrics.prometheus import get_prometheus_registry
 
@@ -152,6 +154,7 @@ def attach(app, context: ServerContext) -> None:
     app.add_api_route("/ready", ready, methods=["GET"], include_in_schema=False)
     context.metrics.engine_ready.set_function(lambda: 0.0 if engine_client.errored else 1.0)
     get_prometheus_registry().register(context.metrics.registry)
+    install(app, engine_client, context.admission, context.metrics)
     app.state.medgemma = context
 
 

@@ -8,7 +8,7 @@ labels never carry API keys, prompts or any request content. ``ServingMetrics`` 
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Gauge, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 
 class ServingMetrics:
@@ -22,6 +22,40 @@ class ServingMetrics:
         self.engine_ready = Gauge(
             "medgemma_engine_ready",
             "1 once the engine can serve (what /ready reports), 0 while loading or failed.",
+            registry=self.registry,
+        )
+
+        self.admission_total = Counter(
+            "medgemma_admission",
+            "Admission decisions by outcome (admitted, rejected_*, evicted_*).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.inflight_units = Gauge(
+            "medgemma_inflight_units",
+            "Concurrency units held by admitted requests on this replica, by plan.",
+            ["plan"],
+            registry=self.registry,
+        )
+        self.capacity_units = Gauge(
+            "medgemma_capacity_units",
+            "Concurrent requests this replica's engine takes at once (its max_num_seqs).",
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "medgemma_queue_depth",
+            "Admitted requests waiting for a free engine slot.",
+            registry=self.registry,
+        )
+        self.queue_wait_seconds = Histogram(
+            "medgemma_queue_wait_seconds",
+            "Time admitted requests waited for an engine slot.",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=self.registry,
+        )
+        self.ledger_fallback = Gauge(
+            "medgemma_ledger_fallback",
+            "1 while the shared (Redis) budget ledger is unreachable and a local share applies.",
             registry=self.registry,
         )
 

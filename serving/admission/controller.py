@@ -1,0 +1,316 @@
+"""The admission decision for one request: key -> budget -> context -> engine capacity.
+
+Guarantees:
+- Order: an unknown key is refused (401) before anything else; a request whose prompt plus
+  ``max_tokens`` cannot fit the context is refused (400) before it holds anything; then
+  the account's budget (429, or a bounded wait when its plan allows); then the engine's
+  capacity (a fair, bounded queue with a deadline: 503 when full or too late).
+- A ``Ticket`` holds the account's units from admission until ``release()``, which is
+  idempotent and frees the ledger lease and the engine slot together. Any failure after
+  the lease was taken releases it before the error leaves.
+- ``Retry-After`` comes from the observed completion rate, not a constant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from serving.admission.clock import Clock, MonotonicClock
+from serving.admission.keys import Account, KeyStore
+from serving.admission.ledger import BudgetLedger, Grant, Lease, LedgerUnavailable
+from serving.admission.outcomes import AdmissionError, Outcome
+from serving.admission.queue import FairQueue, Slot, granted
+from serving.metrics import ServingMetrics
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_MIN_S = 1
+RETRY_AFTER_MAX_S = 60
+
+
+class CompletionRate:
+    """Completions per second over a sliding window."""
+
+    def __init__(self, clock: Clock, window_s: float = 30.0):
+        self.clock = clock
+        self.window_s = window_s
+        self._times: deque[float] = deque()
+        self._since = clock.now()
+
+    def record(self) -> None:
+        self._times.append(self.clock.now())
+
+    def per_second(self) -> float:
+        now = self.clock.now()
+        while self._times and self._times[0] < now - self.window_s:
+            self._times.popleft()
+        span = min(self.window_s, max(now - self._since, 1.0))
+        return len(self._times) / span
+
+
+def retry_after_s(work_ahead: float, rate_per_s: float) -> int:
+    """Seconds until ``work_ahead`` completions are expected at ``rate_per_s``, clamped."""
+    if rate_per_s <= 0:
+        return RETRY_AFTER_MAX_S // 4
+    return max(RETRY_AFTER_MIN_S, min(RETRY_AFTER_MAX_S, math.ceil(work_ahead / rate_per_s)))
+
+
+@dataclass
+class RequestShape:
+    """What admission needs to know of a request (from the middleware's read of the body)."""
+
+    model: str | None
+    prompt_tokens: int  # estimate: text tokens + image tokens
+    max_tokens: int | None
+
+
+@dataclass
+class Ticket:
+    account: Account
+    lease: Lease
+    slot: Slot | None
+    inflight_after: int
+    controller: AdmissionController = field(repr=False)
+    released: bool = False
+
+    @property
+    def limit(self) -> int:
+        return self.account.plan.concurrency
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.limit - self.inflight_after)
+
+    async def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        await self.controller._release(self)
+
+
+@dataclass
+class _PlanWaiter:
+    units: int
+    deadline: float
+    future: asyncio.Future
+
+
+class AdmissionController:
+    def __init__(
+        self,
+        keys: KeyStore,
+        ledger: BudgetLedger,
+        queue: FairQueue,
+        metrics: ServingMetrics,
+        *,
+        max_model_len: int,
+        model_costs: dict[str, int],
+        queue_timeout_s: float,
+        clock: Clock | None = None,
+    ):
+        self.keys = keys
+        self.ledger = ledger
+        self.queue = queue
+        self.metrics = metrics
+        self.max_model_len = max_model_len
+        self.model_costs = model_costs
+        self.default_cost = max(model_costs.values(), default=1)
+        self.queue_timeout_s = queue_timeout_s
+        self.clock = clock or MonotonicClock()
+        self.draining = False
+        self.completions = CompletionRate(self.clock)
+        self._account_completions: dict[str, CompletionRate] = {}
+        self._plan_waiters: dict[str, deque[_PlanWaiter]] = {}
+        metrics.capacity_units.set(queue.capacity.max_requests)
+
+    # --- the decision ------------------------------------------------------------------
+    def authenticate(self, api_key: str | None) -> Account:
+        account = self.keys.authenticate(api_key)
+        if account is None:
+            self._count(Outcome.REJECTED_INVALID_KEY)
+            raise AdmissionError(Outcome.REJECTED_INVALID_KEY, "Invalid or missing API key.")
+        return account
+
+    def cost(self, model: str | None) -> int:
+        return self.model_costs.get(model or "", self.default_cost)
+
+    async def admit(self, account: Account, shape: RequestShape) -> Ticket:
+        if self.draining:
+            raise self._reject(
+                Outcome.REJECTED_DRAINING, "The server is shutting down.", retry_after=5
+            )
+        max_tokens = shape.max_tokens
+        if max_tokens is None:
+            max_tokens = max(0, self.max_model_len - shape.prompt_tokens)
+        if shape.prompt_tokens + max_tokens > self.max_model_len:
+            raise self._reject(
+                Outcome.REJECTED_CONTEXT_LENGTH,
+                f"This model's maximum context length is {self.max_model_len} tokens; the "
+                f"request needs at least {shape.prompt_tokens} prompt tokens plus max_tokens "
+                f"{max_tokens}. Shorten the prompt or lower max_tokens.",
+            )
+        units = self.cost(shape.model)
+        grant = await self._acquire_budget(account, units)
+        try:
+            slot = await self._acquire_slot(account.name, shape.prompt_tokens + max_tokens)
+        except BaseException:
+            await self._release_lease(account, grant.lease)
+            raise
+        self._count(Outcome.ADMITTED)
+        self.metrics.inflight_units.labels(plan=account.plan.name).inc(units)
+        return Ticket(account, grant.lease, slot, grant.inflight, self)
+
+    async def _acquire_budget(self, account: Account, units: int) -> Grant:
+        budget = account.plan.concurrency
+        try:
+            grant = await self.ledger.acquire(account.name, units, budget)
+        except LedgerUnavailable:
+            raise self._reject(
+                Outcome.REJECTED_LEDGER_UNAVAILABLE,
+                "The budget ledger is unavailable; retry shortly.",
+                retry_after=5,
+            ) from None
+        if grant.lease is not None:
+            return grant
+        plan_queue = account.plan.queue
+        waiters = self._plan_waiters.setdefault(account.name, deque())
+        if plan_queue is None or len(waiters) >= plan_queue.max_waiting:
+            raise self._over_budget(account, units, grant.inflight)
+        waiter = _PlanWaiter(
+            units,
+            self.clock.now() + plan_queue.timeout_s,
+            asyncio.get_running_loop().create_future(),
+        )
+        waiters.append(waiter)
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            if granted(waiter.future):  # granted just as the client left
+                await self.ledger.release(waiter.future.result().lease)
+            self._count(Outcome.EVICTED_CLIENT_GONE)
+            raise
+        finally:
+            if waiter in waiters:
+                waiters.remove(waiter)
+            if not waiters:
+                self._plan_waiters.pop(account.name, None)
+
+    async def _acquire_slot(self, account: str, tokens: int) -> Slot:
+        slot = self.queue.try_acquire(account, tokens)
+        if slot is not None:
+            self.metrics.queue_wait_seconds.observe(0.0)
+            return slot
+        try:
+            waiter = self.queue.enqueue(account, tokens, self.queue_timeout_s)
+        except AdmissionError as error:
+            error.retry_after_s = self._retry_engine()
+            self._count(error.outcome)
+            raise
+        self.metrics.queue_depth.set(self.queue.depth)
+        try:
+            slot = await self.queue.wait(waiter)
+        except AdmissionError as error:
+            error.retry_after_s = self._retry_engine()
+            self._count(error.outcome)
+            raise
+        except asyncio.CancelledError:
+            self._count(Outcome.EVICTED_CLIENT_GONE)
+            raise
+        finally:
+            self.metrics.queue_depth.set(self.queue.depth)
+            self.metrics.queue_wait_seconds.observe(self.queue.waited_s(waiter))
+        return slot
+
+    # --- release -------------------------------------------------------------------------
+    async def _release(self, ticket: Ticket) -> None:
+        if ticket.slot is not None:
+            self.queue.release(ticket.slot)
+        self.metrics.inflight_units.labels(plan=ticket.account.plan.name).dec(ticket.lease.units)
+        self.completions.record()
+        self._account_rate(ticket.account.name).record()
+        await self._release_lease(ticket.account, ticket.lease)
+
+    async def _release_lease(self, account: Account, lease: Lease | None) -> None:
+        if lease is None:
+            return
+        try:
+            await self.ledger.release(lease)
+        finally:
+            await self._wake_plan_waiter(account)
+
+    async def _wake_plan_waiter(self, account: Account) -> None:
+        waiters = self._plan_waiters.get(account.name)
+        while waiters:
+            head = waiters[0]
+            if head.future.done():
+                waiters.popleft()
+                continue
+            grant = await self.ledger.acquire(account.name, head.units, account.plan.concurrency)
+            if grant.lease is None:
+                return
+            waiters.popleft()
+            if head.future.done():  # its client left while we acquired
+                await self.ledger.release(grant.lease)
+                continue
+            head.future.set_result(grant)
+            return
+
+    async def tick(self) -> None:
+        """Evict by deadline and retry plan waiters (whose units may be freed elsewhere)."""
+        if self.queue.expire():
+            self.metrics.queue_depth.set(self.queue.depth)
+        now = self.clock.now()
+        for name in list(self._plan_waiters):
+            account = self.keys.accounts.get(name)
+            waiters = self._plan_waiters.get(name) or deque()
+            if account is None:
+                continue
+            for waiter in [w for w in waiters if w.deadline <= now and not w.future.done()]:
+                waiter.future.set_exception(
+                    self._over_budget(account, waiter.units, account.plan.concurrency, waited=True)
+                )
+            if account is not None:
+                await self._wake_plan_waiter(account)
+
+    async def run_ticker(self, interval_s: float = 0.05) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.tick()
+            except Exception:
+                logger.exception("admission tick failed")
+
+    # --- errors and Retry-After ------------------------------------------------------------
+    def _account_rate(self, account: str) -> CompletionRate:
+        rate = self._account_completions.get(account)
+        if rate is None:
+            rate = self._account_completions[account] = CompletionRate(self.clock)
+        return rate
+
+    def _over_budget(
+        self, account: Account, units: int, inflight: int, waited: bool = False
+    ) -> AdmissionError:
+        rate = self._account_rate(account.name).per_second()
+        message = (
+            f"Concurrency limit reached: the account's plan allows {account.plan.concurrency} "
+            f"concurrent units and {inflight} are in use."
+        )
+        if waited:
+            message += " The request waited for its plan's queue deadline."
+        return self._reject(
+            Outcome.REJECTED_OVER_BUDGET, message, retry_after=retry_after_s(units, rate)
+        )
+
+    def _retry_engine(self) -> int:
+        return retry_after_s(self.queue.depth + 1, self.completions.per_second())
+
+    def _reject(self, outcome: Outcome, message: str, retry_after: float | None = None):
+        self._count(outcome)
+        return AdmissionError(outcome, message, retry_after)
+
+    def _count(self, outcome: Outcome) -> None:
+        self.metrics.admission_total.labels(outcome=outcome.value).inc()

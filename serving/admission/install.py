@@ -1,0 +1,75 @@
+"""Builds the admission layer from settings and installs it on vLLM's app.
+
+Guarantee: the capacity it enforces is what the engine reported at start-up
+(``max_num_seqs`` and the KV cache size in tokens), and nothing here runs per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from serving.admission.clock import MonotonicClock
+from serving.admission.controller import AdmissionController
+from serving.admission.keys import KeyStore
+from serving.admission.ledger import BudgetLedger, InProcessLedger
+from serving.admission.middleware import AdmissionMiddleware, PromptEstimator, tokenizer_counter
+from serving.admission.queue import Capacity, FairQueue
+from serving.metrics import ServingMetrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AdmissionSettings:
+    keys: KeyStore
+    queue_size: int = 256
+    queue_timeout_s: float = 30.0
+    model_costs: dict[str, int] = field(default_factory=lambda: {"medgemma-4b-it": 1})
+    ledger: BudgetLedger | None = None
+
+
+def engine_capacity(vllm_config) -> Capacity:
+    """What the engine can hold at once, as vLLM sized it at start-up."""
+    max_requests = vllm_config.scheduler_config.max_num_seqs
+    cache = vllm_config.cache_config
+    tokens = getattr(cache, "kv_cache_size_tokens", None)
+    if not tokens:
+        tokens = (cache.num_gpu_blocks or 0) * cache.block_size
+    return Capacity(max_requests=max_requests, max_tokens=int(tokens) or 1)
+
+
+def install(app, engine_client, settings: AdmissionSettings, metrics: ServingMetrics):
+    vllm_config = engine_client.vllm_config
+    capacity = engine_capacity(vllm_config)
+    clock = MonotonicClock()
+    controller = AdmissionController(
+        settings.keys,
+        settings.ledger or InProcessLedger(),
+        FairQueue(capacity, settings.queue_size, clock),
+        metrics,
+        max_model_len=vllm_config.model_config.max_model_len,
+        model_costs=settings.model_costs,
+        queue_timeout_s=settings.queue_timeout_s,
+        clock=clock,
+    )
+    # A lower bound per image: its soft tokens (256 for MedGemma), not the wrapper tokens.
+    image_tokens = getattr(vllm_config.model_config.hf_config, "mm_tokens_per_image", 256)
+    estimator = PromptEstimator(tokenizer_counter(engine_client.get_tokenizer()), image_tokens)
+    # vLLM's app has already built its middleware stack (add_middleware is refused then):
+    # wrap the built stack, so admission runs first on every request, in-process.
+    if app.middleware_stack is None:
+        app.middleware_stack = app.build_middleware_stack()
+    app.middleware_stack = AdmissionMiddleware(app.middleware_stack, controller, estimator)
+    app.state.admission = controller
+    app.state.admission_ticker = asyncio.get_running_loop().create_task(controller.run_ticker())
+    logger.info(
+        "admission: %s, engine capacity %d requests / %d KV tokens, queue %d (timeout %.0fs)",
+        "OPEN MODE (no keys file)" if settings.keys.open_mode else f"{len(settings.keys.accounts)} accounts",
+        capacity.max_requests,
+        capacity.max_tokens,
+        settings.queue_size,
+        settings.queue_timeout_s,
+    )
+    return controller

@@ -1,0 +1,100 @@
+"""Budget ledgers: who holds how many concurrency units right now.
+
+Guarantees (both implementations):
+- ``acquire`` grants a lease only if the account's in-flight units plus the request's
+  cost stay within the budget; the check and the grant are one atomic step.
+- ``release`` is idempotent: releasing a lease twice, or a lease that expired, is a no-op.
+- Every grant returns the account's in-flight units after the decision, for the
+  ``x-ratelimit-remaining-concurrency`` header.
+
+``InProcessLedger`` is exact within one process. ``serving.admission.redis_ledger`` shares
+budgets across replicas.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Lease:
+    lease_id: str
+    account: str
+    units: int
+
+
+@dataclass(frozen=True)
+class Grant:
+    """The result of an acquire: a lease (None when refused) and the account's in-flight units."""
+
+    lease: Lease | None
+    inflight: int
+
+
+class LedgerUnavailable(Exception):
+    """The shared ledger cannot be reached and the policy is to refuse."""
+
+
+class BudgetLedger(Protocol):
+    async def acquire(self, account: str, units: int, budget: int) -> Grant: ...
+
+    async def release(self, lease: Lease) -> None: ...
+
+    async def inflight(self, account: str) -> int: ...
+
+    @property
+    def fallback(self) -> bool:
+        """True while the ledger enforces a local share because its shared store is down."""
+        ...
+
+
+_ids = itertools.count()
+_prefix = f"{os.getpid():x}"
+
+
+def new_lease_id() -> str:
+    return f"{_prefix}-{next(_ids):x}"
+
+
+class InProcessLedger:
+    """Exact budgets within one process (the default, and the fallback of the Redis ledger)."""
+
+    fallback = False
+
+    def __init__(self) -> None:
+        self._inflight: dict[str, int] = {}
+        self._leases: dict[str, Lease] = {}
+
+    def acquire_now(self, account: str, units: int, budget: int) -> Grant:
+        used = self._inflight.get(account, 0)
+        if used + units > budget:
+            return Grant(None, used)
+        lease = Lease(new_lease_id(), account, units)
+        self._leases[lease.lease_id] = lease
+        self._inflight[account] = used + units
+        return Grant(lease, used + units)
+
+    def release_now(self, lease: Lease) -> bool:
+        if self._leases.pop(lease.lease_id, None) is None:
+            return False
+        left = self._inflight[lease.account] - lease.units
+        if left:
+            self._inflight[lease.account] = left
+        else:
+            del self._inflight[lease.account]
+        return True
+
+    async def acquire(self, account: str, units: int, budget: int) -> Grant:
+        return self.acquire_now(account, units, budget)
+
+    async def release(self, lease: Lease) -> None:
+        self.release_now(lease)
+
+    async def inflight(self, account: str) -> int:
+        return self._inflight.get(account, 0)
+
+    def total_inflight(self) -> int:
+        return sum(self._inflight.values())

@@ -1,0 +1,231 @@
+"""ASGI middleware that puts admission in front of vLLM's model endpoints, in-process.
+
+Guarantees:
+- Only ``POST /v1/chat/completions`` and ``POST /v1/completions`` are admitted; every other
+  path passes straight through.
+- Every response from those endpoints carries ``x-ratelimit-limit-concurrency`` and
+  ``x-ratelimit-remaining-concurrency``; refusals are OpenAI-shaped (``outcomes``).
+- Units are released exactly once: when the response's last body chunk is sent (the last
+  SSE event of a stream), when the client disconnects (vLLM aborts the engine request on
+  its own), or when the app raises - whichever comes first.
+- A client that disconnects while queued leaves the queue and gets nothing.
+- Bodies are read once and replayed to vLLM unchanged; request content is never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import msgspec
+
+from serving.admission.controller import AdmissionController, RequestShape, Ticket
+from serving.admission.keys import Account
+from serving.admission.outcomes import AdmissionError, Outcome, error_response
+
+logger = logging.getLogger(__name__)
+
+MODEL_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+LIMIT_HEADER = b"x-ratelimit-limit-concurrency"
+REMAINING_HEADER = b"x-ratelimit-remaining-concurrency"
+MESSAGE_OVERHEAD_TOKENS = 3  # <start_of_turn>role\n ... <end_of_turn>: a lower bound
+
+
+class PromptEstimator:
+    """Estimates prompt tokens from a request body: text tokens + image tokens (a lower bound)."""
+
+    def __init__(self, count_text_tokens: Callable[[list[str]], int], image_tokens: int):
+        self.count_text_tokens = count_text_tokens
+        self.image_tokens = image_tokens
+
+    def shape(self, path: str, body: dict) -> RequestShape:
+        texts: list[str] = []
+        images = 0
+        prompt_ids = 0
+        if path == "/v1/chat/completions":
+            messages = body.get("messages") or []
+            for message in messages if isinstance(messages, list) else []:
+                content = message.get("content") if isinstance(message, dict) else None
+                if isinstance(content, str):
+                    texts.append(content)
+                elif isinstance(content, list):
+                    for part in content:
+                        if not isinstance(part, dict):
+                            continue
+                        kind = part.get("type")
+                        if kind == "text" and isinstance(part.get("text"), str):
+                            texts.append(part["text"])
+                        elif kind in ("image_url", "input_image", "image"):
+                            images += 1
+            overhead = MESSAGE_OVERHEAD_TOKENS * len(messages) if isinstance(messages, list) else 0
+        else:
+            prompt = body.get("prompt")
+            overhead = 0
+            if isinstance(prompt, str):
+                texts.append(prompt)
+            elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+                prompt_ids = len(prompt)
+            elif isinstance(prompt, list):
+                texts.extend(p for p in prompt if isinstance(p, str))
+        text_tokens = self.count_text_tokens(texts) if texts else 0
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
+            max_tokens = None  # vLLM validates and answers a bad value itself
+        model = body.get("model") if isinstance(body.get("model"), str) else None
+        return RequestShape(
+            model=model,
+            prompt_tokens=text_tokens + prompt_ids + overhead + images * self.image_tokens,
+            max_tokens=max_tokens,
+        )
+
+
+def tokenizer_counter(tokenizer) -> Callable[[list[str]], int]:
+    """A fast text-token counter over a Hugging Face tokenizer (Rust backend when present)."""
+    backend = getattr(tokenizer, "_tokenizer", None) or getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch"):
+        return lambda texts: sum(len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False))
+    return lambda texts: sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+
+def _bearer(scope) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            text = value.decode("latin-1").strip()
+            if text[:7].lower() == "bearer ":
+                return text[7:].strip()
+            return None
+    return None
+
+
+def _ratelimit_headers(limit: int, remaining: int) -> dict[str, str]:
+    return {LIMIT_HEADER.decode(): str(limit), REMAINING_HEADER.decode(): str(remaining)}
+
+
+class AdmissionMiddleware:
+    def __init__(self, app, controller: AdmissionController, estimator: PromptEstimator):
+        self.app = app
+        self.controller = controller
+        self.estimator = estimator
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] not in MODEL_PATHS or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        try:
+            account = self.controller.authenticate(_bearer(scope))
+        except AdmissionError as error:
+            await _send_error(send, error, _ratelimit_headers(0, 0))
+            return
+        body = await _read_body(receive)
+        if body is None:
+            return  # the client left while sending its body
+        try:
+            parsed = msgspec.json.decode(body)
+        except msgspec.DecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            # Not a JSON object: vLLM answers it with its own 400 and it never reaches the
+            # engine, so it holds no units.
+            await self.app(scope, _replay(body, receive), send)
+            return
+        shape = self.estimator.shape(scope["path"], parsed)
+        ticket = await self._admit(account, shape, receive, send)
+        if ticket is None:
+            return
+        await self._serve(scope, body, receive, send, ticket)
+
+    async def _admit(self, account: Account, shape: RequestShape, receive, send) -> Ticket | None:
+        admit = asyncio.ensure_future(self.controller.admit(account, shape))
+        if not admit.done():
+            await asyncio.sleep(0)  # the fast path completes without suspending
+        if not admit.done():
+            # Queued: watch for the client leaving while we wait.
+            gone = asyncio.ensure_future(_wait_disconnect(receive))
+            await asyncio.wait({admit, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not admit.done():
+                admit.cancel()
+                try:
+                    await admit
+                except (asyncio.CancelledError, AdmissionError):
+                    pass
+                logger.info("client left while queued")
+                return None
+            gone.cancel()
+        try:
+            return admit.result()
+        except AdmissionError as error:
+            limit = account.plan.concurrency
+            remaining = 0 if error.outcome is Outcome.REJECTED_OVER_BUDGET else None
+            if remaining is None:
+                remaining = max(0, limit - await self.controller.ledger.inflight(account.name))
+            await _send_error(send, error, _ratelimit_headers(limit, remaining))
+            return None
+
+    async def _serve(self, scope, body: bytes, receive, send, ticket: Ticket) -> None:
+        replayed = False
+
+        async def receive_wrapper():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                await ticket.release()
+            return message
+
+        headers = [
+            (LIMIT_HEADER, str(ticket.limit).encode()),
+            (REMAINING_HEADER, str(ticket.remaining).encode()),
+        ]
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                message = dict(message)
+                message["headers"] = [*message.get("headers", ()), *headers]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                await ticket.release()
+
+        try:
+            await self.app(scope, receive_wrapper, send_wrapper)
+        finally:
+            await ticket.release()
+
+
+async def _read_body(receive) -> bytes | None:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _wait_disconnect(receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _send_error(send, error: AdmissionError, headers: dict[str, str]) -> None:
+    status, out_headers, payload = error_response(error, headers)
+    await send({"type": "http.response.start", "status": status, "headers": out_headers})
+    await send({"type": "http.response.body", "body": payload, "more_body": False})

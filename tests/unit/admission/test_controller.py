@@ -1,0 +1,215 @@
+import asyncio
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from serving.admission.clock import FakeClock
+from serving.admission.controller import AdmissionController, RequestShape, retry_after_s
+from serving.admission.keys import KeyStore
+from serving.admission.ledger import InProcessLedger
+from serving.admission.outcomes import AdmissionError, Outcome
+from serving.admission.queue import Capacity, FairQueue
+from serving.metrics import ServingMetrics
+
+KEYS = {
+    "plans": {
+        "small": {"concurrency": 2},
+        "waits": {"concurrency": 1, "queue": {"max_waiting": 1, "timeout_s": 5}},
+        "big": {"concurrency": 10},
+    },
+    "accounts": {"a": {"plan": "small"}, "w": {"plan": "waits"}, "b": {"plan": "big"}},
+}
+
+
+def make(max_requests=8, max_waiting=4, max_model_len=4096):
+    clock = FakeClock()
+    metrics = ServingMetrics(CollectorRegistry())
+    ledger = InProcessLedger()
+    controller = AdmissionController(
+        KeyStore.from_dict(KEYS),
+        ledger,
+        FairQueue(Capacity(max_requests, 100_000), max_waiting, clock),
+        metrics,
+        max_model_len=max_model_len,
+        model_costs={"medgemma-4b-it": 1, "big-model": 4},
+        queue_timeout_s=10,
+        clock=clock,
+    )
+    return controller, clock, ledger, metrics
+
+
+def shape(prompt=10, max_tokens=10, model="medgemma-4b-it"):
+    return RequestShape(model=model, prompt_tokens=prompt, max_tokens=max_tokens)
+
+
+def account(controller, name):
+    return controller.keys.accounts[name]
+
+
+def text(metrics):
+    return generate_latest(metrics.registry).decode()
+
+
+def test_budget_is_enforced_and_released():
+    async def scenario():
+        c, _, ledger, metrics = make()
+        a = account(c, "a")
+        t1 = await c.admit(a, shape())
+        t2 = await c.admit(a, shape())
+        assert (t1.remaining, t2.remaining) == (1, 0)
+        with pytest.raises(AdmissionError) as info:
+            await c.admit(a, shape())
+        assert info.value.outcome is Outcome.REJECTED_OVER_BUDGET
+        assert info.value.retry_after_s >= 1
+        await t1.release()
+        await t1.release()  # idempotent
+        assert await ledger.inflight("a") == 1
+        t3 = await c.admit(a, shape())
+        await t2.release()
+        await t3.release()
+        assert ledger.total_inflight() == 0 and c.queue.inflight_requests == 0
+        out = text(metrics)
+        assert 'medgemma_admission_total{outcome="admitted"} 3.0' in out
+        assert 'medgemma_admission_total{outcome="rejected_concurrency_limit"} 1.0' in out
+        assert 'medgemma_inflight_units{plan="small"} 0.0' in out
+        assert "medgemma_capacity_units 8.0" in out
+    asyncio.run(scenario())
+
+
+def test_model_cost_table():
+    async def scenario():
+        c, _, ledger, _ = make()
+        b = account(c, "b")
+        await c.admit(b, shape(model="big-model"))
+        assert await ledger.inflight("b") == 4
+        with pytest.raises(AdmissionError):
+            await c.admit(account(c, "a"), shape(model="big-model"))  # 4 > 2
+    asyncio.run(scenario())
+
+
+def test_context_length_is_refused_before_anything_is_held():
+    async def scenario():
+        c, _, ledger, _ = make(max_model_len=1000)
+        with pytest.raises(AdmissionError) as info:
+            await c.admit(account(c, "a"), shape(prompt=600, max_tokens=500))
+        assert info.value.outcome is Outcome.REJECTED_CONTEXT_LENGTH
+        assert "1000" in info.value.message
+        assert ledger.total_inflight() == 0
+        with pytest.raises(AdmissionError):
+            await c.admit(account(c, "a"), shape(prompt=1001, max_tokens=None))
+        ticket = await c.admit(account(c, "a"), shape(prompt=600, max_tokens=None))
+        assert ticket.slot.tokens == 1000  # no max_tokens: the rest of the context
+    asyncio.run(scenario())
+
+
+def test_draining_refuses_new_requests():
+    async def scenario():
+        c, _, _, _ = make()
+        c.draining = True
+        with pytest.raises(AdmissionError) as info:
+            await c.admit(account(c, "a"), shape())
+        assert info.value.outcome is Outcome.REJECTED_DRAINING
+    asyncio.run(scenario())
+
+
+def test_plan_queue_waits_at_the_limit_then_gets_the_freed_unit():
+    async def scenario():
+        c, _, _, _ = make()
+        w = account(c, "w")
+        held = await c.admit(w, shape())
+        waiting = asyncio.ensure_future(c.admit(w, shape()))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        with pytest.raises(AdmissionError) as info:  # the plan queue holds one
+            await c.admit(w, shape())
+        assert info.value.outcome is Outcome.REJECTED_OVER_BUDGET
+        await held.release()
+        ticket = await asyncio.wait_for(waiting, 1)
+        assert ticket.inflight_after == 1
+    asyncio.run(scenario())
+
+
+def test_plan_queue_deadline_gives_429_without_sleeping():
+    async def scenario():
+        c, clock, ledger, _ = make()
+        w = account(c, "w")
+        await c.admit(w, shape())
+        waiting = asyncio.ensure_future(c.admit(w, shape()))
+        await asyncio.sleep(0)
+        clock.advance(5.1)
+        await c.tick()
+        with pytest.raises(AdmissionError) as info:
+            await waiting
+        assert info.value.outcome is Outcome.REJECTED_OVER_BUDGET
+        assert "waited" in info.value.message
+        assert await ledger.inflight("w") == 1
+    asyncio.run(scenario())
+
+
+def test_engine_queue_then_timeout_releases_the_budget():
+    async def scenario():
+        c, clock, ledger, metrics = make(max_requests=1)
+        first = await c.admit(account(c, "b"), shape())
+        waiting = asyncio.ensure_future(c.admit(account(c, "a"), shape()))
+        await asyncio.sleep(0)
+        assert c.queue.depth == 1 and await ledger.inflight("a") == 1  # holds its unit while queued
+        clock.advance(11)
+        await c.tick()
+        with pytest.raises(AdmissionError) as info:
+            await waiting
+        assert info.value.outcome is Outcome.EVICTED_QUEUE_TIMEOUT
+        assert await ledger.inflight("a") == 0
+        await first.release()
+        assert 'medgemma_admission_total{outcome="evicted_queue_timeout"} 1.0' in text(metrics)
+        assert "medgemma_queue_depth 0.0" in text(metrics)
+    asyncio.run(scenario())
+
+
+def test_client_leaving_the_engine_queue_releases_everything():
+    async def scenario():
+        c, _, ledger, metrics = make(max_requests=1)
+        first = await c.admit(account(c, "b"), shape())
+        waiting = asyncio.ensure_future(c.admit(account(c, "a"), shape()))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert await ledger.inflight("a") == 0 and c.queue.depth == 0
+        await first.release()
+        assert c.queue.inflight_requests == 0
+        assert 'outcome="evicted_client_gone"} 1.0' in text(metrics)
+    asyncio.run(scenario())
+
+
+def test_full_engine_queue_is_503_and_releases_the_budget():
+    async def scenario():
+        c, _, ledger, _ = make(max_requests=1, max_waiting=1)
+        await c.admit(account(c, "b"), shape())
+        asyncio.ensure_future(c.admit(account(c, "b"), shape()))
+        await asyncio.sleep(0)
+        with pytest.raises(AdmissionError) as info:
+            await c.admit(account(c, "a"), shape())
+        assert info.value.outcome is Outcome.REJECTED_QUEUE_FULL
+        assert await ledger.inflight("a") == 0
+    asyncio.run(scenario())
+
+
+def test_retry_after_follows_the_completion_rate():
+    assert retry_after_s(1, 0.0) == 15  # no data yet: a quarter of the cap
+    assert retry_after_s(1, 10.0) == 1
+    assert retry_after_s(10, 0.5) == 20
+    assert retry_after_s(1000, 1.0) == 60
+
+    async def scenario():
+        c, clock, _, _ = make()
+        a = account(c, "a")
+        for _ in range(20):  # 20 completions in 10 s: 2 per second
+            t = await c.admit(a, shape())
+            clock.advance(0.5)
+            await t.release()
+        await c.admit(a, shape())
+        await c.admit(a, shape())
+        with pytest.raises(AdmissionError) as info:
+            await c.admit(a, shape())
+        assert info.value.retry_after_s == 1
+    asyncio.run(scenario())

@@ -1,0 +1,45 @@
+import json
+
+import pytest
+
+from serving.admission.outcomes import HTTP_ERRORS, AdmissionError, Outcome, error_response
+
+EXPECTED = {
+    Outcome.REJECTED_INVALID_KEY: (401, "invalid_api_key", False),
+    Outcome.REJECTED_OVER_BUDGET: (429, "concurrency_limit_exceeded", True),
+    Outcome.REJECTED_QUEUE_FULL: (503, "server_overloaded", True),
+    Outcome.EVICTED_QUEUE_TIMEOUT: (503, "queue_timeout", True),
+    Outcome.REJECTED_DRAINING: (503, "draining", True),
+    Outcome.REJECTED_CONTEXT_LENGTH: (400, "context_length_exceeded", False),
+    Outcome.REJECTED_LEDGER_UNAVAILABLE: (503, "ledger_unavailable", True),
+}
+
+
+def test_every_refusal_has_exactly_one_http_mapping():
+    refusals = {o for o in Outcome if o not in (Outcome.ADMITTED, Outcome.EVICTED_CLIENT_GONE)}
+    assert set(HTTP_ERRORS) == refusals == set(EXPECTED)
+
+
+@pytest.mark.parametrize("outcome", list(EXPECTED))
+def test_outcome_to_response(outcome):
+    status, code, retry = EXPECTED[outcome]
+    got_status, headers, body = error_response(
+        AdmissionError(outcome, "why", retry_after_s=2.2), {"x-ratelimit-limit-concurrency": "2"}
+    )
+    headers = dict(headers)
+    assert got_status == status
+    assert json.loads(body) == {
+        "error": {"message": "why", "type": HTTP_ERRORS[outcome].type, "param": None, "code": code}
+    }
+    assert (b"retry-after" in headers) is retry
+    if retry:
+        assert headers[b"retry-after"] == b"3"  # rounded up, whole seconds
+    assert headers[b"x-ratelimit-limit-concurrency"] == b"2"
+    assert headers[b"content-length"] == str(len(body)).encode()
+
+
+def test_outcome_values_are_metric_labels_by_family():
+    for outcome in Outcome:
+        assert outcome.value == "admitted" or outcome.value.startswith(("rejected_", "evicted_"))
+    assert AdmissionError(Outcome.EVICTED_QUEUE_TIMEOUT, "x").evicted
+    assert not AdmissionError(Outcome.REJECTED_QUEUE_FULL, "x").evicted
