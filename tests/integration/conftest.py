@@ -17,7 +17,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
+from serving.admission.keys import add_key
+
+# Plans of the session server: "main" for the API tests, "pair" (2 units) for budget tests.
+TEST_PLANS = {"big": {"concurrency": 64}, "two": {"concurrency": 2}}
+TEST_ACCOUNTS = {"main": "big", "pair": "two", "pair-disconnect": "two"}
 START_TIMEOUT_S = float(os.environ.get("MEDGEMMA_TEST_START_TIMEOUT_S", "300"))
 
 
@@ -33,6 +39,7 @@ class Server:
     process: subprocess.Popen
     log_path: Path
     dev_model_dir: Path
+    keys: dict[str, str]  # account -> API key
     ready_history: list[int] = field(default_factory=list)
     # What the port answered while the engine was still loading (first 503 from /ready).
     while_loading: dict[str, httpx.Response] = field(default_factory=dict)
@@ -89,16 +96,19 @@ def server(tmp_path_factory) -> Server:
             "DO_NOT_TRACK": "1",
         }
     )
+    keys_file = root / "keys.yaml"
+    keys_file.write_text(yaml.safe_dump({"plans": TEST_PLANS}))
+    keys = {account: add_key(keys_file, account, plan) for account, plan in TEST_ACCOUNTS.items()}
     log_path = root / "server.log"
     log = log_path.open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "serving", "serve"],
+        [sys.executable, "-m", "serving", "serve", "--keys-file", str(keys_file)],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
         start_new_session=True,
     )
-    srv = Server(f"http://127.0.0.1:{port}", process, log_path, root / "devmodel")
+    srv = Server(f"http://127.0.0.1:{port}", process, log_path, root / "devmodel", keys)
     try:
         _wait_ready(srv)
         yield srv
@@ -117,7 +127,7 @@ def server(tmp_path_factory) -> Server:
 def client(server):
     from openai import OpenAI
 
-    return OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+    return OpenAI(base_url=server.base_url, api_key=server.keys["main"], max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,245 @@
+"""The ASGI middleware over a fake inner app (the engine is faked; everything else is real)."""
+
+import asyncio
+import json
+
+from prometheus_client import CollectorRegistry
+
+from serving.admission.clock import FakeClock
+from serving.admission.controller import AdmissionController
+from serving.admission.keys import KeyStore, hash_key
+from serving.admission.ledger import InProcessLedger
+from serving.admission.middleware import AdmissionMiddleware, PromptEstimator
+from serving.admission.queue import Capacity, FairQueue
+from serving.metrics import ServingMetrics
+
+KEY = "mgk_test"
+KEYS = {
+    "plans": {"two": {"concurrency": 2}},
+    "accounts": {"acme": {"plan": "two"}},
+    "keys": [{"sha256": hash_key(KEY), "account": "acme"}],
+}
+
+
+class FakeEngineApp:
+    """Streams ``chunks`` body parts; ``gate`` lets a test hold the stream open."""
+
+    def __init__(self, chunks=3):
+        self.chunks = chunks
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.bodies = []
+
+    async def __call__(self, scope, receive, send):
+        message = await receive()
+        self.bodies.append(message["body"])
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        for i in range(self.chunks):
+            await self.gate.wait()
+            await send({"type": "http.response.body", "body": b"data: x\n\n", "more_body": i < self.chunks - 1})
+
+
+def build(app, max_requests=8, max_model_len=1000):
+    clock = FakeClock()
+    ledger = InProcessLedger()
+    controller = AdmissionController(
+        KeyStore.from_dict(KEYS), ledger, FairQueue(Capacity(max_requests, 10**6), 4, clock),
+        ServingMetrics(CollectorRegistry()), max_model_len=max_model_len,
+        model_costs={"medgemma-4b-it": 1}, queue_timeout_s=30, clock=clock,
+    )  # fmt: skip
+    estimator = PromptEstimator(lambda texts: sum(len(t.split()) for t in texts), image_tokens=256)
+    return AdmissionMiddleware(app, controller, estimator), controller, ledger
+
+
+def request(body: dict, key: str | None = KEY, path="/v1/chat/completions"):
+    headers = [(b"content-type", b"application/json")]
+    if key is not None:
+        headers.append((b"authorization", f"Bearer {key}".encode()))
+    scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
+    payload = json.dumps(body).encode()
+    return scope, payload
+
+
+class Client:
+    def __init__(self, payload: bytes):
+        self.sent = []
+        self.incoming = asyncio.Queue()
+        self.incoming.put_nowait({"type": "http.request", "body": payload[:10], "more_body": True})
+        self.incoming.put_nowait({"type": "http.request", "body": payload[10:], "more_body": False})
+
+    async def receive(self):
+        return await self.incoming.get()
+
+    async def send(self, message):
+        self.sent.append(message)
+
+    def disconnect(self):
+        self.incoming.put_nowait({"type": "http.disconnect"})
+
+    @property
+    def status(self):
+        return self.sent[0]["status"]
+
+    @property
+    def headers(self):
+        return dict(self.sent[0]["headers"])
+
+    def json(self):
+        return json.loads(b"".join(m.get("body", b"") for m in self.sent[1:]))
+
+
+CHAT = {"model": "medgemma-4b-it", "messages": [{"role": "user", "content": "one two three"}], "max_tokens": 5}
+
+
+def test_admitted_stream_gets_headers_body_replayed_and_units_released_at_the_end():
+    async def scenario():
+        app = FakeEngineApp()
+        mw, _, ledger = build(app)
+        scope, payload = request(CHAT)
+        client = Client(payload)
+        await mw(scope, client.receive, client.send)
+        assert app.bodies == [payload]  # vLLM sees the body unchanged
+        assert client.status == 200
+        assert client.headers[b"x-ratelimit-limit-concurrency"] == b"2"
+        assert client.headers[b"x-ratelimit-remaining-concurrency"] == b"1"
+        assert ledger.total_inflight() == 0
+    asyncio.run(scenario())
+
+
+def test_units_are_released_at_the_last_chunk_not_later():
+    async def scenario():
+        app = FakeEngineApp(chunks=2)
+        mw, _, ledger = build(app)
+        scope, payload = request(CHAT)
+        client = Client(payload)
+        app.gate.clear()
+        task = asyncio.ensure_future(mw(scope, client.receive, client.send))
+        await asyncio.sleep(0.01)
+        assert ledger.total_inflight() == 1
+        app.gate.set()
+        await task
+        assert ledger.total_inflight() == 0
+    asyncio.run(scenario())
+
+
+def test_third_concurrent_request_is_429_with_headers():
+    async def scenario():
+        app = FakeEngineApp()
+        app.gate.clear()
+        mw, _, ledger = build(app)
+        tasks = []
+        for _ in range(2):
+            scope, payload = request(CHAT)
+            tasks.append(asyncio.ensure_future(mw(scope, Client(payload).receive, Client(payload).send)))
+        await asyncio.sleep(0.01)
+        scope, payload = request(CHAT)
+        third = Client(payload)
+        await mw(scope, third.receive, third.send)
+        assert third.status == 429
+        assert third.headers[b"x-ratelimit-remaining-concurrency"] == b"0"
+        assert int(third.headers[b"retry-after"]) >= 1
+        assert third.json()["error"]["code"] == "concurrency_limit_exceeded"
+        app.gate.set()
+        await asyncio.gather(*tasks)
+        assert ledger.total_inflight() == 0
+    asyncio.run(scenario())
+
+
+def test_missing_or_wrong_key_is_401_and_never_reaches_the_app():
+    async def scenario():
+        app = FakeEngineApp()
+        mw, _, _ = build(app)
+        for key in (None, "mgk_wrong"):
+            scope, payload = request(CHAT, key=key)
+            client = Client(payload)
+            await mw(scope, client.receive, client.send)
+            assert client.status == 401 and client.json()["error"]["code"] == "invalid_api_key"
+            assert client.headers[b"x-ratelimit-limit-concurrency"] == b"0"
+        assert app.bodies == []
+    asyncio.run(scenario())
+
+
+def test_context_too_long_is_400_before_the_engine():
+    async def scenario():
+        app = FakeEngineApp()
+        mw, _, ledger = build(app, max_model_len=300)
+        body = dict(CHAT, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,xx"}},
+            {"type": "text", "text": "describe"}]}], max_tokens=100)  # fmt: skip
+        scope, payload = request(body)
+        client = Client(payload)
+        await mw(scope, client.receive, client.send)
+        assert client.status == 400 and client.json()["error"]["code"] == "context_length_exceeded"
+        assert app.bodies == [] and ledger.total_inflight() == 0
+    asyncio.run(scenario())
+
+
+def test_disconnect_mid_stream_releases_at_once():
+    async def scenario():
+        app = FakeEngineApp(chunks=3)
+        mw, _, ledger = build(app)
+
+        async def disconnecting_app(scope, receive, send):
+            await receive()  # the body
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            message = await receive()  # what vLLM's disconnect listener sees
+            assert message["type"] == "http.disconnect"
+            assert ledger.total_inflight() == 0  # released before the app even reacts
+        mw.app = disconnecting_app
+        scope, payload = request(CHAT)
+        client = Client(payload)
+        client.disconnect()
+        await mw(scope, client.receive, client.send)
+        assert ledger.total_inflight() == 0
+    asyncio.run(scenario())
+
+
+def test_client_leaving_while_queued_gets_nothing_and_holds_nothing():
+    async def scenario():
+        app = FakeEngineApp()
+        app.gate.clear()
+        mw, controller, ledger = build(app, max_requests=1)
+        scope, payload = request(CHAT)
+        first = asyncio.ensure_future(mw(scope, Client(payload).receive, Client(payload).send))
+        await asyncio.sleep(0.01)
+        scope, payload = request(CHAT)
+        queued = Client(payload)
+        task = asyncio.ensure_future(mw(scope, queued.receive, queued.send))
+        await asyncio.sleep(0.01)
+        assert controller.queue.depth == 1
+        queued.disconnect()
+        await asyncio.wait_for(task, 1)
+        assert queued.sent == [] and controller.queue.depth == 0
+        assert ledger.total_inflight() == 1  # only the first, still streaming
+        app.gate.set()
+        await first
+        assert ledger.total_inflight() == 0
+    asyncio.run(scenario())
+
+
+def test_other_paths_and_invalid_json_pass_through_without_holding_units():
+    async def scenario():
+        app = FakeEngineApp(chunks=1)
+        mw, _, ledger = build(app)
+        scope = {"type": "http", "method": "GET", "path": "/v1/models", "headers": []}
+        client = Client(b"")
+        await mw(scope, client.receive, client.send)
+        assert client.status == 200
+        scope, _ = request(CHAT)
+        client = Client(b"{not json")
+        await mw(scope, client.receive, client.send)
+        assert app.bodies[-1] == b"{not json" and ledger.total_inflight() == 0
+    asyncio.run(scenario())
+
+
+def test_prompt_estimate_counts_text_images_and_prompt_ids():
+    estimator = PromptEstimator(lambda texts: sum(len(t.split()) for t in texts), image_tokens=256)
+    chat = estimator.shape("/v1/chat/completions", {
+        "model": "m", "max_completion_tokens": 7,
+        "messages": [{"role": "system", "content": "a b"}, {"role": "user", "content": [
+            {"type": "text", "text": "c d e"}, {"type": "image_url", "image_url": {"url": "u"}},
+            {"type": "image_url", "image_url": {"url": "u"}}]}],
+    })  # fmt: skip
+    assert chat.prompt_tokens == 2 + 3 + 2 * 256 + 2 * 3 and chat.max_tokens == 7
+    completion = estimator.shape("/v1/completions", {"prompt": [1, 2, 3, 4], "max_tokens": "x"})
+    assert completion.prompt_tokens == 4 and completion.max_tokens is None
