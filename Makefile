@@ -7,7 +7,7 @@ STAMP := $(VENV)/.bootstrap-stamp
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-unit test-integration env clean-env
+.PHONY: serve test test-unit test-integration env system-deps clean-env
 
 $(STAMP): pyproject.toml scripts/bootstrap-env.sh
 	scripts/bootstrap-env.sh $(VENV) $(FLAVOUR)
@@ -15,16 +15,19 @@ $(STAMP): pyproject.toml scripts/bootstrap-env.sh
 
 env: $(STAMP)
 
+system-deps:
+	scripts/install-system-deps.sh
+
 serve: $(STAMP)
 	$(VENV)/bin/medgemma-serve serve $(SERVE_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(VENV)/bin/python -m pytest -m unit $(PYTEST_ARGS)
 
-test-integration: $(STAMP)
+test-integration: $(STAMP) system-deps
 	$(VENV)/bin/python -m pytest -m integration $(PYTEST_ARGS)
 
 clean-env:

@@ -194,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
             queue_size=settings.queue_size,
             queue_timeout_s=settings.queue_timeout_s,
             model_costs=settings.model_costs,
+            redis_url=settings.redis_url,
+            lease_ttl_s=settings.lease_ttl_s,
+            redis_timeout_s=settings.redis_timeout_s,
+            ledger_fallback=settings.ledger_fallback,
         ),
     )
     serve(vllm_argv, context)

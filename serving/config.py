@@ -96,6 +96,22 @@ class ServeSettings(BaseSettings):
     queue_timeout_s: float = Field(
         30.0, gt=0, description="How long a request may wait for an engine slot before a 503."
     )
+    redis_url: str | None = Field(
+        None,
+        description="Redis URL for budgets shared by several replicas (redis://host:6379/0); "
+        "unset: budgets are per process.",
+    )
+    lease_ttl_s: float = Field(
+        15.0, gt=0, description="Seconds a dead replica's leases outlive it in Redis."
+    )
+    redis_timeout_s: float = Field(
+        1.0, gt=0, description="How long one Redis call may take before the fallback applies."
+    )
+    ledger_fallback: str = Field(
+        "share",
+        description="While Redis is unreachable: 'share' (each replica enforces "
+        "ceil(budget / replicas)) or 'refuse' (503).",
+    )
     model_costs: dict[str, int] = Field(
         default_factory=lambda: {"medgemma-4b-it": 1},
         description="Concurrency units one in-flight request of each model costs (YAML/env).",
@@ -111,6 +127,20 @@ class ServeSettings(BaseSettings):
     def _known_profile(cls, value: str | None) -> str | None:
         if value is not None and value not in engine.PROFILES:
             raise ValueError(f"unknown profile {value!r}; choose one of {list(engine.PROFILES)}")
+        return value
+
+    @field_validator("ledger_fallback")
+    @classmethod
+    def _known_fallback(cls, value: str) -> str:
+        if value not in ("share", "refuse"):
+            raise ValueError("ledger_fallback must be 'share' or 'refuse'")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
         return value
 
     @field_validator("model_costs")

@@ -463,11 +463,17 @@ def ensure(path: str | os.PathLike, seed: int = 0) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     logger.info("building the MedGemma dev checkpoint in %s", target)
+    import shutil
+
     staging = Path(tempfile.mkdtemp(prefix=".devmodel-", dir=target.parent))
     build(staging, seed=seed)
-    if target.exists():
-        import shutil
-
-        shutil.rmtree(target)
-    os.replace(staging, target)
+    if target.exists() and not is_current(target):
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        os.replace(staging, target)
+    except OSError:
+        # Another process built it first (replicas starting together): keep theirs.
+        shutil.rmtree(staging, ignore_errors=True)
+        if not is_current(target):
+            raise
     return target

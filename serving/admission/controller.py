@@ -28,6 +28,8 @@ from serving.metrics import ServingMetrics
 
 logger = logging.getLogger(__name__)
 
+_RELEASING: set[asyncio.Task] = set()  # releases in flight, referenced until done
+
 RETRY_AFTER_MIN_S = 1
 RETRY_AFTER_MAX_S = 60
 
@@ -86,10 +88,15 @@ class Ticket:
         return max(0, self.limit - self.inflight_after)
 
     async def release(self) -> None:
+        """Free the units. Runs to completion even if the caller is cancelled (Starlette
+        cancels a finished stream's task while the ledger call is in flight)."""
         if self.released:
             return
         self.released = True
-        await self.controller._release(self)
+        task = asyncio.ensure_future(self.controller._release(self))
+        _RELEASING.add(task)
+        task.add_done_callback(_RELEASING.discard)
+        await asyncio.shield(task)
 
 
 @dataclass

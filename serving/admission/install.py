@@ -27,7 +27,10 @@ class AdmissionSettings:
     queue_size: int = 256
     queue_timeout_s: float = 30.0
     model_costs: dict[str, int] = field(default_factory=lambda: {"medgemma-4b-it": 1})
-    ledger: BudgetLedger | None = None
+    redis_url: str | None = None
+    lease_ttl_s: float = 15.0
+    redis_timeout_s: float = 1.0
+    ledger_fallback: str = "share"
 
 
 def engine_capacity(vllm_config) -> Capacity:
@@ -40,13 +43,34 @@ def engine_capacity(vllm_config) -> Capacity:
     return Capacity(max_requests=max_requests, max_tokens=int(tokens) or 1)
 
 
+def build_ledger(app, settings: AdmissionSettings, metrics: ServingMetrics) -> BudgetLedger:
+    if settings.redis_url is None:
+        return InProcessLedger()
+    from serving.admission.redis_ledger import RedisLedger, connect
+
+    ledger = RedisLedger(
+        connect(settings.redis_url, settings.redis_timeout_s),
+        lease_ttl_s=settings.lease_ttl_s,
+        fallback_policy=settings.ledger_fallback,
+        on_fallback=lambda active: metrics.ledger_fallback.set(1 if active else 0),
+    )
+    app.state.ledger_heartbeat = asyncio.get_running_loop().create_task(ledger.run_heartbeat())
+    logger.info(
+        "budget ledger: Redis (lease TTL %.0fs, fallback %s)",
+        settings.lease_ttl_s,
+        settings.ledger_fallback,
+    )
+    return ledger
+
+
 def install(app, engine_client, settings: AdmissionSettings, metrics: ServingMetrics):
     vllm_config = engine_client.vllm_config
     capacity = engine_capacity(vllm_config)
     clock = MonotonicClock()
+    ledger = build_ledger(app, settings, metrics)
     controller = AdmissionController(
         settings.keys,
-        settings.ledger or InProcessLedger(),
+        ledger,
         FairQueue(capacity, settings.queue_size, clock),
         metrics,
         max_model_len=vllm_config.model_config.max_model_len,

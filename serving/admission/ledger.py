@@ -96,5 +96,12 @@ class InProcessLedger:
     async def inflight(self, account: str) -> int:
         return self._inflight.get(account, 0)
 
+    def take_all(self) -> list[Lease]:
+        """Hand every live lease over to another ledger and forget them here."""
+        leases = list(self._leases.values())
+        self._leases.clear()
+        self._inflight.clear()
+        return leases
+
     def total_inflight(self) -> int:
         return sum(self._inflight.values())

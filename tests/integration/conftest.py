@@ -56,7 +56,7 @@ class Server:
         assert httpx.get(self.url + "/health", timeout=10).status_code == 200
 
 
-def _wait_ready(server: Server) -> None:
+def wait_ready(server: Server) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
@@ -82,45 +82,58 @@ def _wait_ready(server: Server) -> None:
     raise RuntimeError(f"server not ready after {START_TIMEOUT_S}s:\n" + server.log()[-6000:])
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory) -> Server:
-    root = tmp_path_factory.mktemp("server")
+def write_keys(path: Path, accounts: dict[str, str]) -> dict[str, str]:
+    """A keys file with TEST_PLANS and one key per account; returns account -> key."""
+    path.write_text(yaml.safe_dump({"plans": TEST_PLANS}))
+    return {account: add_key(path, account, plan) for account, plan in accounts.items()}
+
+
+def launch(root: Path, keys_file: Path, keys: dict[str, str], *args: str, dev_model_dir: Path | None = None) -> Server:
+    """Start ``medgemma-serve serve`` in its own process group (no wait)."""
+    root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDGEMMA_")}
+    dev_model_dir = dev_model_dir or root / "devmodel"
     env.update(
         {
-            "MEDGEMMA_DEV_MODEL_DIR": str(root / "devmodel"),
+            "MEDGEMMA_DEV_MODEL_DIR": str(dev_model_dir),
             "MEDGEMMA_PORT": str(port),
             "HF_HUB_OFFLINE": "1",
             "VLLM_NO_USAGE_STATS": "1",
             "DO_NOT_TRACK": "1",
         }
     )
-    keys_file = root / "keys.yaml"
-    keys_file.write_text(yaml.safe_dump({"plans": TEST_PLANS}))
-    keys = {account: add_key(keys_file, account, plan) for account, plan in TEST_ACCOUNTS.items()}
     log_path = root / "server.log"
-    log = log_path.open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "serving", "serve", "--keys-file", str(keys_file)],
-        stdout=log,
+        [sys.executable, "-m", "serving", "serve", "--keys-file", str(keys_file), *args],
+        stdout=log_path.open("w"),
         stderr=subprocess.STDOUT,
         env=env,
         start_new_session=True,
     )
-    srv = Server(f"http://127.0.0.1:{port}", process, log_path, root / "devmodel", keys)
+    return Server(f"http://127.0.0.1:{port}", process, log_path, dev_model_dir, keys)
+
+
+def stop(server: Server, sig: int = signal.SIGTERM) -> None:
+    if server.process.poll() is None:
+        os.killpg(server.process.pid, sig)
+        try:
+            server.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> Server:
+    root = tmp_path_factory.mktemp("server")
+    keys_file = root / "keys.yaml"
+    srv = launch(root, keys_file, write_keys(keys_file, TEST_ACCOUNTS))
     try:
-        _wait_ready(srv)
+        wait_ready(srv)
         yield srv
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        log.close()
+        stop(srv)
 
 
 @pytest.fixture(scope="session")

@@ -20,13 +20,13 @@ def body(max_tokens: int, stream: bool = True) -> dict:
 
 def running_requests(server) -> float:
     text = httpx.get(server.url + "/metrics").text
-    match = re.search(r'^vllm:num_requests_running\{[^}]*\} ([0-9.]+)$', text, re.M)
+    match = re.search(r'^vllm:num_requests_running\{[^}]*\} ([0-9.]+)$', text, re.MULTILINE)
     return float(match.group(1))
 
 
 def metric(server, name: str) -> float:
     text = httpx.get(server.url + "/metrics").text
-    match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
 
 

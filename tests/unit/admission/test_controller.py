@@ -213,3 +213,29 @@ def test_retry_after_follows_the_completion_rate():
             await c.admit(a, shape())
         assert info.value.retry_after_s == 1
     asyncio.run(scenario())
+
+
+class SlowReleaseLedger(InProcessLedger):
+    """Release takes a network round trip, like Redis."""
+
+    async def release(self, lease):
+        await asyncio.sleep(0.01)
+        self.release_now(lease)
+
+
+def test_release_completes_even_if_the_caller_is_cancelled():
+    """Starlette cancels a finished stream's task while the ledger release is in flight."""
+
+    async def scenario():
+        c, _, _, _ = make()
+        c.ledger = ledger = SlowReleaseLedger()
+        ticket = await c.admit(account(c, "a"), shape())
+        releasing = asyncio.ensure_future(ticket.release())
+        await asyncio.sleep(0)
+        releasing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await releasing
+        await asyncio.sleep(0.05)
+        assert ledger.total_inflight() == 0
+        assert c.queue.inflight_requests == 0
+    asyncio.run(scenario())

@@ -1,0 +1,251 @@
+"""Budgets shared by every replica through Redis: one sorted set of leases per account.
+
+Guarantees:
+- Acquire and release are each one atomic Lua script, one round trip: the script drops
+  expired leases, sums the account's live units and grants only within the budget. Time
+  is Redis's own clock (``TIME``), so replicas' clocks never disagree about expiry.
+- Leases live ``lease_ttl_s`` (default 15 s) unless renewed; a heartbeat renews this
+  replica's live leases every ``lease_ttl_s / 3``. A replica that dies without releasing
+  loses its leases within the TTL: nothing leaks.
+- If Redis becomes unreachable (any command fails or times out), the documented policy
+  applies. ``share`` (default): each replica enforces ceil(budget / live replicas) on its
+  own, logs it, and sets ``medgemma_ledger_fallback`` to 1 until Redis answers again.
+  ``refuse``: requests get 503 ``ledger_unavailable``. Leases taken during the outage are
+  local and are released locally; leases held in Redis before it expire by TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+
+from serving.admission.ledger import Grant, InProcessLedger, Lease, LedgerUnavailable, new_lease_id
+
+logger = logging.getLogger(__name__)
+
+# Drops expired leases of KEYS[1] and sums the live units: `now` and `used`.
+LIVE_UNITS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local used = 0
+for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  used = used + tonumber(string.match(member, '|(%d+)$'))
+end
+"""
+
+ACQUIRE = LIVE_UNITS + """
+local units = tonumber(ARGV[1])
+if used + units > tonumber(ARGV[2]) then
+  return {0, used}
+end
+local ttl = tonumber(ARGV[3])
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[4] .. '|' .. ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ttl * 2)
+return {1, used + units}
+"""
+
+INFLIGHT = LIVE_UNITS + """
+return used
+"""
+
+RELEASE = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+return 1
+"""
+
+# KEYS: the replicas set, then one account set per lease; ARGV: ttl_ms, replica id, members.
+# Renews only leases Redis still has (a lease released meanwhile must not come back) and
+# returns the replica count and the indexes of held leases Redis has lost (a restart).
+HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ttl * 2)
+local result = {redis.call('ZCARD', KEYS[1])}
+for i = 2, #KEYS do
+  if redis.call('ZSCORE', KEYS[i], ARGV[i + 1]) then
+    redis.call('ZADD', KEYS[i], 'XX', now + ttl, ARGV[i + 1])
+    redis.call('PEXPIRE', KEYS[i], ttl * 2)
+  else
+    table.insert(result, i - 1)
+  end
+end
+return result
+"""
+
+# KEYS: account sets; ARGV: ttl_ms, members. Puts live leases (back) into Redis.
+RESTORE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  redis.call('ZADD', KEYS[i], now + ttl, ARGV[i + 1])
+  redis.call('PEXPIRE', KEYS[i], ttl * 2)
+end
+return #KEYS
+"""
+
+FALLBACK_POLICIES = ("share", "refuse")
+
+
+@dataclass(frozen=True)
+class _RedisLease:
+    key: str
+    member: str
+
+
+class RedisLedger:
+    def __init__(
+        self,
+        client,
+        *,
+        lease_ttl_s: float = 15.0,
+        fallback_policy: str = "share",
+        prefix: str = "medgemma",
+        on_fallback=None,
+    ):
+        if fallback_policy not in FALLBACK_POLICIES:
+            raise ValueError(f"fallback_policy must be one of {FALLBACK_POLICIES}")
+        self.client = client
+        self.ttl_ms = int(lease_ttl_s * 1000)
+        self.policy = fallback_policy
+        self.prefix = prefix
+        self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.on_fallback = on_fallback or (lambda active: None)
+        self.fallback = False
+        self.replicas = 1
+        self._local = InProcessLedger()
+        self._held: dict[str, _RedisLease] = {}
+        self._acquire = client.register_script(ACQUIRE)
+        self._release = client.register_script(RELEASE)
+        self._inflight = client.register_script(INFLIGHT)
+        self._heartbeat = client.register_script(HEARTBEAT)
+        self._restore = client.register_script(RESTORE)
+
+    def _account_key(self, account: str) -> str:
+        return f"{self.prefix}:leases:{{{account}}}"
+
+    # --- the ledger interface ----------------------------------------------------------
+    async def acquire(self, account: str, units: int, budget: int) -> Grant:
+        if not self.fallback:
+            lease_id = new_lease_id()
+            key = self._account_key(account)
+            try:
+                granted, used = await self._acquire(
+                    keys=[key], args=[units, budget, self.ttl_ms, lease_id]
+                )
+            except Exception as exc:  # noqa: BLE001 - any Redis failure means the same
+                self._enter_fallback(exc)
+            else:
+                if not granted:
+                    return Grant(None, int(used))
+                lease = Lease(lease_id, account, units)
+                self._held[lease_id] = _RedisLease(key, f"{lease_id}|{units}")
+                return Grant(lease, int(used))
+        if self.policy == "refuse":
+            raise LedgerUnavailable("the Redis budget ledger is unreachable")
+        share = math.ceil(budget / max(1, self.replicas))
+        return self._local.acquire_now(account, units, share)
+
+    async def release(self, lease: Lease) -> None:
+        if self._local.release_now(lease):
+            return
+        held = self._held.pop(lease.lease_id, None)
+        if held is None:
+            return
+        try:
+            await self._release(keys=[held.key], args=[held.member])
+        except Exception as exc:  # noqa: BLE001 - not renewed any more: expires within the TTL
+            self._enter_fallback(exc)
+
+    async def inflight(self, account: str) -> int:
+        if self.fallback:
+            return await self._local.inflight(account)
+        try:
+            return int(await self._inflight(keys=[self._account_key(account)]))
+        except Exception:  # noqa: BLE001 - only feeds a header
+            return await self._local.inflight(account)
+
+    # --- liveness --------------------------------------------------------------------------
+    async def heartbeat(self) -> None:
+        """Renew this replica's live leases and its place among the replicas; leave fallback."""
+        ids = list(self._held)
+        held = [self._held[i] for i in ids]
+        keys = [f"{self.prefix}:replicas"] + [h.key for h in held]
+        args = [self.ttl_ms, self.replica_id] + [h.member for h in held]
+        try:
+            result = await self._heartbeat(keys=keys, args=args)
+            self.replicas = max(1, int(result[0]))
+            lost = [ids[int(i) - 1] for i in result[1:]]
+            if self.fallback:
+                # Leases granted locally during the outage move into Redis, so the shared
+                # budget counts them until they end.
+                for lease in self._local.take_all():
+                    self._held[lease.lease_id] = _RedisLease(
+                        self._account_key(lease.account), f"{lease.lease_id}|{lease.units}"
+                    )
+                    lost.append(lease.lease_id)
+            # Still held here but gone from Redis (it restarted, or heartbeats stalled past
+            # the TTL): count them again. Ones released meanwhile stay released.
+            restore = [self._held[i] for i in lost if i in self._held]
+            if restore:
+                await self._restore(
+                    keys=[h.key for h in restore], args=[self.ttl_ms] + [h.member for h in restore]
+                )
+        except Exception as exc:  # noqa: BLE001
+            self._enter_fallback(exc)
+            return
+        if self.fallback:
+            self.fallback = False
+            self.on_fallback(False)
+            logger.warning("budget ledger: Redis is reachable again; budgets are shared again")
+
+    async def run_heartbeat(self) -> None:
+        interval = self.ttl_ms / 3000
+        while True:
+            await self.heartbeat()
+            await asyncio.sleep(interval)
+
+    def _enter_fallback(self, exc: BaseException) -> None:
+        if self.fallback:
+            return
+        self.fallback = True
+        self.on_fallback(True)
+        if self.policy == "share":
+            logger.warning(
+                "budget ledger: Redis unreachable (%s); each of %d replica(s) now enforces "
+                "ceil(budget / %d) on its own until it is back",
+                type(exc).__name__, self.replicas, self.replicas,
+            )  # fmt: skip
+        else:
+            logger.warning(
+                "budget ledger: Redis unreachable (%s); refusing model requests with 503 "
+                "until it is back", type(exc).__name__,
+            )  # fmt: skip
+
+
+def connect(url: str, timeout_s: float = 1.0):
+    """A Redis client that fails fast: a dead Redis must not stall the request path."""
+    import redis.asyncio as redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    # One immediate retry on a broken connection (a pooled socket after a Redis restart);
+    # none on a timeout, which would double the stall.
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        retry_on_error=[RedisConnectionError],
+        retry_on_timeout=False,
+    )

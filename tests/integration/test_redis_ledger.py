@@ -1,0 +1,132 @@
+"""The Redis ledger against a real redis-server: shared budgets, TTL, fallback, round trips."""
+
+import asyncio
+
+import pytest
+import redis as redis_sync
+
+from serving.admission.ledger import LedgerUnavailable
+from serving.admission.redis_ledger import RedisLedger, connect
+from tests.redis_server import RedisServer
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+def ledger(server, **kwargs) -> RedisLedger:
+    return RedisLedger(connect(server.url), **kwargs)
+
+
+def test_two_replicas_share_one_budget(redis_server):
+    async def scenario():
+        a, b = ledger(redis_server), ledger(redis_server)
+        g1 = await a.acquire("acme", 1, 3)
+        g2 = await b.acquire("acme", 1, 3)
+        g3 = await a.acquire("acme", 1, 3)
+        refused = await b.acquire("acme", 1, 3)
+        assert [g.inflight for g in (g1, g2, g3)] == [1, 2, 3]
+        assert refused.lease is None and refused.inflight == 3
+        assert await a.inflight("acme") == 3
+        await b.release(g2.lease)
+        await b.release(g2.lease)  # idempotent
+        assert (await a.acquire("acme", 1, 3)).lease is not None
+        assert (await a.acquire("other", 2, 2)).lease is not None  # accounts are separate
+    asyncio.run(scenario())
+
+
+def test_a_replica_that_dies_loses_its_leases_within_the_ttl(redis_server):
+    async def scenario():
+        dead, alive = ledger(redis_server, lease_ttl_s=0.6), ledger(redis_server, lease_ttl_s=0.6)
+        await dead.acquire("acme", 2, 2)  # never released, never renewed
+        kept = await alive.acquire("other", 1, 1)
+        assert (await alive.acquire("acme", 1, 2)).lease is None
+        for _ in range(5):  # alive's heartbeat keeps its own lease past the TTL
+            await asyncio.sleep(0.2)
+            await alive.heartbeat()
+        assert (await alive.acquire("acme", 2, 2)).lease is not None
+        assert (await alive.acquire("other", 1, 1)).lease is None
+        await alive.release(kept.lease)
+    asyncio.run(scenario())
+
+
+def test_exactly_one_round_trip_to_acquire_and_one_to_release(redis_server):
+    async def scenario():
+        led = ledger(redis_server)
+        warm = await led.acquire("acme", 1, 5)  # loads the scripts
+        await led.release(warm.lease)
+        probe = redis_sync.Redis.from_url(redis_server.url)
+        probe.config_resetstat()
+        grant = await led.acquire("acme", 1, 5)
+        await led.release(grant.lease)
+        stats = probe.info("commandstats")
+        calls = {name.removeprefix("cmdstat_"): s["calls"] for name, s in stats.items()}
+        calls.pop("info", None)
+        calls.pop("config|resetstat", None)
+        # Two round trips (EVALSHA); the rest ran inside the two scripts, once each.
+        assert calls == {
+            "evalsha": 2, "time": 1, "zremrangebyscore": 1, "zrange": 1, "zadd": 1,
+            "pexpire": 1, "zrem": 1,
+        }, calls  # fmt: skip
+    asyncio.run(scenario())
+
+
+def test_redis_down_then_back_share_policy(redis_server):
+    async def scenario():
+        events = []
+        a = ledger(redis_server, lease_ttl_s=3, on_fallback=events.append)
+        b = ledger(redis_server, lease_ttl_s=3)
+        await a.heartbeat()
+        await b.heartbeat()
+        await a.heartbeat()
+        assert a.replicas == 2
+        held = await a.acquire("acme", 1, 4)
+        redis_server.stop()
+        # Each replica enforces ceil(4 / 2) = 2 on its own.
+        g1 = await a.acquire("acme", 1, 4)
+        g2 = await a.acquire("acme", 1, 4)
+        g3 = await a.acquire("acme", 1, 4)
+        assert a.fallback and events == [True]
+        assert (g1.lease is not None, g2.lease is not None, g3.lease is None) == (True, True, True)
+        await a.release(held.lease)  # Redis down: it expires there by TTL
+        await a.release(g1.lease)
+        redis_server.start()  # restarted empty
+        await a.heartbeat()
+        assert not a.fallback and events == [True, False]
+        # The lease granted locally during the outage now counts in Redis.
+        assert await b.inflight("acme") == 1
+        await a.release(g2.lease)
+        assert await b.inflight("acme") == 0
+    asyncio.run(scenario())
+
+
+def test_redis_down_refuse_policy(redis_server):
+    async def scenario():
+        led = ledger(redis_server, fallback_policy="refuse")
+        assert (await led.acquire("acme", 1, 1)).lease is not None
+        redis_server.stop()
+        with pytest.raises(LedgerUnavailable):
+            await led.acquire("acme", 1, 1)
+        assert led.fallback
+    asyncio.run(scenario())
+
+
+def test_held_leases_are_counted_again_after_a_redis_restart(redis_server):
+    async def scenario():
+        a, b = ledger(redis_server), ledger(redis_server)
+        held = await a.acquire("acme", 2, 3)
+        released = await a.acquire("acme", 1, 3)
+        await a.release(released.lease)
+        redis_server.stop()
+        redis_server.start()  # empty: every lease is gone
+        assert await b.inflight("acme") == 0
+        await a.heartbeat()
+        assert await b.inflight("acme") == 2  # the live lease is back; the released one is not
+        assert (await b.acquire("acme", 2, 3)).lease is None
+        await a.release(held.lease)
+        await a.heartbeat()
+        assert await b.inflight("acme") == 0
+    asyncio.run(scenario())

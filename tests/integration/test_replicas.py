@@ -1,0 +1,93 @@
+"""Two server processes sharing one real Redis enforce one budget; a killed one frees its units."""
+
+import asyncio
+import signal
+import time
+
+import httpx
+import pytest
+
+from tests.integration.conftest import launch, stop, wait_ready, write_keys
+from tests.redis_server import RedisServer
+
+LEASE_TTL_S = 3.0
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory, server):
+    root = tmp_path_factory.mktemp("replicas")
+    redis = RedisServer(root / "redis").start()
+    keys_file = root / "keys.yaml"
+    keys = write_keys(keys_file, {"shared": "two"})
+    # Two cores run three vLLM servers here: a generous Redis timeout keeps CPU starvation
+    # from reading as a Redis outage (production default: 1 s).
+    args = ("--redis-url", redis.url, "--lease-ttl-s", str(LEASE_TTL_S), "--redis-timeout-s", "5")
+    pair = []
+    try:
+        for name in ("a", "b"):  # one at a time: start-up is the heaviest phase
+            pair.append(launch(root / name, keys_file, keys, *args, dev_model_dir=server.dev_model_dir))
+            wait_ready(pair[-1])
+        yield pair
+    finally:
+        for srv in pair:
+            stop(srv)
+        redis.stop()
+
+
+def chat(max_tokens: int, stream: bool) -> dict:
+    return {
+        "model": "medgemma-4b-it",
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    }
+
+
+def test_two_replicas_enforce_one_budget(replicas):
+    a, b = replicas
+    key = a.keys["shared"]
+
+    async def one(client, srv):
+        async with client.stream(
+            "POST", srv.base_url + "/chat/completions", json=chat(400, True),
+            headers={"Authorization": f"Bearer {key}"},
+        ) as response:  # fmt: skip
+            await response.aread()
+            return response.status_code
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*[one(client, srv) for srv in (a, b, a, b, a, b)])
+
+    statuses = asyncio.run(scenario())
+    assert sorted(statuses) == [200, 200, 429, 429, 429, 429], statuses
+    text = httpx.get(a.url + "/metrics").text
+    assert "medgemma_ledger_fallback 0.0" in text
+
+
+def test_kill_9_of_a_replica_frees_its_units_within_the_ttl(replicas):
+    a, b = replicas
+    headers = {"Authorization": f"Bearer {b.keys['shared']}"}
+    url_b, url_a = b.base_url + "/chat/completions", a.base_url + "/chat/completions"
+    with httpx.Client(timeout=60) as client:
+        streams = [client.stream("POST", url_b, json=chat(30000, True), headers=headers) for _ in range(2)]
+        responses = [s.__enter__() for s in streams]
+        assert [r.status_code for r in responses] == [200, 200]
+        for response in responses:
+            next(response.iter_lines())
+        killed_at = time.monotonic()
+        stop(b, signal.SIGKILL)
+        # Right after the kill, B's leases still hold the budget in Redis ...
+        assert client.post(url_a, json=chat(2, False), headers=headers).status_code == 429
+        # ... and they expire within the lease TTL.
+        while time.monotonic() - killed_at < LEASE_TTL_S + 3:
+            if client.post(url_a, json=chat(2, False), headers=headers).status_code == 200:
+                break
+            time.sleep(0.1)
+        freed_after = time.monotonic() - killed_at
+        for stream in streams:
+            try:
+                stream.__exit__(None, None, None)
+            except httpx.HTTPError:
+                pass
+    assert freed_after <= LEASE_TTL_S + 1.5, freed_after
