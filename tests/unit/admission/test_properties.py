@@ -1,0 +1,129 @@
+"""Stateful property test: random admits, completions, client exits and deadlines.
+
+Invariants after every step: no account holds more units than its plan grants, the engine
+never holds more than its capacity, the queue never exceeds its bound, and the ledger's
+and the queue's books agree with the tickets alive. At the end every unit comes back.
+Replica crashes and lease expiry are exercised against a real Redis in
+tests/integration/test_redis_ledger.py and test_replicas.py.
+"""
+
+import asyncio
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from prometheus_client import CollectorRegistry
+
+from serving.admission.clock import FakeClock
+from serving.admission.controller import AdmissionController, RequestShape
+from serving.admission.keys import KeyStore
+from serving.admission.ledger import InProcessLedger
+from serving.admission.outcomes import AdmissionError
+from serving.admission.queue import Capacity, FairQueue
+from serving.metrics import ServingMetrics
+
+PLANS = {
+    "plans": {
+        "one": {"concurrency": 1},
+        "three": {"concurrency": 3, "queue": {"max_waiting": 2, "timeout_s": 4}},
+    },
+    "accounts": {"a": {"plan": "one"}, "b": {"plan": "three"}, "c": {"plan": "three"}},
+}
+CAPACITY = Capacity(max_requests=3, max_tokens=300)
+MAX_WAITING = 3
+
+
+class AdmissionMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.clock = FakeClock()
+        self.ledger = InProcessLedger()
+        self.controller = AdmissionController(
+            KeyStore.from_dict(PLANS), self.ledger, FairQueue(CAPACITY, MAX_WAITING, self.clock),
+            ServingMetrics(CollectorRegistry()), max_model_len=200,
+            model_costs={"medgemma-4b-it": 1}, queue_timeout_s=5, clock=self.clock,
+        )  # fmt: skip
+        self.pending: list[asyncio.Task] = []  # admits in progress (queued or waiting)
+        self.tickets = []  # admitted, being served
+
+    def settle(self):
+        self.loop.run_until_complete(asyncio.sleep(0))
+        self.loop.run_until_complete(asyncio.sleep(0))
+        still = []
+        for task in self.pending:
+            if not task.done():
+                still.append(task)
+            elif not task.cancelled() and task.exception() is None:
+                self.tickets.append(task.result())
+            elif not task.cancelled():
+                assert isinstance(task.exception(), AdmissionError)
+        self.pending = still
+
+    @rule(account=st.sampled_from("abc"), prompt=st.integers(1, 150), max_tokens=st.integers(1, 100))
+    def request(self, account, prompt, max_tokens):
+        shape = RequestShape("medgemma-4b-it", prompt, max_tokens)
+        coro = self.controller.admit(self.controller.keys.accounts[account], shape)
+        self.pending.append(self.loop.create_task(coro))
+        self.settle()
+
+    @precondition(lambda self: self.tickets)
+    @rule(index=st.integers(0, 100))
+    def complete(self, index):
+        ticket = self.tickets.pop(index % len(self.tickets))
+        self.loop.run_until_complete(ticket.release())
+        self.settle()
+
+    @precondition(lambda self: self.tickets)
+    @rule(index=st.integers(0, 100))
+    def release_twice(self, index):  # a disconnect and the stream's end racing
+        ticket = self.tickets.pop(index % len(self.tickets))
+        async def both():
+            await asyncio.gather(ticket.release(), ticket.release())
+
+        self.loop.run_until_complete(both())
+        self.settle()
+
+    @precondition(lambda self: self.pending)
+    @rule(index=st.integers(0, 100))
+    def client_leaves_while_waiting(self, index):
+        task = self.pending[index % len(self.pending)]
+        task.cancel()
+        self.settle()
+
+    @rule(seconds=st.floats(0.1, 6))
+    def time_passes(self, seconds):
+        self.clock.advance(seconds)
+        self.loop.run_until_complete(self.controller.tick())
+        self.settle()
+
+    @invariant()
+    def budgets_hold(self):
+        for name, account in self.controller.keys.accounts.items():
+            assert self.ledger._inflight.get(name, 0) <= account.plan.concurrency
+        held = sum(t.lease.units for t in self.tickets)
+        queue = self.controller.queue
+        assert queue.inflight_requests <= CAPACITY.max_requests
+        assert queue.depth <= MAX_WAITING
+        # Units are held by admitted tickets and by requests waiting for an engine slot.
+        assert held <= self.ledger.total_inflight()
+        assert queue.inflight_requests == len(self.tickets)
+
+    def teardown(self):
+        for task in self.pending:
+            task.cancel()
+        self.settle()
+        for ticket in self.tickets:
+            self.loop.run_until_complete(ticket.release())
+        self.tickets = []
+        self.settle()
+        for ticket in self.tickets:  # admitted while others were released
+            self.loop.run_until_complete(ticket.release())
+        assert self.ledger.total_inflight() == 0
+        assert self.controller.queue.inflight_requests == 0
+        assert self.controller.queue.depth == 0
+        self.loop.close()
+
+
+AdmissionMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+TestAdmission = AdmissionMachine.TestCase
