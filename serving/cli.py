@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             keys=keys,
             queue_size=settings.queue_size,
             queue_timeout_s=settings.queue_timeout_s,
+            engine_headroom=settings.engine_headroom,
             model_costs=settings.model_costs,
             redis_url=settings.redis_url,
             lease_ttl_s=settings.lease_ttl_s,

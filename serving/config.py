@@ -96,6 +96,13 @@ class ServeSettings(BaseSettings):
     queue_timeout_s: float = Field(
         30.0, gt=0, description="How long a request may wait for an engine slot before a 503."
     )
+    engine_headroom: float = Field(
+        0.25,
+        ge=0,
+        le=4,
+        description="Requests admitted to the engine beyond max_num_seqs, as a fraction of it "
+        "(at least 8), so its batch never waits for the next request's preprocessing.",
+    )
     redis_url: str | None = Field(
         None,
         description="Redis URL for budgets shared by several replicas (redis://host:6379/0); "

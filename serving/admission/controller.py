@@ -118,6 +118,7 @@ class AdmissionController:
         model_costs: dict[str, int],
         queue_timeout_s: float,
         clock: Clock | None = None,
+        engine_units: int | None = None,
     ):
         self.keys = keys
         self.ledger = ledger
@@ -132,7 +133,8 @@ class AdmissionController:
         self.completions = CompletionRate(self.clock)
         self._account_completions: dict[str, CompletionRate] = {}
         self._plan_waiters: dict[str, deque[_PlanWaiter]] = {}
-        metrics.capacity_units.set(queue.capacity.max_requests)
+        self._waiting = asyncio.Event()  # set when a request starts waiting: wakes the ticker
+        metrics.capacity_units.set(engine_units if engine_units is not None else queue.capacity.max_requests)
 
     # --- the decision ------------------------------------------------------------------
     def authenticate(self, api_key: str | None) -> Account:
@@ -193,6 +195,7 @@ class AdmissionController:
             asyncio.get_running_loop().create_future(),
         )
         waiters.append(waiter)
+        self._waiting.set()
         try:
             return await waiter.future
         except asyncio.CancelledError:
@@ -218,6 +221,7 @@ class AdmissionController:
             self._count(error.outcome)
             raise
         self.metrics.queue_depth.set(self.queue.depth)
+        self._waiting.set()
         try:
             slot = await self.queue.wait(waiter)
         except AdmissionError as error:
@@ -283,8 +287,15 @@ class AdmissionController:
             if account is not None:
                 await self._wake_plan_waiter(account)
 
+    def _has_waiters(self) -> bool:
+        return self.queue.depth > 0 or bool(self._plan_waiters)
+
     async def run_ticker(self, interval_s: float = 0.05) -> None:
+        """Deadlines and cross-replica retries, only while someone waits (idle: no wake-ups)."""
         while True:
+            if not self._has_waiters():
+                self._waiting.clear()
+                await self._waiting.wait()
             await asyncio.sleep(interval_s)
             try:
                 await self.tick()

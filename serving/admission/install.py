@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from dataclasses import dataclass, field
 
 from serving.admission.clock import MonotonicClock
@@ -20,6 +21,8 @@ from serving.metrics import ServingMetrics
 
 logger = logging.getLogger(__name__)
 
+MIN_HEADROOM = 8  # requests; measured on cpu-dev: 2 -> 0.84x direct throughput at c=32
+
 
 @dataclass(frozen=True)
 class AdmissionSettings:
@@ -30,12 +33,20 @@ class AdmissionSettings:
     redis_url: str | None = None
     lease_ttl_s: float = 15.0
     redis_timeout_s: float = 1.0
+    engine_headroom: float = 0.25
     ledger_fallback: str = "share"
 
 
-def engine_capacity(vllm_config) -> Capacity:
-    """What the engine can hold at once, as vLLM sized it at start-up."""
-    max_requests = vllm_config.scheduler_config.max_num_seqs
+def engine_capacity(vllm_config, headroom: float = 0.25) -> Capacity:
+    """What the engine can hold at once, as vLLM sized it at start-up, plus headroom.
+
+    Gating at exactly ``max_num_seqs`` starves the engine: a freed slot would wait for the
+    next request's image decoding and tokenisation in the API server. With ``headroom``
+    (a fraction of max_num_seqs, at least MIN_HEADROOM requests) preprocessed requests wait
+    inside vLLM, so its batch stays full; the fair queue still orders everything beyond.
+    """
+    max_num_seqs = vllm_config.scheduler_config.max_num_seqs
+    max_requests = max_num_seqs + max(MIN_HEADROOM, math.ceil(max_num_seqs * headroom))
     cache = vllm_config.cache_config
     tokens = getattr(cache, "kv_cache_size_tokens", None)
     if not tokens:
@@ -65,7 +76,7 @@ def build_ledger(app, settings: AdmissionSettings, metrics: ServingMetrics) -> B
 
 def install(app, engine_client, settings: AdmissionSettings, metrics: ServingMetrics):
     vllm_config = engine_client.vllm_config
-    capacity = engine_capacity(vllm_config)
+    capacity = engine_capacity(vllm_config, settings.engine_headroom)
     clock = MonotonicClock()
     ledger = build_ledger(app, settings, metrics)
     controller = AdmissionController(
@@ -77,6 +88,7 @@ def install(app, engine_client, settings: AdmissionSettings, metrics: ServingMet
         model_costs=settings.model_costs,
         queue_timeout_s=settings.queue_timeout_s,
         clock=clock,
+        engine_units=vllm_config.scheduler_config.max_num_seqs,
     )
     # A lower bound per image: its soft tokens (256 for MedGemma), not the wrapper tokens.
     image_tokens = getattr(vllm_config.model_config.hf_config, "mm_tokens_per_image", 256)

@@ -5,6 +5,7 @@ import re
 import time
 
 import httpx
+import pytest
 
 MODEL = "medgemma-4b-it"
 
@@ -36,6 +37,23 @@ async def stream_all(client, url, key, max_tokens):
     ) as response:
         data = await response.aread()
         return response, data
+
+
+def both_units_free(server, key: str, wait_s: float = 5.0) -> bool:
+    """True once two concurrent requests of a budget-2 account are both admitted."""
+    url = server.base_url + "/chat/completions"
+
+    async def two():
+        async with httpx.AsyncClient(timeout=60) as client:
+            results = await asyncio.gather(*[stream_all(client, url, key, 2) for _ in range(2)])
+        return [response.status_code for response, _ in results]
+
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if asyncio.run(two()) == [200, 200]:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def test_budget_two_admits_exactly_two_of_six_concurrent_streams(server):
@@ -91,23 +109,20 @@ def test_disconnect_mid_stream_frees_the_unit_and_stops_the_engine(server):
     url = server.base_url + "/chat/completions"
     key = server.keys["pair-disconnect"]
     headers = {"Authorization": f"Bearer {key}"}
-    with httpx.Client(timeout=60) as client:
-        with client.stream("POST", url, json=body(20000), headers=headers) as response:
-            assert response.status_code == 200
-            lines = response.iter_lines()
-            for _ in range(5):
-                next(lines)
-            assert running_requests(server) >= 1
-        # The connection is closed: the unit comes back at once ...
-        deadline = time.monotonic() + 5
-        statuses = []
-        while time.monotonic() < deadline:
-            two = [client.post(url, json=body(2, stream=False), headers=headers) for _ in range(2)]
-            statuses = [r.status_code for r in two]
-            if statuses == [200, 200]:
-                break
-            time.sleep(0.05)
-        assert statuses == [200, 200]
+    with (
+        httpx.Client(timeout=60) as client,
+        client.stream("POST", url, json=body(20000), headers=headers) as response,
+    ):
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        for _ in range(5):
+            next(lines)
+        deadline = time.monotonic() + 10  # the engine's gauges update once per step
+        while running_requests(server) < 1 and time.monotonic() < deadline:
+            next(lines)
+        assert running_requests(server) >= 1
+    # The connection is closed: the unit comes back at once ...
+    assert both_units_free(server, key)
     # ... and vLLM stopped generating for it.
     deadline = time.monotonic() + 10
     while running_requests(server) > 0 and time.monotonic() < deadline:
@@ -124,3 +139,16 @@ def test_admission_metrics_are_on_the_same_metrics_endpoint(server):
     assert "medgemma_ledger_fallback 0.0" in text
     for key in server.keys.values():
         assert key not in text
+
+
+def test_disconnect_of_a_non_streaming_request_frees_the_unit_and_stops_the_engine(server):
+    url = server.base_url + "/chat/completions"
+    headers = {"Authorization": f"Bearer {server.keys['pair-disconnect']}"}
+    client = httpx.Client(timeout=httpx.Timeout(60, read=1.0))
+    with client, pytest.raises(httpx.ReadTimeout):  # gives up and closes the connection
+        client.post(url, json=body(20000, stream=False), headers=headers)
+    assert both_units_free(server, server.keys["pair-disconnect"])
+    deadline = time.monotonic() + 10
+    while running_requests(server) > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert running_requests(server) == 0

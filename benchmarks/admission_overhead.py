@@ -1,0 +1,256 @@
+"""What the admission layer costs: the same load through it and straight to vLLM, side by side.
+
+Starts two servers on the dev checkpoint (CPU build of vLLM 0.32): ``medgemma-serve serve``
+with a keys file (admission on) and vLLM's own OpenAI server with the same engine arguments
+(admission off). Arms are interleaved in rounds (A B, then B A, ...) so drift hits both.
+Streaming chat requests with one image each, at several concurrencies; per arm it prints
+TTFT p50/p99, request throughput and the API-server process's CPU time per request.
+Then: in-process ledger decisions per second on one core, and Redis round trips per
+request (from a real redis-server's command statistics).
+
+    .venv/bin/python benchmarks/admission_overhead.py --requests 48 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+COOLDOWN_S = 3.0
+sys.path.insert(0, str(ROOT))
+
+from serving.admission.keys import add_key
+from tests.redis_server import RedisServer, free_port
+
+
+def image_url() -> str:
+    from PIL import Image
+
+    img = Image.radial_gradient("L").resize((512, 512)).convert("RGB")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def start(argv: list[str], log: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        argv, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+
+
+def wait_ready(url: str, path: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server {url} exited")
+        try:
+            if httpx.get(url + path, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} not ready")
+
+
+async def one_request(client, url, headers, body) -> tuple[float, float]:
+    started = time.perf_counter()
+    ttft = None
+    async with client.stream("POST", url, json=body, headers=headers) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if ttft is None and line.startswith("data: ") and '"content":"' in line:
+                chunk = json.loads(line[6:])
+                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    ttft = time.perf_counter() - started
+    return ttft or float("nan"), time.perf_counter() - started
+
+
+async def run_arm(base: str, key: str | None, concurrency: int, requests: int, body: dict):
+    url = base + "/v1/chat/completions"
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(requests):
+            queue.put_nowait(i)
+        ttfts: list[float] = []
+
+        async def worker():
+            while not queue.empty():
+                queue.get_nowait()
+                ttft, _ = await one_request(client, url, headers, body)
+                ttfts.append(ttft)
+
+        started = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        return ttfts, time.perf_counter() - started
+
+
+def pin(server_pids: list[int]) -> None:
+    """API servers (and this client) on core 0; every engine core and worker on core 1.
+
+    vLLM CPU's EngineCore busy-waits while it has work; sharing a core with its worker
+    instead of the API server roughly halves run-to-run spread on a 2-core machine.
+    """
+    os.sched_setaffinity(0, {0})
+    for pid in server_pids:
+        parent = psutil.Process(pid)
+        os.sched_setaffinity(pid, {0})
+        for child in parent.children(recursive=True):
+            name = " ".join(child.cmdline()[:1]) + child.name()
+            core = {1} if ("EngineCore" in name or "Worker" in name or "VLLM" in name) else {0}
+            try:
+                os.sched_setaffinity(child.pid, core)
+                for thread in child.threads():
+                    os.sched_setaffinity(thread.id, core)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def cpu_s(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def ledger_decisions_per_s(seconds: float = 2.0) -> float:
+    from serving.admission.ledger import InProcessLedger
+
+    ledger = InProcessLedger()
+    n = 0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(1000):
+            grant = ledger.acquire_now("acct", 1, 8)
+            ledger.release_now(grant.lease)
+        n += 1000
+    return n / seconds
+
+
+def redis_round_trips(workdir: Path) -> dict[str, int]:
+    import redis as redis_sync
+
+    from serving.admission.redis_ledger import RedisLedger, connect
+
+    server = RedisServer(workdir / "redis").start()
+    try:
+        async def scenario():
+            ledger = RedisLedger(connect(server.url))
+            warm = await ledger.acquire("acct", 1, 8)
+            await ledger.release(warm.lease)
+            probe = redis_sync.Redis.from_url(server.url)
+            probe.config_resetstat()
+            for _ in range(100):
+                grant = await ledger.acquire("acct", 1, 8)
+                await ledger.release(grant.lease)
+            stats = probe.info("commandstats")
+            return {k: v["calls"] for k, v in stats.items() if k.startswith("cmdstat_eval")}
+        return asyncio.run(scenario())
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--requests", type=int, default=48, help="requests per arm per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--no-pin", action="store_true", help="leave CPU affinity alone")
+    parser.add_argument("--serve-args", default="", help="extra medgemma-serve flags (admission arm)")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="admission-bench-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDGEMMA_")}
+    env.update({"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "MEDGEMMA_DEV_MODEL_DIR": str(work / "dev")})
+    keys_file = work / "keys.yaml"
+    keys_file.write_text("plans:\n  bench: {concurrency: 1000}\n")
+    key = add_key(keys_file, "bench", "bench")
+    serve = [sys.executable, "-m", "serving"]
+    port_on, port_off = free_port(), free_port()
+    engine_args = json.loads(subprocess.check_output(
+        serve + ["engine-args", "--json", "--port", str(port_off)], env=env
+    ))  # fmt: skip
+    subprocess.check_call(serve + ["devmodel", str(work / "dev")], env=env, stdout=subprocess.DEVNULL)
+    on_argv = serve + ["serve", "--port", str(port_on), "--keys-file", str(keys_file), *args.serve_args.split()]
+    on = start(on_argv, work / "on.log", env)
+    wait_ready(f"http://127.0.0.1:{port_on}", "/ready", on)
+    off = start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", *engine_args], work / "off.log", env)
+    try:
+        wait_ready(f"http://127.0.0.1:{port_off}", "/health", off)
+        body = {
+            "model": "medgemma-4b-it", "max_tokens": args.max_tokens, "stream": True,
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": image_url()}},
+                {"type": "text", "text": "Describe this image."}]}],
+        }  # fmt: skip
+        arms = {
+            "admission": (f"http://127.0.0.1:{port_on}", key, on.pid),
+            "direct": (f"http://127.0.0.1:{port_off}", None, off.pid),
+        }
+        if not args.no_pin and (os.cpu_count() or 1) >= 2:
+            pin([on.pid, off.pid])
+        asyncio.run(run_arm(arms["direct"][0], None, 2, 8, body))  # warm both
+        asyncio.run(run_arm(arms["admission"][0], key, 2, 8, body))
+        print(f"vLLM CPU build, dev checkpoint, {args.requests} streamed image requests per arm per "
+              f"round, {args.rounds} rounds, max_tokens {args.max_tokens}, arms interleaved, "
+              f"{'engines pinned to core 1' if not args.no_pin else 'no pinning'}")  # fmt: skip
+        header = f"{'conc':>4} {'arm':>10} {'ttft_p50_ms':>11} {'ttft_p99_ms':>11} {'req/s':>7} {'cpu_ms/req':>10}"
+        print(header)
+        for concurrency in [int(c) for c in args.concurrency.split(",")]:
+            results = {name: {"ttft": [], "rate": [], "cpu": []} for name in arms}
+            for rnd in range(args.rounds):
+                order = list(arms) if rnd % 2 == 0 else list(reversed(arms))
+                for name in order:
+                    base, arm_key, pid = arms[name]
+                    time.sleep(COOLDOWN_S)  # the other server's worker spins ~2 s after its last step
+                    cpu_before = cpu_s(pid)
+                    ttfts, elapsed = asyncio.run(run_arm(base, arm_key, concurrency, args.requests, body))
+                    cpu = cpu_s(pid) - cpu_before
+                    results[name]["ttft"] += ttfts
+                    results[name]["rate"].append(args.requests / elapsed)
+                    results[name]["cpu"].append(cpu / args.requests)
+            for name in arms:
+                r = results[name]
+                print(f"{concurrency:>4} {name:>10} {pct(r['ttft'], .5) * 1e3:>11.1f} {pct(r['ttft'], .99) * 1e3:>11.1f} "
+                      f"{statistics.mean(r['rate']):>7.2f} {statistics.mean(r['cpu']) * 1e3:>10.2f}")  # fmt: skip
+            a, d = results["admission"], results["direct"]
+            print(f"{concurrency:>4} {'delta':>10} {(pct(a['ttft'], .5) - pct(d['ttft'], .5)) * 1e3:>+11.1f} "
+                  f"{(pct(a['ttft'], .99) - pct(d['ttft'], .99)) * 1e3:>+11.1f} "
+                  f"{statistics.mean(a['rate']) / statistics.mean(d['rate']):>6.3f}x "
+                  f"{(statistics.mean(a['cpu']) - statistics.mean(d['cpu'])) * 1e3:>+10.2f}")  # fmt: skip
+            spread = [x / y for x, y in zip(a["rate"], d["rate"])]
+            print(f"{'':>4} {'':>10} per-round throughput ratios: {', '.join(f'{x:.3f}' for x in spread)}")
+    finally:
+        print(f"logs: {work}")
+        for proc in (on, off):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=60)
+    print(f"in-process ledger: {ledger_decisions_per_s():,.0f} acquire+release decisions/s on one core")
+    print(f"Redis ledger, 100 requests: {redis_round_trips(work)} (one EVALSHA to acquire, one to release)")
+    if not os.environ.get("KEEP_BENCH_DIR"):
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
