@@ -163,18 +163,7 @@ class AdmissionMiddleware:
             return None
 
     async def _serve(self, scope, body: bytes, receive, send, ticket: Ticket) -> None:
-        replayed = False
-
-        async def receive_wrapper():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                await ticket.release()
-            return message
-
+        receive_wrapper = _replay(body, receive, on_disconnect=ticket.release)
         headers = [
             (LIMIT_HEADER, str(ticket.limit).encode()),
             (REMAINING_HEADER, str(ticket.remaining).encode()),
@@ -205,7 +194,8 @@ async def _read_body(receive) -> bytes | None:
             return b"".join(chunks)
 
 
-def _replay(body: bytes, receive):
+def _replay(body: bytes, receive, on_disconnect=None):
+    """A ``receive`` that hands the already-read body over once, then passes through."""
     sent = False
 
     async def replay():
@@ -213,7 +203,10 @@ def _replay(body: bytes, receive):
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
+        message = await receive()
+        if on_disconnect is not None and message["type"] == "http.disconnect":
+            await on_disconnect()
+        return message
 
     return replay
 
