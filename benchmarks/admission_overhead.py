@@ -238,8 +238,11 @@ def main() -> None:
                   f"{(pct(a['ttft'], .99) - pct(d['ttft'], .99)) * 1e3:>+11.1f} "
                   f"{statistics.mean(a['rate']) / statistics.mean(d['rate']):>6.3f}x "
                   f"{(statistics.mean(a['cpu']) - statistics.mean(d['cpu'])) * 1e3:>+10.2f}")  # fmt: skip
-            spread = [x / y for x, y in zip(a["rate"], d["rate"])]
-            print(f"{'':>4} {'':>10} per-round throughput ratios: {', '.join(f'{x:.3f}' for x in spread)}")
+            ratios = [x / y for x, y in zip(a["rate"], d["rate"])]
+            cpu_deltas = [(x - y) * 1e3 for x, y in zip(a["cpu"], d["cpu"])]
+            print(f"{'':>4} {'':>10} per round: throughput ratio {', '.join(f'{x:.3f}' for x in ratios)} "
+                  f"(median {statistics.median(ratios):.3f}); CPU delta ms/req "
+                  f"{', '.join(f'{x:+.2f}' for x in cpu_deltas)} (median {statistics.median(cpu_deltas):+.2f})")  # fmt: skip
     finally:
         print(f"logs: {work}")
         for proc in (on, off):
