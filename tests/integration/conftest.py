@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,17 +19,12 @@ import pytest
 import yaml
 
 from serving.admission.keys import add_key
+from tests.redis_server import free_port
 
 # Plans of the session server: "main" for the API tests, "pair" (2 units) for budget tests.
 TEST_PLANS = {"big": {"concurrency": 64}, "two": {"concurrency": 2}}
 TEST_ACCOUNTS = {"main": "big", "pair": "two", "pair-disconnect": "two"}
 START_TIMEOUT_S = float(os.environ.get("MEDGEMMA_TEST_START_TIMEOUT_S", "300"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
