@@ -1,10 +1,12 @@
 """Two server processes sharing one real Redis enforce one budget; a killed one frees its units."""
 
 import asyncio
+import os
 import signal
 import time
 
 import httpx
+import psutil
 import pytest
 import redis as redis_sync
 
@@ -28,11 +30,27 @@ def replicas(tmp_path_factory, server):
         for name in ("a", "b"):  # one at a time: start-up is the heaviest phase
             pair.append(launch(root / name, keys_file, keys, *args, dev_model_dir=server.dev_model_dir))
             wait_ready(pair[-1])
+            pin_engines(pair[-1])
         yield pair, redis
     finally:
         for srv in pair:
             stop(srv)
         redis.stop()
+
+
+def pin_engines(srv) -> None:
+    """Engine processes onto the last core: vLLM CPU's engine core and worker spin at 100%
+    while generating, which on two cores starves Redis and the other replica for seconds."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return
+    for child in psutil.Process(srv.process.pid).children(recursive=True):
+        if "VLLM" in child.name() or "VLLM" in " ".join(child.cmdline()[:1]):
+            try:
+                for thread in child.threads():
+                    os.sched_setaffinity(thread.id, {cores[-1]})
+            except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
+                pass
 
 
 def chat(max_tokens: int, stream: bool) -> dict:
@@ -91,7 +109,7 @@ def test_kill_9_of_a_replica_frees_its_units_within_the_ttl(replicas):
         right_after = client.post(url_a, json=chat(2, False), headers=headers)
         assert right_after.status_code == 429, (leases(), right_after.headers, b.log()[-3000:])
         # ... and they expire within the lease TTL.
-        while time.monotonic() - killed_at < LEASE_TTL_S + 3:
+        while time.monotonic() - killed_at < LEASE_TTL_S + 4:
             if client.post(url_a, json=chat(2, False), headers=headers).status_code == 200:
                 break
             time.sleep(0.1)
@@ -101,4 +119,5 @@ def test_kill_9_of_a_replica_frees_its_units_within_the_ttl(replicas):
                 stream.__exit__(None, None, None)
             except httpx.HTTPError:
                 pass
-    assert freed_after <= LEASE_TTL_S + 1.5, freed_after
+    # Leases expire TTL after their last renewal; allow for the poll and a loaded machine.
+    assert freed_after <= LEASE_TTL_S + 2.5, freed_after
