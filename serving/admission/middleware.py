@@ -83,8 +83,9 @@ class PromptEstimator:
 def tokenizer_counter(tokenizer) -> Callable[[list[str]], int]:
     """A fast text-token counter over a Hugging Face tokenizer (Rust backend when present)."""
     backend = getattr(tokenizer, "_tokenizer", None) or getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and hasattr(backend, "encode_batch"):
-        return lambda texts: sum(len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False))
+    if backend is not None and hasattr(backend, "encode"):
+        # One encode per text: encode_batch hands even a single text to the Rayon pool.
+        return lambda texts: sum(len(backend.encode(t, add_special_tokens=False).ids) for t in texts)
     return lambda texts: sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
 
 
