@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -132,7 +133,16 @@ moderate severe acute chronic stable improved worse increased decreased present 
 
 def _train_tokenizer():
     """A byte-fallback BPE tokenizer in Gemma's style (SentencePiece ``▁`` spaces)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     alphabet = [chr(c) for c in range(33, 127)] + ["▁"]
     byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
@@ -148,8 +158,6 @@ def _train_tokenizer():
     words = _CORPUS.split()
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.normalizer = normalizers.Replace(" ", "▁")
-    from tokenizers import pre_tokenizers
-
     tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
     tok.train_from_iterator(["▁" + w for w in words] * 2, trainer=trainer)
 
@@ -171,11 +179,7 @@ def _train_tokenizer():
     tok = Tokenizer.from_str(json.dumps(data))
     # Newline runs are literal added tokens in the real vocabulary too (vLLM's gemma3
     # processor looks up "\n".."\n\n\n\n" by value).
-    from tokenizers import AddedToken
-
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in reversed(NEWLINE_TOKENS)])
-    from tokenizers import processors
-
     bos = tok.token_to_id("<bos>")
     tok.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)]
@@ -463,8 +467,6 @@ def ensure(path: str | os.PathLike, seed: int = 0) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     logger.info("building the MedGemma dev checkpoint in %s", target)
-    import shutil
-
     staging = Path(tempfile.mkdtemp(prefix=".devmodel-", dir=target.parent))
     build(staging, seed=seed)
     if target.exists() and not is_current(target):

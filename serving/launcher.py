@@ -27,6 +27,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from serving.admission.install import AdmissionSettings, install
+from serving.engine import REFUSED_DTYPES
 from serving.metrics import ServingMetrics
 
 logger = logging.getLogger(__name__)
@@ -231,8 +232,9 @@ def serve(vllm_argv: list[str], context: ServerContext) -> None:
 
     cli_env_setup()
     args = parse_vllm_args(vllm_argv)
-    if str(args.dtype).lower() in {"float16", "half", "fp16"}:
-        # A pass-through --dtype would otherwise bypass the profile's bf16.
+    if str(args.dtype).lower() in REFUSED_DTYPES:
+        # engine.validate refuses fp16 given as a flag; this catches what it cannot see,
+        # such as a dtype inside a vLLM --config file.
         raise SystemExit("medgemma-serve: --dtype float16 is refused for Gemma 3; use bfloat16")
     configure_logging_from_args(args)
     context.metrics.set_build(
