@@ -9,6 +9,9 @@ Guarantees:
   idempotent and frees the ledger lease and the engine slot together. Any failure after
   the lease was taken releases it before the error leaves.
 - ``Retry-After`` comes from the observed completion rate, not a constant.
+- With an in-process ledger, a request that fits its budget and the engine at once is
+  decided and released without suspending (``admit_now`` / a synchronous release): the
+  common case costs no event-loop round trip.
 """
 
 from __future__ import annotations
@@ -93,6 +96,8 @@ class Ticket:
         if self.released:
             return
         self.released = True
+        if self.controller._release_now(self):
+            return
         task = asyncio.ensure_future(self.controller._release(self))
         _RELEASING.add(task)
         task.add_done_callback(_RELEASING.discard)
@@ -147,7 +152,41 @@ class AdmissionController:
     def cost(self, model: str | None) -> int:
         return self.model_costs.get(model or "", self.default_cost)
 
+    def admit_now(self, account: Account, shape: RequestShape) -> Ticket | None:
+        """The same decision as ``admit`` without suspending, or None when it would have to
+        wait (a round-trip ledger, a plan queue, a full engine): then call ``admit``."""
+        if not self.ledger.synchronous:
+            return None
+        units, tokens = self._check(shape)
+        grant = self.ledger.acquire_now(account.name, units, account.plan.concurrency)
+        if grant.lease is None:
+            if account.plan.queue is not None:
+                return None
+            raise self._over_budget(account, units, grant.inflight)
+        slot = self.queue.try_acquire(account.name, tokens)
+        if slot is None:
+            self.ledger.release_now(grant.lease)
+            return None
+        self.metrics.queue_wait_seconds.observe(0.0)
+        return self._admitted(account, grant, slot)
+
     async def admit(self, account: Account, shape: RequestShape) -> Ticket:
+        units, tokens = self._check(shape)
+        grant = await self._acquire_budget(account, units)
+        try:
+            slot = await self._acquire_slot(account.name, tokens)
+        except BaseException:
+            await self._release_lease(account, grant.lease)
+            raise
+        return self._admitted(account, grant, slot)
+
+    def _admitted(self, account: Account, grant: Grant, slot: Slot) -> Ticket:
+        self._count(Outcome.ADMITTED)
+        self.metrics.inflight_units.labels(plan=account.plan.name).inc(grant.lease.units)
+        return Ticket(account, grant.lease, slot, grant.inflight, self)
+
+    def _check(self, shape: RequestShape) -> tuple[int, int]:
+        """Refusals that hold nothing (draining, context); returns (units, KV tokens)."""
         if self.draining:
             raise self._reject(
                 Outcome.REJECTED_DRAINING, "The server is shutting down.", retry_after=5
@@ -162,16 +201,7 @@ class AdmissionController:
                 f"request needs at least {shape.prompt_tokens} prompt tokens plus max_tokens "
                 f"{max_tokens}. Shorten the prompt or lower max_tokens.",
             )
-        units = self.cost(shape.model)
-        grant = await self._acquire_budget(account, units)
-        try:
-            slot = await self._acquire_slot(account.name, shape.prompt_tokens + max_tokens)
-        except BaseException:
-            await self._release_lease(account, grant.lease)
-            raise
-        self._count(Outcome.ADMITTED)
-        self.metrics.inflight_units.labels(plan=account.plan.name).inc(units)
-        return Ticket(account, grant.lease, slot, grant.inflight, self)
+        return self.cost(shape.model), shape.prompt_tokens + max_tokens
 
     async def _acquire_budget(self, account: Account, units: int) -> Grant:
         budget = account.plan.concurrency
@@ -237,13 +267,24 @@ class AdmissionController:
         return slot
 
     # --- release -------------------------------------------------------------------------
+    def _release_now(self, ticket: Ticket) -> bool:
+        """Release without suspending when nothing needs I/O; False: use ``_release``."""
+        if not self.ledger.synchronous or ticket.account.name in self._plan_waiters:
+            return False
+        self._release_local(ticket)
+        self.ledger.release_now(ticket.lease)
+        return True
+
     async def _release(self, ticket: Ticket) -> None:
+        self._release_local(ticket)
+        await self._release_lease(ticket.account, ticket.lease)
+
+    def _release_local(self, ticket: Ticket) -> None:
         if ticket.slot is not None:
             self.queue.release(ticket.slot)
         self.metrics.inflight_units.labels(plan=ticket.account.plan.name).dec(ticket.lease.units)
         self.completions.record()
         self._account_rate(ticket.account.name).record()
-        await self._release_lease(ticket.account, ticket.lease)
 
     async def _release_lease(self, account: Account, lease: Lease | None) -> None:
         if lease is None:

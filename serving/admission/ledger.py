@@ -45,6 +45,9 @@ class BudgetLedger(Protocol):
 
     async def inflight(self, account: str) -> int: ...
 
+    synchronous: bool
+    """True when ``acquire_now``/``release_now`` decide without I/O (the admission fast path)."""
+
     @property
     def fallback(self) -> bool:
         """True while the ledger enforces a local share because its shared store is down."""
@@ -63,6 +66,7 @@ class InProcessLedger:
     """Exact budgets within one process (the default, and the fallback of the Redis ledger)."""
 
     fallback = False
+    synchronous = True
 
     def __init__(self) -> None:
         self._inflight: dict[str, int] = {}

@@ -137,24 +137,11 @@ class AdmissionMiddleware:
         await self._serve(scope, body, receive, send, ticket)
 
     async def _admit(self, account: Account, shape: RequestShape, receive, send) -> Ticket | None:
-        admit = asyncio.ensure_future(self.controller.admit(account, shape))
-        if not admit.done():
-            await asyncio.sleep(0)  # the fast path completes without suspending
-        if not admit.done():
-            # Queued: watch for the client leaving while we wait.
-            gone = asyncio.ensure_future(_wait_disconnect(receive))
-            await asyncio.wait({admit, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not admit.done():
-                admit.cancel()
-                try:
-                    await admit
-                except (asyncio.CancelledError, AdmissionError):
-                    pass
-                logger.info("client left while queued")
-                return None
-            gone.cancel()
         try:
-            return admit.result()
+            ticket = self.controller.admit_now(account, shape)
+            if ticket is None:
+                ticket = await self._admit_waiting(account, shape, receive)
+            return ticket
         except AdmissionError as error:
             limit = account.plan.concurrency
             remaining = 0 if error.outcome is Outcome.REJECTED_OVER_BUDGET else None
@@ -162,6 +149,24 @@ class AdmissionMiddleware:
                 remaining = max(0, limit - await self.controller.ledger.inflight(account.name))
             await _send_error(send, error, _ratelimit_headers(limit, remaining))
             return None
+
+    async def _admit_waiting(self, account: Account, shape: RequestShape, receive) -> Ticket | None:
+        """The slow path (a ledger round trip or a queue): watches for the client leaving."""
+        admit = asyncio.ensure_future(self.controller.admit(account, shape))
+        gone = asyncio.ensure_future(_wait_disconnect(receive))
+        await asyncio.wait({admit, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not gone.done():
+            gone.cancel()
+            return admit.result()
+        admit.cancel()  # the client left (perhaps just as its turn came)
+        try:
+            ticket = await admit
+        except (asyncio.CancelledError, AdmissionError):
+            ticket = None
+        if ticket is not None:
+            await ticket.release()
+        logger.info("client left while queued")
+        return None
 
     async def _serve(self, scope, body: bytes, receive, send, ticket: Ticket) -> None:
         receive_wrapper = _replay(body, receive, on_disconnect=ticket.release)

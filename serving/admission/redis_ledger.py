@@ -103,6 +103,8 @@ class _RedisLease:
 
 
 class RedisLedger:
+    synchronous = False  # every decision is a round trip
+
     def __init__(
         self,
         client,

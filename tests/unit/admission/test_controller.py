@@ -218,6 +218,8 @@ def test_retry_after_follows_the_completion_rate():
 class SlowReleaseLedger(InProcessLedger):
     """Release takes a network round trip, like Redis."""
 
+    synchronous = False
+
     async def release(self, lease):
         await asyncio.sleep(0.01)
         self.release_now(lease)
@@ -238,4 +240,57 @@ def test_release_completes_even_if_the_caller_is_cancelled():
         await asyncio.sleep(0.05)
         assert ledger.total_inflight() == 0
         assert c.queue.inflight_requests == 0
+    asyncio.run(scenario())
+
+
+def test_admit_now_decides_without_suspending_when_everything_fits():
+    async def scenario():
+        c, _, ledger, metrics = make(max_requests=1)
+        a = account(c, "a")
+        ticket = c.admit_now(a, shape())
+        assert ticket is not None and ticket.remaining == 1
+        assert 'medgemma_admission_total{outcome="admitted"} 1.0' in text(metrics)
+        # The engine is full: no decision now, and no lease is left behind.
+        assert c.admit_now(a, shape()) is None
+        assert ledger.total_inflight() == 1
+        release = ticket.release()
+        with pytest.raises(StopIteration):
+            release.send(None)  # finishes in its first step: it never suspends
+        assert ledger.total_inflight() == 0
+        assert c.queue.inflight_requests == 0
+    asyncio.run(scenario())
+
+
+def test_admit_now_refuses_or_defers_like_admit():
+    async def scenario():
+        c, _, ledger, _ = make()
+        a, w = account(c, "a"), account(c, "w")
+        held = [c.admit_now(a, shape()), c.admit_now(a, shape())]
+        with pytest.raises(AdmissionError) as info:  # no plan queue: 429 at once
+            c.admit_now(a, shape())
+        assert info.value.outcome is Outcome.REJECTED_OVER_BUDGET
+        with pytest.raises(AdmissionError) as info:
+            c.admit_now(a, shape(prompt=5000))
+        assert info.value.outcome is Outcome.REJECTED_CONTEXT_LENGTH
+        first = c.admit_now(w, shape())
+        assert c.admit_now(w, shape()) is None  # its plan may wait: the slow path decides
+        waiting = asyncio.ensure_future(c.admit(w, shape()))
+        await asyncio.sleep(0)
+        await first.release()  # an account with waiters releases through the slow path
+        second = await asyncio.wait_for(waiting, 1)
+        await second.release()
+        for t in held:
+            await t.release()
+        assert ledger.total_inflight() == 0
+    asyncio.run(scenario())
+
+
+def test_admit_now_is_never_taken_with_a_round_trip_ledger():
+    async def scenario():
+        c, _, _, _ = make()
+        c.ledger = SlowReleaseLedger()
+        assert c.admit_now(account(c, "a"), shape()) is None
+        ticket = await c.admit(account(c, "a"), shape())
+        await ticket.release()
+        assert c.ledger.total_inflight() == 0
     asyncio.run(scenario())

@@ -60,10 +60,22 @@ class AdmissionMachine(RuleBasedStateMachine):
                 assert isinstance(task.exception(), AdmissionError)
         self.pending = still
 
-    @rule(account=st.sampled_from("abc"), prompt=st.integers(1, 150), max_tokens=st.integers(1, 100))
-    def request(self, account, prompt, max_tokens):
+    @rule(
+        account=st.sampled_from("abc"), prompt=st.integers(1, 150), max_tokens=st.integers(1, 100),
+        fast_path=st.booleans(),
+    )  # fmt: skip
+    def request(self, account, prompt, max_tokens, fast_path):
         shape = RequestShape("medgemma-4b-it", prompt, max_tokens)
-        coro = self.controller.admit(self.controller.keys.accounts[account], shape)
+        acct = self.controller.keys.accounts[account]
+        if fast_path:  # as the middleware does: decide without suspending, else wait
+            try:
+                ticket = self.controller.admit_now(acct, shape)
+            except AdmissionError:
+                return
+            if ticket is not None:
+                self.tickets.append(ticket)
+                return
+        coro = self.controller.admit(acct, shape)
         self.pending.append(self.loop.create_task(coro))
         self.settle()
 
