@@ -133,6 +133,13 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def quartiles(values: list[float]) -> str:
+    if len(values) < 2:
+        return "n/a"
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return f"[{q1:+.3f}, {q3:+.3f}]"
+
+
 def ledger_decisions_per_s(seconds: float = 2.0) -> float:
     from serving.admission.ledger import InProcessLedger
 
@@ -217,7 +224,7 @@ def main() -> None:
         header = f"{'conc':>4} {'arm':>10} {'ttft_p50_ms':>11} {'ttft_p99_ms':>11} {'req/s':>7} {'cpu_ms/req':>10}"
         print(header)
         for concurrency in [int(c) for c in args.concurrency.split(",")]:
-            results = {name: {"ttft": [], "rate": [], "cpu": []} for name in arms}
+            results = {name: {"ttft": [], "p50": [], "rate": [], "cpu": []} for name in arms}
             for rnd in range(args.rounds):
                 order = list(arms) if rnd % 2 == 0 else list(reversed(arms))
                 for name in order:
@@ -227,22 +234,26 @@ def main() -> None:
                     ttfts, elapsed = asyncio.run(run_arm(base, arm_key, concurrency, args.requests, body))
                     cpu = cpu_s(pid) - cpu_before
                     results[name]["ttft"] += ttfts
+                    results[name]["p50"].append(pct(ttfts, 0.5))
                     results[name]["rate"].append(args.requests / elapsed)
                     results[name]["cpu"].append(cpu / args.requests)
             for name in arms:
                 r = results[name]
                 print(f"{concurrency:>4} {name:>10} {pct(r['ttft'], .5) * 1e3:>11.1f} {pct(r['ttft'], .99) * 1e3:>11.1f} "
-                      f"{statistics.mean(r['rate']):>7.2f} {statistics.mean(r['cpu']) * 1e3:>10.2f}")  # fmt: skip
+                      f"{statistics.median(r['rate']):>7.2f} {statistics.median(r['cpu']) * 1e3:>10.2f}")  # fmt: skip
             a, d = results["admission"], results["direct"]
             print(f"{concurrency:>4} {'delta':>10} {(pct(a['ttft'], .5) - pct(d['ttft'], .5)) * 1e3:>+11.1f} "
                   f"{(pct(a['ttft'], .99) - pct(d['ttft'], .99)) * 1e3:>+11.1f} "
-                  f"{statistics.mean(a['rate']) / statistics.mean(d['rate']):>6.3f}x "
-                  f"{(statistics.mean(a['cpu']) - statistics.mean(d['cpu'])) * 1e3:>+10.2f}")  # fmt: skip
-            ratios = [x / y for x, y in zip(a["rate"], d["rate"])]
-            cpu_deltas = [(x - y) * 1e3 for x, y in zip(a["cpu"], d["cpu"])]
-            print(f"{'':>4} {'':>10} per round: throughput ratio {', '.join(f'{x:.3f}' for x in ratios)} "
-                  f"(median {statistics.median(ratios):.3f}); CPU delta ms/req "
-                  f"{', '.join(f'{x:+.2f}' for x in cpu_deltas)} (median {statistics.median(cpu_deltas):+.2f})")  # fmt: skip
+                  f"{statistics.median(a['rate']) / statistics.median(d['rate']):>6.3f}x "
+                  f"{(statistics.median(a['cpu']) - statistics.median(d['cpu'])) * 1e3:>+10.2f}")  # fmt: skip
+            paired = {
+                "TTFT p50 delta ms": [(x - y) * 1e3 for x, y in zip(a["p50"], d["p50"])],
+                "throughput ratio": [x / y for x, y in zip(a["rate"], d["rate"])],
+                "CPU delta ms/req": [(x - y) * 1e3 for x, y in zip(a["cpu"], d["cpu"])],
+            }
+            for label, values in paired.items():
+                print(f"{'':>4} {'':>10} {label} per round: median {statistics.median(values):+.3f}, "
+                      f"quartiles {quartiles(values)}, all {', '.join(f'{x:+.3f}' for x in values)}")  # fmt: skip
     finally:
         print(f"logs: {work}")
         for proc in (on, off):

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# System packages the test tiers run for real: redis-server (the shared budget ledger).
+# System packages the test tiers run for real: redis-server (the shared budget ledger) and
+# chromium (renders the load-test HTML report headless).
 # Installs what is missing with apt-get (Debian/Ubuntu); does nothing when all are present.
 set -euo pipefail
 
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if ! command -v apt-get >/dev/null 2>&1; then

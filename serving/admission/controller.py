@@ -216,9 +216,10 @@ class AdmissionController:
         if grant.lease is not None:
             return grant
         plan_queue = account.plan.queue
-        waiters = self._plan_waiters.setdefault(account.name, deque())
-        if plan_queue is None or len(waiters) >= plan_queue.max_waiting:
+        waiting = len(self._plan_waiters.get(account.name, ()))
+        if plan_queue is None or waiting >= plan_queue.max_waiting:
             raise self._over_budget(account, units, grant.inflight)
+        waiters = self._plan_waiters.setdefault(account.name, deque())
         waiter = _PlanWaiter(
             units,
             self.clock.now() + plan_queue.timeout_s,

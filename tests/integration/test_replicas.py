@@ -10,7 +10,7 @@ import psutil
 import pytest
 import redis as redis_sync
 
-from tests.integration.conftest import launch, stop, wait_ready, write_keys
+from tests.live_server import launch, stop, wait_ready, write_keys
 from tests.redis_server import RedisServer
 
 LEASE_TTL_S = 6.0  # heartbeats every 2 s: a loaded 2-core machine can stall an event loop ~2 s

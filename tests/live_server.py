@@ -21,9 +21,12 @@ import yaml
 from serving.admission.keys import add_key
 from tests.redis_server import free_port
 
-# Plans of the session server: "main" for the API tests, "pair" (2 units) for budget tests.
-TEST_PLANS = {"big": {"concurrency": 64}, "two": {"concurrency": 2}}
-TEST_ACCOUNTS = {"main": "big", "pair": "two", "pair-disconnect": "two"}
+# Plans of the session server: "main" for the API tests, "pair" (2 units) for budget tests,
+# "loadtest"/"loadtest-small" for the load-test harness's multi-key run.
+TEST_PLANS = {"big": {"concurrency": 64}, "two": {"concurrency": 2}, "one": {"concurrency": 1}}
+TEST_ACCOUNTS = {
+    "main": "big", "pair": "two", "pair-disconnect": "two", "loadtest": "big", "loadtest-small": "one",
+}  # fmt: skip
 START_TIMEOUT_S = float(os.environ.get("MEDGEMMA_TEST_START_TIMEOUT_S", "300"))
 
 

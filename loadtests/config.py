@@ -1,0 +1,165 @@
+"""Load-test settings: defaults -> scenario YAML (``--scenario``) -> environment
+(``MEDGEMMA_LOADTEST_``) -> command-line flags.
+
+Guarantees: every field's description is its ``--help`` text; everything is validated
+(distribution specs, load shape, SLOs) before a single request is sent; ``stages()`` and
+``workload_spec()`` turn the settings into the runner's typed objects.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from loadtests.distributions import SpecError, parse
+from loadtests.images import FORMATS
+from loadtests.profiles import Stage, parse_values, sweep
+from loadtests.workload import WorkloadSpec, parse_key
+from serving.config import SettingsError, read_yaml
+
+ENV_PREFIX = "MEDGEMMA_LOADTEST_"
+DEFAULT_DURATION_S = 60.0
+
+
+class LoadTestSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    url: str = Field("http://127.0.0.1:8000", description="Base URL of the endpoint (without /v1).")
+    model: str = Field("medgemma-4b-it", description="Model name sent in each request.")
+    concurrency: int | None = Field(None, ge=1, description="Closed loop: this many clients, each sending its next request when the last ends.")
+    rate: float | None = Field(None, gt=0, description="Open loop: requests per second (arrivals do not wait for responses).")
+    ramp_to: float | None = Field(None, gt=0, description="With --rate: ramp the rate linearly to this value over the duration.")
+    sweep_concurrency: str | None = Field(None, description="A sweep over concurrencies, e.g. 1,4,8,16 (one stage of --duration each).")
+    sweep_rate: str | None = Field(None, description="A sweep over request rates, e.g. 0.5,1,2,4.")
+    arrival: str = Field("poisson", description="Open-loop arrivals: poisson or gamma.")
+    burstiness: float = Field(1.0, gt=0, description="Gamma shape for --arrival gamma: 1 = Poisson, <1 burstier, >1 more regular.")
+    max_concurrency: int | None = Field(None, ge=1, description="Open loop: cap on requests in flight (arrivals wait beyond it).")
+    duration: float | None = Field(None, gt=0, description=f"Seconds per stage (default {DEFAULT_DURATION_S:g} unless --requests is given).")
+    requests: int | None = Field(None, ge=1, description="Requests per stage (with or instead of --duration).")
+    warmup: float = Field(0.0, ge=0, description="Seconds at the start of each stage excluded from the figures.")
+    cooldown: float = Field(0.0, ge=0, description="Seconds at the end of each stage excluded from the figures.")
+    images: str = Field("1", description="Images per request: a number or a distribution, e.g. choice:0=0.3,1=0.6,2=0.1.")
+    image_size: str = Field("choice:512=0.3,896=0.5,1024=0.2", description="Image width in pixels (distribution).")
+    image_mode: str = Field("unique", description="unique: every image differs (misses any cache); repeated: a fixed pool (hits vLLM's multimodal cache).")
+    image_pool: int = Field(8, ge=1, description="Base images generated (the whole pool in repeated mode).")
+    image_format: str = Field("jpeg", description="jpeg, png or jpeg,png (drawn per image).")
+    prompt_tokens: str = Field("lognormal:64,0.5,8,1024", description="Approximate text tokens per prompt (distribution).")
+    output_tokens: str = Field("64", description="max_tokens per request (distribution).")
+    fixed_output: bool = Field(True, description="Also send min_tokens = max_tokens (vLLM), so output lengths follow --output-tokens.")
+    system_prompt: str | None = Field(None, description="A system message to send with each request.")
+    key: list[str] = Field(default_factory=list, description="API key as LABEL=KEY or LABEL=KEY@WEIGHT; repeat for several accounts. Reports show labels only.")
+    slo_ttft_ms: float | None = Field(2000.0, gt=0, description="Goodput SLO on TTFT (ms).")
+    slo_tpot_ms: float | None = Field(200.0, gt=0, description="Goodput SLO on TPOT (ms).")
+    slo_e2e_ms: float | None = Field(None, gt=0, description="Goodput SLO on end-to-end latency (ms).")
+    seed: int = Field(0, description="Random seed: the same seed sends the same workload.")
+    timeout: float = Field(600.0, gt=0, description="Per-request timeout in seconds.")
+    out: str = Field("results", description="Folder for requests.jsonl, summary.json and report.html.")
+    progress: bool | None = Field(None, description="Show a progress line (default: when stderr is a terminal).")
+    url_b: str | None = Field(None, description="A/B mode: the second endpoint.")
+    key_b: list[str] | None = Field(None, description="A/B mode: keys for the second endpoint (default: the same keys).")
+    rounds: int = Field(4, ge=1, description="A/B mode: rounds; each runs the workload against both endpoints, in alternating order.")
+
+    @field_validator("images", "image_size", "prompt_tokens", "output_tokens")
+    @classmethod
+    def _distribution(cls, value: str) -> str:
+        try:
+            parse(value)
+        except SpecError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("image_format")
+    @classmethod
+    def _formats(cls, value: str) -> str:
+        formats = [f.strip().lower() for f in value.split(",")]
+        if not formats or any(f not in FORMATS for f in formats):
+            raise ValueError(f"image formats must be from {', '.join(FORMATS)}")
+        return ",".join(formats)
+
+    @field_validator("image_mode")
+    @classmethod
+    def _mode(cls, value: str) -> str:
+        if value not in ("unique", "repeated"):
+            raise ValueError("image_mode must be unique or repeated")
+        return value
+
+    @field_validator("key", "key_b")
+    @classmethod
+    def _keys(cls, value):
+        for text in value or []:
+            parse_key(text)
+        return value
+
+    @model_validator(mode="after")
+    def _one_shape(self):
+        shapes = [self.concurrency, self.rate, self.sweep_concurrency, self.sweep_rate]
+        if sum(x is not None for x in shapes) != 1:
+            raise ValueError("give exactly one of --concurrency, --rate, --sweep-concurrency, --sweep-rate")
+        if self.ramp_to is not None and self.rate is None:
+            raise ValueError("--ramp-to needs --rate")
+        try:
+            self.stages()
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings: PydanticBaseSettingsSource,
+                                   env_settings, dotenv_settings, file_secret_settings):  # fmt: skip
+        return (init_settings, env_settings)
+
+    # --- typed objects for the runner -------------------------------------------------------
+    def stages(self) -> list[Stage]:
+        duration = self.duration
+        if duration is None and self.requests is None:
+            duration = DEFAULT_DURATION_S
+        common: dict[str, Any] = dict(
+            duration_s=duration, requests=self.requests, warmup_s=self.warmup, cooldown_s=self.cooldown
+        )
+        open_loop = dict(arrival=self.arrival, burstiness=self.burstiness, max_concurrency=self.max_concurrency)
+        if self.arrival not in ("poisson", "gamma"):
+            raise ValueError("arrival must be poisson or gamma")
+        if self.concurrency is not None:
+            return [Stage("concurrency", concurrency=self.concurrency, **common)]
+        if self.rate is not None:
+            kind = "ramp" if self.ramp_to is not None else "rate"
+            return [Stage(kind, rate=self.rate, rate_end=self.ramp_to, **common, **open_loop)]
+        if self.sweep_concurrency is not None:
+            return sweep("concurrency", parse_values(self.sweep_concurrency), **common)
+        return sweep("rate", parse_values(self.sweep_rate), **common, **open_loop)
+
+    def workload_spec(self, keys: list[str] | None = None) -> WorkloadSpec:
+        parsed = [parse_key(k) for k in (keys if keys is not None else self.key)]
+        spec = WorkloadSpec(
+            model=self.model, prompt_tokens=parse(self.prompt_tokens), output_tokens=parse(self.output_tokens),
+            images=parse(self.images), image_size=parse(self.image_size), image_mode=self.image_mode,
+            image_pool=self.image_pool, image_formats=tuple(self.image_format.split(",")),
+            fixed_output=self.fixed_output, system_prompt=self.system_prompt,
+        )  # fmt: skip
+        if parsed:
+            spec.keys = parsed
+        return spec
+
+    def slo_s(self) -> dict[str, float]:
+        slo = {"ttft": self.slo_ttft_ms, "tpot": self.slo_tpot_ms, "e2e": self.slo_e2e_ms}
+        return {k: v / 1e3 for k, v in slo.items() if v is not None}
+
+
+def load_settings(flags: dict[str, Any], scenario: str | os.PathLike | None = None) -> LoadTestSettings:
+    layered: dict[str, Any] = read_yaml(scenario) if scenario else {}
+    for name in LoadTestSettings.model_fields:  # the environment beats the scenario file
+        if f"{ENV_PREFIX}{name}".upper() in os.environ:
+            layered.pop(name, None)
+    layered.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        return LoadTestSettings(**layered)
+    except ValidationError as exc:
+        lines = ["invalid load-test settings:"]
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error["loc"]) or "settings"
+            flag = f" (flag --{where.replace('_', '-')})" if where in LoadTestSettings.model_fields else ""
+            lines.append(f"  {where}: {error['msg']}{flag}")
+        raise SettingsError("\n".join(lines)) from None
