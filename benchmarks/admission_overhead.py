@@ -180,7 +180,8 @@ def redis_round_trips(workdir: Path) -> dict[str, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", default="1,8,32")
-    parser.add_argument("--requests", type=int, default=48, help="requests per arm per round")
+    parser.add_argument("--requests", type=int, default=48,
+                        help="requests per arm per round (at least 8 x concurrency, so ramp-up and tail do not dominate)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--no-pin", action="store_true", help="leave CPU affinity alone")
@@ -199,8 +200,13 @@ def main() -> None:
     ))  # fmt: skip
     subprocess.check_call(serve + ["devmodel", str(work / "dev")], env=env, stdout=subprocess.DEVNULL)
     on_argv = serve + ["serve", "--port", str(port_on), "--keys-file", str(keys_file), *args.serve_args.split()]
+    port_bare = free_port()
+    bare_argv = [sys.executable, str(ROOT / "benchmarks" / "serve_without_admission.py"), "serve",
+                 "--port", str(port_bare), *args.serve_args.split()]  # fmt: skip
     on = start(on_argv, work / "on.log", env)
     wait_ready(f"http://127.0.0.1:{port_on}", "/ready", on)
+    bare = start(bare_argv, work / "bare.log", env)
+    wait_ready(f"http://127.0.0.1:{port_bare}", "/ready", bare)
     off = start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", *engine_args], work / "off.log", env)
     try:
         wait_ready(f"http://127.0.0.1:{port_off}", "/health", off)
@@ -212,51 +218,58 @@ def main() -> None:
         }  # fmt: skip
         arms = {
             "admission": (f"http://127.0.0.1:{port_on}", key, on.pid),
+            "launcher": (f"http://127.0.0.1:{port_bare}", None, bare.pid),
             "direct": (f"http://127.0.0.1:{port_off}", None, off.pid),
         }
         if not args.no_pin and (os.cpu_count() or 1) >= 2:
-            pin([on.pid, off.pid])
-        asyncio.run(run_arm(arms["direct"][0], None, 2, 8, body))  # warm both
-        asyncio.run(run_arm(arms["admission"][0], key, 2, 8, body))
-        print(f"vLLM CPU build, dev checkpoint, {args.requests} streamed image requests per arm per "
+            pin([on.pid, bare.pid, off.pid])
+        for base, arm_key, _ in arms.values():  # warm every arm
+            asyncio.run(run_arm(base, arm_key, 2, 8, body))
+        print(f"vLLM CPU build, dev checkpoint, max({args.requests}, 8 x concurrency) streamed image requests per arm per "
               f"round, {args.rounds} rounds, max_tokens {args.max_tokens}, arms interleaved, "
               f"{'engines pinned to core 1' if not args.no_pin else 'no pinning'}")  # fmt: skip
         header = f"{'conc':>4} {'arm':>10} {'ttft_p50_ms':>11} {'ttft_p99_ms':>11} {'req/s':>7} {'cpu_ms/req':>10}"
         print(header)
         for concurrency in [int(c) for c in args.concurrency.split(",")]:
+            requests = max(args.requests, 8 * concurrency)
             results = {name: {"ttft": [], "p50": [], "rate": [], "cpu": []} for name in arms}
             for rnd in range(args.rounds):
-                order = list(arms) if rnd % 2 == 0 else list(reversed(arms))
+                names = list(arms)
+                order = names[rnd % len(names):] + names[:rnd % len(names)]  # rotate: each arm leads in turn
+                if rnd // len(names) % 2:
+                    order.reverse()
                 for name in order:
                     base, arm_key, pid = arms[name]
                     time.sleep(COOLDOWN_S)  # the other server's worker spins ~2 s after its last step
                     cpu_before = cpu_s(pid)
-                    ttfts, elapsed = asyncio.run(run_arm(base, arm_key, concurrency, args.requests, body))
+                    ttfts, elapsed = asyncio.run(run_arm(base, arm_key, concurrency, requests, body))
                     cpu = cpu_s(pid) - cpu_before
                     results[name]["ttft"] += ttfts
                     results[name]["p50"].append(pct(ttfts, 0.5))
-                    results[name]["rate"].append(args.requests / elapsed)
-                    results[name]["cpu"].append(cpu / args.requests)
+                    results[name]["rate"].append(requests / elapsed)
+                    results[name]["cpu"].append(cpu / requests)
             for name in arms:
                 r = results[name]
                 print(f"{concurrency:>4} {name:>10} {pct(r['ttft'], .5) * 1e3:>11.1f} {pct(r['ttft'], .99) * 1e3:>11.1f} "
                       f"{statistics.median(r['rate']):>7.2f} {statistics.median(r['cpu']) * 1e3:>10.2f}")  # fmt: skip
-            a, d = results["admission"], results["direct"]
-            print(f"{concurrency:>4} {'delta':>10} {(pct(a['ttft'], .5) - pct(d['ttft'], .5)) * 1e3:>+11.1f} "
-                  f"{(pct(a['ttft'], .99) - pct(d['ttft'], .99)) * 1e3:>+11.1f} "
-                  f"{statistics.median(a['rate']) / statistics.median(d['rate']):>6.3f}x "
-                  f"{(statistics.median(a['cpu']) - statistics.median(d['cpu'])) * 1e3:>+10.2f}")  # fmt: skip
-            paired = {
-                "TTFT p50 delta ms": [(x - y) * 1e3 for x, y in zip(a["p50"], d["p50"])],
-                "throughput ratio": [x / y for x, y in zip(a["rate"], d["rate"])],
-                "CPU delta ms/req": [(x - y) * 1e3 for x, y in zip(a["cpu"], d["cpu"])],
-            }
-            for label, values in paired.items():
-                print(f"{'':>4} {'':>10} {label} per round: median {statistics.median(values):+.3f}, "
-                      f"quartiles {quartiles(values)}, all {', '.join(f'{x:+.3f}' for x in values)}")  # fmt: skip
+            for label, (x, y) in {
+                "admission vs direct": ("admission", "direct"),
+                "admission vs launcher (the layer alone)": ("admission", "launcher"),
+                "launcher vs direct (the launcher alone)": ("launcher", "direct"),
+            }.items():
+                a, d = results[x], results[y]
+                paired = {
+                    "TTFT p50 delta ms": [(p - q) * 1e3 for p, q in zip(a["p50"], d["p50"])],
+                    "throughput ratio": [p / q for p, q in zip(a["rate"], d["rate"])],
+                    "CPU delta ms/req": [(p - q) * 1e3 for p, q in zip(a["cpu"], d["cpu"])],
+                }
+                print(f"{concurrency:>4} {label}: TTFT p99 delta {(pct(a['ttft'], .99) - pct(d['ttft'], .99)) * 1e3:+.1f} ms (pooled)")
+                for name, values in paired.items():
+                    print(f"{'':>6}{name} per round: median {statistics.median(values):+.3f}, "
+                          f"quartiles {quartiles(values)}, all {', '.join(f'{v:+.3f}' for v in values)}")  # fmt: skip
     finally:
         print(f"logs: {work}")
-        for proc in (on, off):
+        for proc in (on, bare, off):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(timeout=60)

@@ -74,7 +74,8 @@ def compare(rounds_a: list[list[dict]], rounds_b: list[list[dict]]) -> list[dict
 
 def _arm(settings, url: str, keys, stages, slo, seed: int):
     workload = Workload(settings.workload_spec(keys), seed=seed)
-    runner = Runner(url, workload, seed=seed, timeout_s=settings.timeout, progress=Progress(settings.progress))
+    runner = Runner(url, workload, seed=seed, timeout_s=settings.timeout,
+                    honor_retry_after=settings.honor_retry_after, progress=Progress(settings.progress))  # fmt: skip
     results = asyncio.run(runner.run(stages))
     return [summary.summarize_stage(r, slo) for r in results], [rec for r in results for rec in r.records]
 

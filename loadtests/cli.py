@@ -58,7 +58,7 @@ def run(settings: config.LoadTestSettings) -> dict:
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     workload = Workload(settings.workload_spec(), seed=settings.seed)
     runner = Runner(settings.url, workload, seed=settings.seed, timeout_s=settings.timeout,
-                    progress=Progress(settings.progress))  # fmt: skip
+                    honor_retry_after=settings.honor_retry_after, progress=Progress(settings.progress))  # fmt: skip
     results = asyncio.run(runner.run(settings.stages()))
     records = [r for result in results for r in result.records]
     stages = []

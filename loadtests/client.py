@@ -45,6 +45,7 @@ class RequestRecord:
     output_tokens: int | None = None
     content_chunks: int = 0
     itl_s: list[float] = field(default_factory=list)
+    retry_after_s: float | None = None  # from a 429/503's Retry-After header
     in_window: bool = True
 
     @property
@@ -100,6 +101,8 @@ async def send(
         async with client.stream("POST", url, content=request.body, headers=request.headers) as response:
             record.status = response.status_code
             if response.status_code != 200:
+                retry_after = response.headers.get("retry-after", "")
+                record.retry_after_s = float(retry_after) if retry_after.isdigit() else None
                 payload = await response.aread()
                 record.error_code, record.error_message = _error_fields(payload)
             else:

@@ -55,6 +55,7 @@ class LoadTestSettings(BaseSettings):
     slo_tpot_ms: float | None = Field(200.0, gt=0, description="Goodput SLO on TPOT (ms).")
     slo_e2e_ms: float | None = Field(None, gt=0, description="Goodput SLO on end-to-end latency (ms).")
     seed: int = Field(0, description="Random seed: the same seed sends the same workload.")
+    honor_retry_after: bool = Field(True, description="Closed loop: a client refused with Retry-After (429/503) waits that long before its next request.")
     timeout: float = Field(600.0, gt=0, description="Per-request timeout in seconds.")
     out: str = Field("results", description="Folder for requests.jsonl, summary.json and report.html.")
     progress: bool | None = Field(None, description="Show a progress line (default: when stderr is a terminal).")

@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from loadtests.summary import DEFINITIONS  # noqa: E402
+from loadtests.summary import DEFINITIONS, percentiles  # noqa: E402
 
 COLORS = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#be185d"]
 
@@ -61,7 +61,7 @@ def plot_latency_over_time(records) -> str:
     bad = [r for r in records if r.outcome != "ok"]
     if bad:
         ax.scatter([r.start_s for r in bad], [r.e2e_s or 0 for r in bad], s=14, marker="x",
-                   color=COLORS[3], label="not ok")  # fmt: skip
+                   color=COLORS[3], label="not ok (429, errors)")  # fmt: skip
     ax.legend(loc="upper left", fontsize=8)
     return _svg(fig)
 
@@ -84,9 +84,9 @@ def plot_distribution(records, attribute: str, title: str) -> str:
     values = [getattr(r, attribute) * 1e3 for r in records if r.outcome == "ok" and getattr(r, attribute) is not None]
     if values:
         ax.hist(values, bins=min(40, max(5, len(values) // 4)), color=COLORS[0], alpha=0.8)
-        for q, style in ((0.5, "-"), (0.99, "--")):
-            mark = sorted(values)[min(len(values) - 1, int(q * len(values)))]
-            ax.axvline(mark, color=COLORS[1], ls=style, lw=1, label=f"p{q * 100:g} {mark:.1f} ms")
+        stats = percentiles(values)  # the same percentiles as the tables
+        for name, style in (("p50", "-"), ("p99", "--")):
+            ax.axvline(stats[name], color=COLORS[1], ls=style, lw=1, label=f"{name} {stats[name]:.1f} ms")
         ax.legend(fontsize=8)
     return _svg(fig)
 

@@ -96,12 +96,14 @@ class Runner:
         seed: int = 0,
         timeout_s: float = 600.0,
         progress: Progress | None = None,
+        honor_retry_after: bool = True,
     ):
         self.url = url.rstrip("/") + CHAT_PATH
         self.workload = workload
         self.seed = seed
         self.timeout_s = timeout_s
         self.progress = progress or Progress(False)
+        self.honor_retry_after = honor_retry_after
         self.t0 = time.perf_counter()
 
     def now(self) -> float:
@@ -147,7 +149,12 @@ class Runner:
                         request = await prefetcher.get()
                         if not more():
                             return
-                        await send(client, self.url, request, make_record(request, None), self.t0)
+                        record = await send(client, self.url, request, make_record(request, None), self.t0)
+                        if record.retry_after_s and self.honor_retry_after:
+                            # A refused client waits as told, like a real one (and does not
+                            # turn the run into a flood of instant 429s).
+                            left = (deadline - self.now()) if deadline is not None else record.retry_after_s
+                            await asyncio.sleep(max(0.0, min(record.retry_after_s, left)))
 
                 await asyncio.gather(*(client_loop() for _ in range(stage.concurrency)))
             else:

@@ -158,11 +158,13 @@ def summarize_stage(result: StageResult, slo: dict[str, float]) -> dict:
     return summary
 
 
-def timeline(records: list[RequestRecord], bin_s: float = 1.0) -> dict[str, list[float]]:
-    """Completions and output tokens per second over the run, by the second they ended."""
+def timeline(records: list[RequestRecord], bin_s: float | None = None) -> dict[str, list[float]]:
+    """Completions and output tokens per second over the run, binned by when they ended
+    (bins of about a fortieth of the run, at least a second, so the curve is readable)."""
     if not records:
         return {"t_s": [], "requests_per_s": [], "output_tokens_per_s": []}
     end = max(r.end_s for r in records)
+    bin_s = bin_s or max(1.0, round(end / 40))
     bins = int(end // bin_s) + 1
     done, tokens = [0.0] * bins, [0.0] * bins
     for r in records:
