@@ -185,6 +185,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--no-pin", action="store_true", help="leave CPU affinity alone")
+    parser.add_argument("--start-order", default="admission,launcher,direct",
+                        help="order the servers start in (to check the order does not bias an arm)")
     parser.add_argument("--serve-args", default="", help="extra medgemma-serve flags (admission arm)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="admission-bench-"))
@@ -203,13 +205,18 @@ def main() -> None:
     port_bare = free_port()
     bare_argv = [sys.executable, str(ROOT / "benchmarks" / "serve_without_admission.py"), "serve",
                  "--port", str(port_bare), *args.serve_args.split()]  # fmt: skip
-    on = start(on_argv, work / "on.log", env)
-    wait_ready(f"http://127.0.0.1:{port_on}", "/ready", on)
-    bare = start(bare_argv, work / "bare.log", env)
-    wait_ready(f"http://127.0.0.1:{port_bare}", "/ready", bare)
-    off = start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", *engine_args], work / "off.log", env)
+    launch = {
+        "admission": (on_argv, port_on, "/ready"),
+        "launcher": (bare_argv, port_bare, "/ready"),
+        "direct": ([sys.executable, "-m", "vllm.entrypoints.openai.api_server", *engine_args], port_off, "/health"),
+    }
+    procs: dict[str, subprocess.Popen] = {}
     try:
-        wait_ready(f"http://127.0.0.1:{port_off}", "/health", off)
+        for name in args.start_order.split(","):  # one at a time: start-up is CPU-bound
+            argv, port, ready_path = launch[name]
+            procs[name] = start(argv, work / f"{name}.log", env)
+            wait_ready(f"http://127.0.0.1:{port}", ready_path, procs[name])
+        on, bare, off = procs["admission"], procs["launcher"], procs["direct"]
         body = {
             "model": "medgemma-4b-it", "max_tokens": args.max_tokens, "stream": True,
             "messages": [{"role": "user", "content": [
@@ -269,7 +276,7 @@ def main() -> None:
                           f"quartiles {quartiles(values)}, all {', '.join(f'{v:+.3f}' for v in values)}")  # fmt: skip
     finally:
         print(f"logs: {work}")
-        for proc in (on, bare, off):
+        for proc in procs.values():
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(timeout=60)

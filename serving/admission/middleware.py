@@ -81,11 +81,19 @@ class PromptEstimator:
 
 
 def tokenizer_counter(tokenizer) -> Callable[[list[str]], int]:
-    """A fast text-token counter over a Hugging Face tokenizer (Rust backend when present)."""
+    """A fast text-token counter over a Hugging Face tokenizer (Rust backend when present).
+
+    It counts with its own copy of the Rust tokenizer, so admission never shares a
+    tokenizer object (its locks, its padding/truncation state) with vLLM's renderer."""
     backend = getattr(tokenizer, "_tokenizer", None) or getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and hasattr(backend, "encode"):
+    if backend is not None and hasattr(backend, "encode") and hasattr(backend, "to_str"):
+        from tokenizers import Tokenizer
+
+        own = Tokenizer.from_str(backend.to_str())
+        own.no_truncation()
+        own.no_padding()
         # One encode per text: encode_batch hands even a single text to the Rayon pool.
-        return lambda texts: sum(len(backend.encode(t, add_special_tokens=False).ids) for t in texts)
+        return lambda texts: sum(len(own.encode(t, add_special_tokens=False).ids) for t in texts)
     return lambda texts: sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
 
 

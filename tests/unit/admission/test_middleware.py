@@ -243,3 +243,23 @@ def test_prompt_estimate_counts_text_images_and_prompt_ids():
     assert chat.prompt_tokens == 2 + 3 + 2 * 256 + 2 * 3 and chat.max_tokens == 7
     completion = estimator.shape("/v1/completions", {"prompt": [1, 2, 3, 4], "max_tokens": "x"})
     assert completion.prompt_tokens == 4 and completion.max_tokens is None
+
+
+def test_token_counter_matches_the_tokenizer_with_its_own_copy():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from serving.admission.middleware import tokenizer_counter
+
+    raw = Tokenizer(models.BPE(unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.train_from_iterator(["chest x-ray shows bilateral opacity"] * 20,
+                            trainers.BpeTrainer(vocab_size=60, special_tokens=["[UNK]"]))  # fmt: skip
+    fast = PreTrainedTokenizerFast(tokenizer_object=raw)
+    fast._tokenizer.enable_truncation(max_length=2)  # state on vLLM's object must not leak in
+    count = tokenizer_counter(fast)
+    texts = ["chest x-ray shows bilateral opacity", "opacity opacity"]
+    fast._tokenizer.no_truncation()
+    expected = sum(len(fast(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    fast._tokenizer.enable_truncation(max_length=2)
+    assert count(texts) == expected > 4
