@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             redis_timeout_s=settings.redis_timeout_s,
             ledger_fallback=settings.ledger_fallback,
         ),
+        drain_timeout_s=settings.drain_timeout_s,
     )
     serve(vllm_argv, context)
     return 0

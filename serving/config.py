@@ -96,6 +96,12 @@ class ServeSettings(BaseSettings):
     queue_timeout_s: float = Field(
         30.0, gt=0, description="How long a request may wait for an engine slot before a 503."
     )
+    drain_timeout_s: float = Field(
+        120.0,
+        ge=0,
+        description="On SIGTERM: how long admitted requests may run to their end before they "
+        "are ended with an error and the process exits (match terminationGracePeriodSeconds).",
+    )
     engine_headroom: float = Field(
         0.25,
         ge=0,

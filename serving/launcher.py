@@ -27,6 +27,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from serving.admission.install import AdmissionSettings, install
+from serving.drain import Drainer
 from serving.engine import REFUSED_DTYPES
 from serving.metrics import ServingMetrics
 
@@ -44,6 +45,7 @@ class ServerContext:
     served_model_name: str
     metrics: ServingMetrics
     admission: AdmissionSettings
+    drain_timeout_s: float = 120.0
 
 
 # --- while the engine loads -----------------------------------------------------------
@@ -145,7 +147,9 @@ def attach(app, context: ServerContext) -> None:
     engine_client = app.state.engine_client
 
     async def ready(raw_request: Request) -> JSONResponse:
-        """Readiness: 200 only while the engine can serve requests."""
+        """Readiness: 200 only while the engine can serve requests and no drain has begun."""
+        if app.state.admission.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
         try:
             await engine_client.check_health()
         except EngineDeadError:
@@ -182,6 +186,16 @@ async def run_server(args, context: ServerContext) -> None:
             app = build_app(args, supported_tasks, engine_client.model_config)
             await init_app_state(engine_client, app.state, args, supported_tasks)
             attach(app, context)
+            drainer = Drainer(
+                grace_s=context.drain_timeout_s,
+                set_draining=lambda: setattr(app.state.admission, "draining", True),
+                busy=app.state.admission.busy,
+                end_all=app.state.admission_middleware.end_all,
+            )
+            app.state.drainer = drainer
+            # Runs once serve_http (below) has installed vLLM's signal handlers: SIGTERM
+            # becomes a graceful drain, SIGINT stays vLLM's immediate shutdown.
+            asyncio.get_running_loop().call_soon(drainer.install, asyncio.get_running_loop())
             responder.stop()
             logger.info("engine ready: serving %s on %s", context.served_model_name, listen_address)
             uvicorn_kwargs: dict[str, Any] = {}

@@ -329,6 +329,15 @@ class AdmissionController:
             if account is not None:
                 await self._wake_plan_waiter(account)
 
+    def busy(self) -> int:
+        """Admitted requests not yet finished: on the engine, queued for it, or waiting on
+        their plan (what a drain waits for)."""
+        return (
+            self.queue.inflight_requests
+            + self.queue.depth
+            + sum(len(w) for w in self._plan_waiters.values())
+        )
+
     def _has_waiters(self) -> bool:
         return self.queue.depth > 0 or bool(self._plan_waiters)
 

@@ -97,8 +97,10 @@ def install(app, engine_client, settings: AdmissionSettings, metrics: ServingMet
     # wrap the built stack, so admission runs first on every request, in-process.
     if app.middleware_stack is None:
         app.middleware_stack = app.build_middleware_stack()
-    app.middleware_stack = AdmissionMiddleware(app.middleware_stack, controller, estimator)
+    middleware = AdmissionMiddleware(app.middleware_stack, controller, estimator)
+    app.middleware_stack = middleware
     app.state.admission = controller
+    app.state.admission_middleware = middleware
     app.state.admission_ticker = asyncio.get_running_loop().create_task(controller.run_ticker())
     logger.info(
         "admission: %s, engine capacity %d requests / %d KV tokens, queue %d (timeout %.0fs)",

@@ -116,6 +116,7 @@ class AdmissionMiddleware:
         self.app = app
         self.controller = controller
         self.estimator = estimator
+        self._serving: set[_Serving] = set()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["path"] not in MODEL_PATHS or scope["method"] != "POST":
@@ -182,19 +183,77 @@ class AdmissionMiddleware:
             (LIMIT_HEADER, str(ticket.limit).encode()),
             (REMAINING_HEADER, str(ticket.remaining).encode()),
         ]
+        serving = _Serving()
 
         async def send_wrapper(message):
+            if serving.ended_by_server:
+                return  # the app's late messages after a forced end
             if message["type"] == "http.response.start":
+                serving.started = True
+                serving.streaming = any(
+                    k == b"content-type" and v.startswith(b"text/event-stream")
+                    for k, v in message.get("headers", ())
+                )
                 message = dict(message)
                 message["headers"] = [*message.get("headers", ()), *headers]
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
+                serving.finished = True
                 await ticket.release()
 
+        serving.task = asyncio.ensure_future(self.app(scope, receive_wrapper, send_wrapper))
+        self._serving.add(serving)
         try:
-            await self.app(scope, receive_wrapper, send_wrapper)
+            await serving.task
+        except asyncio.CancelledError:
+            if not serving.ended_by_server:
+                raise
+            await _send_forced_end(send, serving, headers)
         finally:
+            self._serving.discard(serving)
             await ticket.release()
+
+    @property
+    def serving_count(self) -> int:
+        return len(self._serving)
+
+    async def end_all(self, message: str) -> None:
+        """End every running request now (drain's grace period is over): its engine request
+        is aborted, the client gets a clear error, its units are released."""
+        for serving in list(self._serving):
+            serving.ended_by_server = message
+            serving.task.cancel()
+        while self._serving:
+            await asyncio.sleep(0.01)
+
+
+class _Serving:
+    """One request being served, for drain's forced end."""
+
+    def __init__(self) -> None:
+        self.task: asyncio.Future | None = None
+        self.started = False
+        self.streaming = False
+        self.finished = False
+        self.ended_by_server: str | None = None
+
+
+async def _send_forced_end(send, serving: _Serving, headers) -> None:
+    error = AdmissionError(Outcome.REJECTED_DRAINING, serving.ended_by_server or "", retry_after_s=5)
+    try:
+        if serving.finished:
+            return
+        if not serving.started:
+            await _send_error(send, error, {k.decode(): v.decode() for k, v in headers})
+            return
+        if serving.streaming:
+            _, _, payload = error_response(error, {})
+            event = b"data: " + payload + b"\n\ndata: [DONE]\n\n"
+            await send({"type": "http.response.body", "body": event, "more_body": False})
+        else:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except OSError:
+        pass  # the client is gone as well
 
 
 async def _read_body(receive) -> bytes | None:

@@ -263,3 +263,47 @@ def test_token_counter_matches_the_tokenizer_with_its_own_copy():
     expected = sum(len(fast(t, add_special_tokens=False)["input_ids"]) for t in texts)
     fast._tokenizer.enable_truncation(max_length=2)
     assert count(texts) == expected > 4
+
+
+def test_end_all_ends_a_stream_with_an_error_event_and_releases_its_units():
+    async def scenario():
+        app = FakeEngineApp(chunks=3)
+        mw, controller, ledger = build(app)
+        scope, payload = request(CHAT)
+        client = Client(payload)
+        app.gate.clear()  # the stream sends its headers, then hangs
+        task = asyncio.ensure_future(mw(scope, client.receive, client.send))
+        await asyncio.sleep(0.01)
+        assert mw.serving_count == 1 and controller.busy() == 1
+        await asyncio.wait_for(mw.end_all("The server shut down; retry it."), 1)
+        await task
+        assert client.status == 200
+        last = client.sent[-1]
+        assert last["more_body"] is False
+        events = [line[6:] for line in last["body"].decode().split("\n\n") if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[0])["error"]["code"] == "draining"
+        assert ledger.total_inflight() == 0 and controller.busy() == 0 and mw.serving_count == 0
+    asyncio.run(scenario())
+
+
+def test_end_all_before_the_response_started_is_a_503_draining():
+    async def scenario():
+        started = asyncio.Event()
+
+        async def slow_app(scope, receive, send):
+            await receive()
+            started.set()
+            await asyncio.sleep(60)
+
+        mw, _, ledger = build(slow_app)
+        scope, payload = request(CHAT)
+        client = Client(payload)
+        task = asyncio.ensure_future(mw(scope, client.receive, client.send))
+        await started.wait()
+        await mw.end_all("The server shut down; retry it.")
+        await task
+        assert client.status == 503 and client.json()["error"]["code"] == "draining"
+        assert client.headers[b"retry-after"] == b"5"
+        assert ledger.total_inflight() == 0
+    asyncio.run(scenario())
