@@ -14,32 +14,17 @@ import asyncio
 import datetime
 import sys
 from pathlib import Path
-from typing import Any
 
 from loadtests import ab, config, report, summary
 from loadtests.runner import Progress, Runner
 from loadtests.workload import Workload
-from serving.config import SettingsError
+from serving.config import SettingsError, add_setting_flags
 
 LIST_SETTINGS = {"key", "key_b"}
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    for name, field in config.LoadTestSettings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        annotation = field.annotation
-        if name in LIST_SETTINGS:
-            parser.add_argument(flag, dest=name, action="append", default=None, help=field.description)
-        elif annotation in (bool, bool | None):
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
-                                help=field.description)  # fmt: skip
-        else:
-            kind: Any = str
-            if annotation in (int, int | None):
-                kind = int
-            elif annotation in (float, float | None):
-                kind = float
-            parser.add_argument(flag, dest=name, type=kind, default=None, help=field.description)
+    add_setting_flags(parser, config.LoadTestSettings, repeated=LIST_SETTINGS)
     parser.add_argument("--scenario", default=None, help="YAML scenario file of settings (lowest layer).")
 
 

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import sys
-from typing import Any
 
 from serving import config, devmodel, engine, hardware
 
@@ -31,17 +30,7 @@ FILE_ONLY_SETTINGS = {"vllm_args", "model_costs"}  # lists and maps: YAML or env
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    for name, field in config.ServeSettings.model_fields.items():
-        if name in FILE_ONLY_SETTINGS:
-            continue
-        flag = "--" + name.replace("_", "-")
-        annotation = field.annotation
-        kind: Any = str
-        if annotation in (int, int | None):
-            kind = int
-        elif annotation in (float, float | None):
-            kind = float
-        parser.add_argument(flag, dest=name, type=kind, default=None, help=field.description)
+    config.add_setting_flags(parser, config.ServeSettings, skip=FILE_ONLY_SETTINGS)
     parser.add_argument(
         "--config", dest="config_file", default=None, help="YAML file of settings (lowest layer)."
     )

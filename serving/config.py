@@ -190,6 +190,34 @@ def _dev_model_version() -> int:
     return devmodel.DEV_MODEL_VERSION
 
 
+def add_setting_flags(
+    parser, settings_cls: type[BaseSettings], *, skip=frozenset(), repeated=frozenset()
+) -> None:
+    """One ``--flag`` per settings field, its description as the help text (shared by
+    ``medgemma-serve`` and ``medgemma-loadtest``). ``repeated`` fields take the flag
+    several times; booleans get ``--x/--no-x``; unset flags stay None (lower layers win)."""
+    import argparse
+
+    for name, field in settings_cls.model_fields.items():
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        annotation = field.annotation
+        if name in repeated:
+            parser.add_argument(flag, dest=name, action="append", default=None, help=field.description)
+            continue
+        if annotation in (bool, bool | None):
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                help=field.description)  # fmt: skip
+            continue
+        kind: Any = str
+        if annotation in (int, int | None):
+            kind = int
+        elif annotation in (float, float | None):
+            kind = float
+        parser.add_argument(flag, dest=name, type=kind, default=None, help=field.description)
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
