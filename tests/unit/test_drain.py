@@ -1,6 +1,5 @@
 import asyncio
 
-
 from serving.drain import Drainer
 
 
