@@ -141,7 +141,7 @@ def render_html(doc: dict) -> str:
             f"<td>{'' if f.get('ratio_median') is None else format(f['ratio_median'], '.3f')}</td></tr>"
             for name, f in stage["figures"].items()
         )
-        fig, ax = report._figure(f"B - A per round: {stage['label']}", "figure", "difference (ms or 1/s)")
+        fig, ax = report.figure(f"B - A per round: {stage['label']}", "figure", "difference (ms or 1/s)")
         names = list(stage["figures"])
         for i, name in enumerate(names):
             deltas = stage["figures"][name]["delta_per_round"]
@@ -149,7 +149,7 @@ def render_html(doc: dict) -> str:
             ax.hlines(statistics.median(deltas), i - 0.3, i + 0.3, color=report.COLORS[1])
         ax.axhline(0, color="#64748b", lw=0.8)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-        plot = report._svg(fig)
+        plot = report.svg(fig)
         sections.append(
             f"<h2>{html.escape(stage['label'])}</h2><div class='plot'>{plot}</div><table><thead><tr><th>figure</th>"
             f"<th>A median</th><th>B median</th><th>B-A median</th><th>B-A [min, max]</th><th>B/A</th></tr></thead>"

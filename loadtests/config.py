@@ -11,14 +11,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from loadtests.distributions import SpecError, parse
 from loadtests.images import FORMATS
 from loadtests.profiles import Stage, parse_values, sweep
 from loadtests.workload import WorkloadSpec, parse_key
-from serving.config import SettingsError, read_yaml
+from serving.config import load_layered
 
 ENV_PREFIX = "MEDGEMMA_LOADTEST_"
 DEFAULT_DURATION_S = 60.0
@@ -150,17 +150,4 @@ class LoadTestSettings(BaseSettings):
 
 
 def load_settings(flags: dict[str, Any], scenario: str | os.PathLike | None = None) -> LoadTestSettings:
-    layered: dict[str, Any] = read_yaml(scenario) if scenario else {}
-    for name in LoadTestSettings.model_fields:  # the environment beats the scenario file
-        if f"{ENV_PREFIX}{name}".upper() in os.environ:
-            layered.pop(name, None)
-    layered.update({k: v for k, v in flags.items() if v is not None})
-    try:
-        return LoadTestSettings(**layered)
-    except ValidationError as exc:
-        lines = ["invalid load-test settings:"]
-        for error in exc.errors():
-            where = ".".join(str(p) for p in error["loc"]) or "settings"
-            flag = f" (flag --{where.replace('_', '-')})" if where in LoadTestSettings.model_fields else ""
-            lines.append(f"  {where}: {error['msg']}{flag}")
-        raise SettingsError("\n".join(lines)) from None
+    return load_layered(LoadTestSettings, ENV_PREFIX, flags, scenario, what="load-test settings")

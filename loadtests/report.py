@@ -34,7 +34,7 @@ def write_json(path: Path, summary: dict) -> None:
 
 
 # --- plots ------------------------------------------------------------------------------
-def _svg(fig) -> str:
+def svg(fig) -> str:
     buffer = io.StringIO()
     fig.savefig(buffer, format="svg", bbox_inches="tight")
     plt.close(fig)
@@ -42,7 +42,7 @@ def _svg(fig) -> str:
     return text[text.index("<svg"):]
 
 
-def _figure(title: str, xlabel: str, ylabel: str):
+def figure(title: str, xlabel: str, ylabel: str):
     fig, ax = plt.subplots(figsize=(7.2, 3.4), dpi=100)
     ax.set_title(title, fontsize=11, loc="left")
     ax.set_xlabel(xlabel)
@@ -54,7 +54,7 @@ def _figure(title: str, xlabel: str, ylabel: str):
 
 
 def plot_latency_over_time(records) -> str:
-    fig, ax = _figure("Latency over time (successful requests)", "request start (s)", "seconds")
+    fig, ax = figure("Latency over time (successful requests)", "request start (s)", "seconds")
     ok = [r for r in records if r.outcome == "ok" and r.ttft_s is not None]
     ax.scatter([r.start_s for r in ok], [r.e2e_s for r in ok], s=8, alpha=0.6, color=COLORS[0], label="E2E")
     ax.scatter([r.start_s for r in ok], [r.ttft_s for r in ok], s=8, alpha=0.6, color=COLORS[1], label="TTFT")
@@ -63,11 +63,11 @@ def plot_latency_over_time(records) -> str:
         ax.scatter([r.start_s for r in bad], [r.e2e_s or 0 for r in bad], s=14, marker="x",
                    color=COLORS[3], label="not ok (429, errors)")  # fmt: skip
     ax.legend(loc="upper left", fontsize=8)
-    return _svg(fig)
+    return svg(fig)
 
 
 def plot_throughput_over_time(timeline: dict, stages: list[dict]) -> str:
-    fig, ax = _figure("Throughput over time", "time (s)", "output tokens/s")
+    fig, ax = figure("Throughput over time", "time (s)", "output tokens/s")
     ax.plot(timeline["t_s"], timeline["output_tokens_per_s"], color=COLORS[0], lw=1.5, label="output tokens/s")
     ax2 = ax.twinx()
     ax2.plot(timeline["t_s"], timeline["requests_per_s"], color=COLORS[2], lw=1, alpha=0.8, label="requests/s")
@@ -76,11 +76,11 @@ def plot_throughput_over_time(timeline: dict, stages: list[dict]) -> str:
         ax.axvspan(stage["window_start_s"], stage["window_end_s"], color="#94a3b8", alpha=0.12)
     ax.legend(loc="upper left", fontsize=8)
     ax2.legend(loc="upper right", fontsize=8)
-    return _svg(fig)
+    return svg(fig)
 
 
 def plot_distribution(records, attribute: str, title: str) -> str:
-    fig, ax = _figure(title, "milliseconds", "requests")
+    fig, ax = figure(title, "milliseconds", "requests")
     values = [getattr(r, attribute) * 1e3 for r in records if r.outcome == "ok" and getattr(r, attribute) is not None]
     if values:
         ax.hist(values, bins=min(40, max(5, len(values) // 4)), color=COLORS[0], alpha=0.8)
@@ -88,11 +88,11 @@ def plot_distribution(records, attribute: str, title: str) -> str:
         for name, style in (("p50", "-"), ("p99", "--")):
             ax.axvline(stats[name], color=COLORS[1], ls=style, lw=1, label=f"{name} {stats[name]:.1f} ms")
         ax.legend(fontsize=8)
-    return _svg(fig)
+    return svg(fig)
 
 
 def plot_ttft_by_images(records) -> str:
-    fig, ax = _figure("TTFT by images per request", "images", "TTFT (ms)")
+    fig, ax = figure("TTFT by images per request", "images", "TTFT (ms)")
     groups: dict[int, list[float]] = {}
     for r in records:
         if r.outcome == "ok" and r.ttft_s is not None:
@@ -101,18 +101,18 @@ def plot_ttft_by_images(records) -> str:
         keys = sorted(groups)
         ax.boxplot([groups[k] for k in keys], showfliers=False)
         ax.set_xticks(range(1, len(keys) + 1), [str(k) for k in keys])
-    return _svg(fig)
+    return svg(fig)
 
 
 def plot_goodput_vs_load(stages: list[dict]) -> str:
     kind = stages[0]["kind"]
     xlabel = "concurrency" if kind == "concurrency" else "offered rate (req/s)"
-    fig, ax = _figure("Goodput and throughput vs load", xlabel, "requests/s")
+    fig, ax = figure("Goodput and throughput vs load", xlabel, "requests/s")
     loads = [s["load"] for s in stages]
     ax.plot(loads, [s["throughput"]["requests_per_s"] for s in stages], "o-", color=COLORS[0], label="throughput")
     ax.plot(loads, [s["goodput"]["requests_per_s"] for s in stages], "s-", color=COLORS[2], label="goodput")
     ax.legend(fontsize=8)
-    return _svg(fig)
+    return svg(fig)
 
 
 # --- HTML -------------------------------------------------------------------------------

@@ -78,6 +78,7 @@ def summarize_stage(result: StageResult, slo: dict[str, float]) -> dict:
     by_status = Counter(str(r.status) if r.status is not None else "none" for r in windowed)
     by_code = Counter(r.error_code for r in windowed if r.error_code)
     output_tokens = sum(r.output_tokens or 0 for r in ok)
+    met = sum(1 for r in windowed if meets(r, slo))
     by_images: dict[int, list[float]] = defaultdict(list)
     for r in ok:
         if r.ttft_s is not None:
@@ -119,9 +120,9 @@ def summarize_stage(result: StageResult, slo: dict[str, float]) -> dict:
         "images_per_request": percentiles([float(r.images) for r in windowed]),
         "goodput": {
             "slo_s": slo,
-            "met": sum(1 for r in windowed if meets(r, slo)),
-            "ratio": (sum(1 for r in windowed if meets(r, slo)) / len(windowed)) if windowed else None,
-            "requests_per_s": sum(1 for r in windowed if meets(r, slo)) / window_s,
+            "met": met,
+            "ratio": met / len(windowed) if windowed else None,
+            "requests_per_s": met / window_s,
         },
     }
     if stage.kind in ("rate", "ramp"):

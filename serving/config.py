@@ -234,9 +234,7 @@ def load_settings(
     flags: dict[str, Any] | None = None, config_file: str | os.PathLike | None = None
 ) -> ServeSettings:
     """Merge the four layers and validate field by field."""
-    layered: dict[str, Any] = read_yaml(config_file) if config_file else {}
     env_names = {f"{ENV_PREFIX}{name}".upper() for name in ServeSettings.model_fields}
-    env_set = {name for name in ServeSettings.model_fields if f"{ENV_PREFIX}{name}".upper() in os.environ}
     unknown_env = sorted(
         k for k in os.environ if k.startswith(ENV_PREFIX) and k.upper() not in env_names
     )
@@ -248,23 +246,39 @@ def load_settings(
             ", ".join(unknown_env),
             ", ".join(sorted(env_names)),
         )
-    for name in env_set:  # the environment beats the file
-        layered.pop(name, None)
+    return load_layered(ServeSettings, ENV_PREFIX, flags, config_file)
+
+
+def load_layered(
+    settings_cls: type[BaseSettings],
+    env_prefix: str,
+    flags: dict[str, Any] | None,
+    config_file: str | os.PathLike | None,
+    *,
+    what: str = "settings",
+):
+    """defaults -> YAML file -> environment -> flags, validated field by field (shared by
+    ``medgemma-serve`` and ``medgemma-loadtest``); errors name the flag and variable."""
+    layered: dict[str, Any] = read_yaml(config_file) if config_file else {}
+    for name in settings_cls.model_fields:  # the environment beats the file
+        if f"{env_prefix}{name}".upper() in os.environ:
+            layered.pop(name, None)
     layered.update({k: v for k, v in (flags or {}).items() if v is not None})
     try:
-        return ServeSettings(**layered)
+        return settings_cls(**layered)
     except ValidationError as exc:
-        raise SettingsError(_explain(exc)) from None
+        raise SettingsError(_explain(exc, settings_cls, env_prefix, what)) from None
 
 
-def _explain(exc: ValidationError) -> str:
-    lines = ["invalid settings:"]
+def _explain(exc: ValidationError, settings_cls: type[BaseSettings], env_prefix: str, what: str) -> str:
+    lines = [f"invalid {what}:"]
     for error in exc.errors():
-        where = ".".join(str(p) for p in error["loc"]) or "settings"
-        lines.append(
-            f"  {where}: {error['msg']} (flag --{where.replace('_', '-')}, "
-            f"env {ENV_PREFIX}{where.upper()})"
-        )
+        where = ".".join(str(p) for p in error["loc"]) or what
+        field = str(error["loc"][0]) if error["loc"] else ""
+        hint = ""
+        if field in settings_cls.model_fields:
+            hint = f" (flag --{field.replace('_', '-')}, env {env_prefix}{field.upper()})"
+        lines.append(f"  {where}: {error['msg']}{hint}")
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class Drainer:
         grace_s: float,
         set_draining: Callable[[], None],
         busy: Callable[[], int],
-        end_all: Callable[[str], "asyncio.Future | None"],
+        end_all: Callable[[str], Awaitable[None]],
         shutdown: Callable[[], None] | None = None,
     ):
         self.grace_s = grace_s
@@ -73,8 +73,6 @@ class Drainer:
         left = self.busy()
         if left:
             logger.warning("drain: grace period of %.0fs over; ending %d requests", self.grace_s, left)
-            ended = self.end_all("The server shut down before this request finished; retry it.")
-            if ended is not None:
-                await ended
+            await self.end_all("The server shut down before this request finished; retry it.")
         logger.info("drain: done in %.1fs; shutting down", time.monotonic() - self.started_at)
         self.shutdown()
