@@ -1,0 +1,105 @@
+"""SIGTERM drains: /ready turns 503, new requests get 503 draining, admitted requests finish,
+the ones still running at the end of the grace period end with a clear error, exit 0."""
+
+import json
+import multiprocessing
+import re
+import signal
+import time
+
+import httpx
+import pytest
+
+from tests.live_server import launch, stop, wait_ready, write_keys
+
+GRACE_S = 15
+SHORT, LONG = 200, 20000  # output tokens: ends within the grace period / would run for minutes
+
+
+@pytest.fixture(scope="module")
+def draining_server(tmp_path_factory, server):
+    root = tmp_path_factory.mktemp("drain")
+    keys_file = root / "keys.yaml"
+    keys = write_keys(keys_file, {"main": "big"})
+    srv = launch(root, keys_file, keys, "--drain-timeout-s", str(GRACE_S), dev_model_dir=server.dev_model_dir)
+    try:
+        wait_ready(srv)
+        yield srv
+    finally:
+        stop(srv, signal.SIGKILL)
+
+
+def inflight_units(srv) -> float:
+    text = httpx.get(srv.url + "/metrics", timeout=10).text
+    match = re.search(r'^medgemma_inflight_units\{plan="big"\} ([0-9.]+)$', text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def stream_events(url: str, key: str, max_tokens: int, go, results) -> None:
+    """Stream one chat request; report its status, data events and when it ended.
+
+    Runs in its own process: a thread that always has stream data to read holds the GIL
+    so long (the convoy effect) that the test's own probes were delayed by seconds.
+    """
+    body = {
+        "model": "medgemma-4b-it", "messages": [{"role": "user", "content": "Describe a chest film."}],
+        "max_tokens": max_tokens, "min_tokens": max_tokens, "stream": True,
+    }  # fmt: skip
+    out = {}
+    headers = {"Authorization": f"Bearer {key}"}
+    go.wait(60)  # both client processes start their streams together
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=headers, timeout=120) as r:
+        out["status"] = r.status_code
+        out["events"] = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    out["ended"] = time.monotonic()  # CLOCK_MONOTONIC: comparable across processes
+    results.put((max_tokens, out))
+
+
+def test_sigterm_drains_admitted_requests_then_exits_0(draining_server):
+    srv = draining_server
+    spawn = multiprocessing.get_context("spawn")
+    results, go = spawn.Queue(), spawn.Event()
+    clients = [
+        spawn.Process(target=stream_events, args=(srv.url, srv.keys["main"], n, go, results)) for n in (SHORT, LONG)
+    ]
+    for c in clients:
+        c.start()
+    go.set()
+    deadline = time.monotonic() + 60
+    while inflight_units(srv) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert inflight_units(srv) == 2
+    sent = time.monotonic()
+    srv.process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+
+    ready = httpx.get(srv.url + "/ready", timeout=10)
+    assert ready.status_code == 503 and ready.json()["status"] == "draining"
+    refused = httpx.post(
+        srv.url + "/v1/chat/completions", timeout=10, headers={"Authorization": f"Bearer {srv.keys['main']}"},
+        json={"model": "medgemma-4b-it", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    )  # fmt: skip
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "draining"
+    assert int(refused.headers["retry-after"]) >= 1
+    assert httpx.get(srv.url + "/health", timeout=10).status_code == 200  # alive while draining
+
+    ended = dict(results.get(timeout=GRACE_S + 60) for _ in clients)
+    short, long = ended[SHORT], ended[LONG]
+    for c in clients:
+        c.join(timeout=10)
+    # The short stream ran to its natural end.
+    assert short["status"] == 200 and short["events"][-1] == "[DONE]"
+    assert all("error" not in json.loads(e) for e in short["events"][:-1])
+    assert short["ended"] - sent < GRACE_S
+    # The long one was ended at the grace period, with an error event the client can read.
+    assert long["status"] == 200 and long["events"][-1] == "[DONE]"
+    error = json.loads(long["events"][-2])["error"]
+    assert error["code"] == "draining" and "retry" in error["message"].lower()
+    assert GRACE_S - 1 < long["ended"] - sent < GRACE_S + 10
+
+    assert srv.process.wait(timeout=60) == 0
+    log = srv.log()
+    assert "2 admitted requests may finish" in log
+    assert f"drain: grace period of {GRACE_S}s over; ending 1 requests" in log
+    assert "drain: done" in log
