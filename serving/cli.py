@@ -15,6 +15,7 @@ import os
 import sys
 
 from serving import config, devmodel, engine, hardware
+from serving.logs import configure_logging
 
 logger = logging.getLogger("serving")
 
@@ -30,7 +31,9 @@ FILE_ONLY_SETTINGS = {"vllm_args", "model_costs"}  # lists and maps: YAML or env
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    config.add_setting_flags(parser, config.ServeSettings, skip=FILE_ONLY_SETTINGS)
+    config.add_setting_flags(
+        parser, config.ServeSettings, skip=FILE_ONLY_SETTINGS, repeated={"remote_image_hosts"}
+    )
     parser.add_argument(
         "--config", dest="config_file", default=None, help="YAML file of settings (lowest layer)."
     )
@@ -60,17 +63,6 @@ def _build_parser() -> argparse.ArgumentParser:
     dev.add_argument("path", help="Folder to write the checkpoint into.")
     dev.add_argument("--seed", type=int, default=0, help="Random seed (same seed, same bytes).")
     return parser
-
-
-def configure_logging(level: str) -> None:
-    """Our loggers get their own handler: vLLM reconfigures the root logger as it starts."""
-    log = logging.getLogger("serving")
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        log.addHandler(handler)
-    log.setLevel(level)
-    log.propagate = False
 
 
 def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -164,12 +156,14 @@ def main(argv: list[str] | None = None) -> int:
             print(shlex.join(vllm_argv))
         return 0
 
+    from serving.admission.guard import GuardSettings
     from serving.admission.install import AdmissionSettings
     from serving.launcher import ServerContext, serve
     from serving.metrics import ServingMetrics
 
     configure_logging(settings.log_level.upper())
     os.environ.setdefault("VLLM_LOGGING_LEVEL", settings.log_level.upper())
+    os.environ.update(engine.media_env(settings.remote_image_timeout_s, settings.remote_image_max_mib))
     if config.uses_dev_model(settings, resolved):
         logger.warning(DEV_MODEL_BANNER, resolved.model)
     logger.info("profile %s, model %s, settings %s", resolved.profile, resolved.model, config.describe(settings))
@@ -188,6 +182,14 @@ def main(argv: list[str] | None = None) -> int:
             lease_ttl_s=settings.lease_ttl_s,
             redis_timeout_s=settings.redis_timeout_s,
             ledger_fallback=settings.ledger_fallback,
+            stall_timeout_s=settings.stream_stall_timeout_s,
+            guard=GuardSettings(
+                max_body_bytes=int(settings.max_body_mib * 2**20),
+                body_timeout_s=settings.body_timeout_s,
+                max_image_pixels=settings.max_image_pixels,
+                remote_image_hosts=frozenset(h.lower() for h in settings.remote_image_hosts),
+                remote_image_private_networks=settings.remote_image_private_networks,
+            ),
         ),
         drain_timeout_s=settings.drain_timeout_s,
     )

@@ -129,6 +129,40 @@ class ServeSettings(BaseSettings):
         default_factory=lambda: {"medgemma-4b-it": 1},
         description="Concurrency units one in-flight request of each model costs (YAML/env).",
     )
+    max_body_mib: float = Field(
+        20.0, gt=0, description="Largest request body accepted, in MiB (larger: 413)."
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="How long a client may take to send its request body (then 408)."
+    )
+    stream_stall_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="A client that takes no response data for this long (it stopped reading) "
+        "has its request ended and its units released.",
+    )
+    max_image_pixels: int = Field(
+        50_000_000,
+        ge=1,
+        description="Largest image accepted, in declared width x height pixels (larger: 400); "
+        "checked from the image header, so decompression bombs are never decoded.",
+    )
+    remote_image_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts images may be fetched from by http(s) URL (YAML/env list). Empty "
+        "(default): only inline base64 data URLs are accepted.",
+    )
+    remote_image_private_networks: bool = Field(
+        False,
+        description="Allow remote image hosts that resolve to private addresses (an in-hospital "
+        "PACS); loopback and link-local stay refused only while this is off.",
+    )
+    remote_image_timeout_s: int = Field(
+        10, ge=1, description="Time limit for fetching one remote image."
+    )
+    remote_image_max_mib: int = Field(
+        16, ge=1, description="Size limit of one remote image, in MiB."
+    )
     vllm_args: list[str] = Field(
         default_factory=list,
         description="Extra vLLM arguments passed through untouched (after '--' on the "
@@ -320,6 +354,7 @@ def resolve(
         max_num_batched_tokens=settings.max_num_batched_tokens,
         host=settings.host,
         port=settings.port,
+        remote_image_hosts=tuple(settings.remote_image_hosts),
         extra_args=tuple(settings.vllm_args),
     )
     try:

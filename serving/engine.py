@@ -187,6 +187,7 @@ class EngineSettings:
     max_num_batched_tokens: int | None = None
     host: str | None = None
     port: int | None = None
+    remote_image_hosts: tuple[str, ...] = ()  # vLLM fetches image URLs only from these
     extra_args: tuple[str, ...] = ()
 
 
@@ -265,7 +266,19 @@ def engine_args(settings: EngineSettings) -> list[str]:
         args += ["--host", settings.host]
     if settings.port is not None:
         args += ["--port", str(settings.port)]
+    if settings.remote_image_hosts:
+        # Defence in depth: the request guard already refuses other hosts.
+        args += ["--allowed-media-domains", *settings.remote_image_hosts]
     return args + list(settings.extra_args)
+
+
+def media_env(timeout_s: int, max_mib: int) -> dict[str, str]:
+    """vLLM's environment for fetching image URLs: no redirects, bounded time and size."""
+    return {
+        "VLLM_MEDIA_URL_ALLOW_REDIRECTS": "0",
+        "VLLM_IMAGE_FETCH_TIMEOUT": str(timeout_s),
+        "VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB": str(max_mib),
+    }
 
 
 def _passthrough_value(extra_args: tuple[str, ...], flag: str) -> str | None:

@@ -71,6 +71,7 @@ class RequestShape:
     model: str | None
     prompt_tokens: int  # estimate: text tokens + image tokens
     max_tokens: int | None
+    sequences: int = 1  # n: completions generated at once, each holding the model's cost
 
 
 @dataclass
@@ -157,7 +158,7 @@ class AdmissionController:
         wait (a round-trip ledger, a plan queue, a full engine): then call ``admit``."""
         if not self.ledger.synchronous:
             return None
-        units, tokens = self._check(shape)
+        units, tokens = self._check(shape, account)
         grant = self.ledger.acquire_now(account.name, units, account.plan.concurrency)
         if grant.lease is None:
             if account.plan.queue is not None:
@@ -171,7 +172,7 @@ class AdmissionController:
         return self._admitted(account, grant, slot)
 
     async def admit(self, account: Account, shape: RequestShape) -> Ticket:
-        units, tokens = self._check(shape)
+        units, tokens = self._check(shape, account)
         grant = await self._acquire_budget(account, units)
         try:
             slot = await self._acquire_slot(account.name, tokens)
@@ -185,11 +186,26 @@ class AdmissionController:
         self.metrics.inflight_units.labels(plan=account.plan.name).inc(grant.lease.units)
         return Ticket(account, grant.lease, slot, grant.inflight, self)
 
-    def _check(self, shape: RequestShape) -> tuple[int, int]:
-        """Refusals that hold nothing (draining, context); returns (units, KV tokens)."""
+    def count(self, outcome: Outcome) -> None:
+        """Count a refusal made before admission (by the request guard)."""
+        self._count(outcome)
+
+    def _check(self, shape: RequestShape, account: Account) -> tuple[int, int]:
+        """Refusals that hold nothing (draining, plan, context); returns (units, KV tokens).
+
+        A request costs its model's cost once per sequence it generates (``n``); one that
+        needs more units than its plan has could never run, so it gets a 400, not a 429."""
         if self.draining:
             raise self._reject(
                 Outcome.REJECTED_DRAINING, "The server is shutting down.", retry_after=5
+            )
+        units = self.cost(shape.model) * shape.sequences
+        if units > account.plan.concurrency:
+            raise self._reject(
+                Outcome.REJECTED_EXCEEDS_PLAN,
+                f"This request needs {units} concurrency units (n={shape.sequences} x model "
+                f"cost {self.cost(shape.model)}); the account's plan allows "
+                f"{account.plan.concurrency}. Lower n.",
             )
         max_tokens = shape.max_tokens
         if max_tokens is None:
@@ -201,7 +217,7 @@ class AdmissionController:
                 f"request needs at least {shape.prompt_tokens} prompt tokens plus max_tokens "
                 f"{max_tokens}. Shorten the prompt or lower max_tokens.",
             )
-        return self.cost(shape.model), shape.prompt_tokens + max_tokens
+        return units, shape.prompt_tokens + max_tokens * shape.sequences
 
     async def _acquire_budget(self, account: Account, units: int) -> Grant:
         budget = account.plan.concurrency

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from serving.admission.clock import MonotonicClock
 from serving.admission.controller import AdmissionController
+from serving.admission.guard import GuardSettings, RequestGuard
 from serving.admission.keys import KeyStore
 from serving.admission.ledger import BudgetLedger, InProcessLedger
 from serving.admission.middleware import AdmissionMiddleware, PromptEstimator, tokenizer_counter
@@ -35,6 +36,8 @@ class AdmissionSettings:
     redis_timeout_s: float = 1.0
     engine_headroom: float = 0.25
     ledger_fallback: str = "share"
+    guard: GuardSettings = field(default_factory=GuardSettings)
+    stall_timeout_s: float = 60.0
 
 
 def engine_capacity(vllm_config, headroom: float = 0.25) -> Capacity:
@@ -97,11 +100,13 @@ def install(app, engine_client, settings: AdmissionSettings, metrics: ServingMet
     # wrap the built stack, so admission runs first on every request, in-process.
     if app.middleware_stack is None:
         app.middleware_stack = app.build_middleware_stack()
-    middleware = AdmissionMiddleware(app.middleware_stack, controller, estimator)
+    middleware = AdmissionMiddleware(app.middleware_stack, controller, estimator, RequestGuard(settings.guard))
     app.middleware_stack = middleware
     app.state.admission = controller
     app.state.admission_middleware = middleware
-    app.state.admission_ticker = asyncio.get_running_loop().create_task(controller.run_ticker())
+    loop = asyncio.get_running_loop()
+    app.state.admission_ticker = loop.create_task(controller.run_ticker())
+    app.state.stall_watch = loop.create_task(middleware.watch_stalled(settings.stall_timeout_s))
     logger.info(
         "admission: %s, engine capacity %d requests / %d KV tokens, queue %d (timeout %.0fs)",
         "OPEN MODE (no keys file)" if settings.keys.open_mode else f"{len(settings.keys.accounts)} accounts",

@@ -1,32 +1,56 @@
 """ASGI middleware that puts admission in front of vLLM's model endpoints, in-process.
 
 Guarantees:
-- Only ``POST /v1/chat/completions`` and ``POST /v1/completions`` are admitted; every other
-  path passes straight through.
+- Only ``POST /v1/chat/completions`` and ``POST /v1/completions`` are admitted. The
+  operational paths (``PUBLIC_PATHS``: health, readiness, metrics, model list, OpenAPI)
+  pass straight through; every other vLLM route (``/v1/responses``, ``/v1/messages``,
+  ``/inference/v1/generate``, ``/tokenize``, ...) answers 404 ``not_found``, so nothing
+  reaches the engine around the budget.
+- Every request gets an id (the client's ``x-request-id`` when it is a sane token, else a
+  new one), returned in ``x-request-id`` and attached to our log lines.
+- The request guard (``guard``) checks size, read time, JSON and images before admission.
 - Every response from those endpoints carries ``x-ratelimit-limit-concurrency`` and
   ``x-ratelimit-remaining-concurrency``; refusals are OpenAI-shaped (``outcomes``).
 - Units are released exactly once: when the response's last body chunk is sent (the last
   SSE event of a stream), when the client disconnects (vLLM aborts the engine request on
   its own), or when the app raises - whichever comes first.
 - A client that disconnects while queued leaves the queue and gets nothing.
+- A client that stops reading its response (its send blocked on back-pressure for the
+  stall timeout) is ended like a disconnect: engine request aborted, units released.
+  Memory per such client stays bounded by the transport's buffers meanwhile.
 - Bodies are read once and replayed to vLLM unchanged; request content is never logged.
+- vLLM's own error bodies get a string ``code`` (``ENGINE_ERROR_CODES``) in place of its
+  numeric one, so every error a client sees carries a stable machine-readable code.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import time
+import uuid
 from collections.abc import Callable
 
 import msgspec
 
 from serving.admission.controller import AdmissionController, RequestShape, Ticket
+from serving.admission.guard import IMAGE_PART_TYPES, RequestGuard
 from serving.admission.keys import Account
-from serving.admission.outcomes import AdmissionError, Outcome, error_response
+from serving.admission.outcomes import (
+    AdmissionError,
+    Outcome,
+    engine_error_code,
+    error_response,
+)
+from serving.logs import request_id_var
 
 logger = logging.getLogger(__name__)
 
 MODEL_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/v1/models", "/version", "/openapi.json"})
+REQUEST_ID_HEADER = b"x-request-id"
+REQUEST_ID_PATTERN = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 LIMIT_HEADER = b"x-ratelimit-limit-concurrency"
 REMAINING_HEADER = b"x-ratelimit-remaining-concurrency"
 MESSAGE_OVERHEAD_TOKENS = 3  # <start_of_turn>role\n ... <end_of_turn>: a lower bound
@@ -56,7 +80,7 @@ class PromptEstimator:
                         kind = part.get("type")
                         if kind == "text" and isinstance(part.get("text"), str):
                             texts.append(part["text"])
-                        elif kind in ("image_url", "input_image", "image"):
+                        elif kind in IMAGE_PART_TYPES:
                             images += 1
             overhead = MESSAGE_OVERHEAD_TOKENS * len(messages) if isinstance(messages, list) else 0
         else:
@@ -73,10 +97,13 @@ class PromptEstimator:
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
             max_tokens = None  # vLLM validates and answers a bad value itself
         model = body.get("model") if isinstance(body.get("model"), str) else None
+        n = body.get("n")
+        sequences = n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1
         return RequestShape(
             model=model,
             prompt_tokens=text_tokens + prompt_ids + overhead + images * self.image_tokens,
             max_tokens=max_tokens,
+            sequences=sequences,
         )
 
 
@@ -111,35 +138,66 @@ def _ratelimit_headers(limit: int, remaining: int) -> dict[str, str]:
     return {LIMIT_HEADER.decode(): str(limit), REMAINING_HEADER.decode(): str(remaining)}
 
 
+def request_id(scope) -> bytes:
+    """The client's ``x-request-id`` when it is a sane token; else a new id, which also
+    replaces the header in ``scope`` so vLLM's own request id is the same."""
+    headers = scope.get("headers", ())
+    for name, value in headers:
+        if name == REQUEST_ID_HEADER and REQUEST_ID_PATTERN.fullmatch(value):
+            return value
+    rid = uuid.uuid4().hex.encode()
+    scope["headers"] = [(k, v) for k, v in headers if k != REQUEST_ID_HEADER] + [(REQUEST_ID_HEADER, rid)]
+    return rid
+
+
 class AdmissionMiddleware:
-    def __init__(self, app, controller: AdmissionController, estimator: PromptEstimator):
+    def __init__(
+        self,
+        app,
+        controller: AdmissionController,
+        estimator: PromptEstimator,
+        guard: RequestGuard | None = None,
+    ):
         self.app = app
         self.controller = controller
         self.estimator = estimator
+        self.guard = guard or RequestGuard()
         self._serving: set[_Serving] = set()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] not in MODEL_PATHS or scope["method"] != "POST":
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        rid = request_id(scope)
+        request_id_var.set(rid.decode())
+        send = _with_header(send, REQUEST_ID_HEADER, rid)
+        path = scope["path"]
+        if path in PUBLIC_PATHS or (path in MODEL_PATHS and scope["method"] != "POST"):
+            await self.app(scope, receive, send)
+            return
+        if path not in MODEL_PATHS:
+            self.controller.count(Outcome.REJECTED_NOT_FOUND)
+            error = AdmissionError(Outcome.REJECTED_NOT_FOUND, f"There is no {path} endpoint here.")
+            await _send_error(send, error, {})
             return
         try:
             account = self.controller.authenticate(_bearer(scope))
         except AdmissionError as error:
             await _send_error(send, error, _ratelimit_headers(0, 0))
             return
-        body = await _read_body(receive)
-        if body is None:
-            return  # the client left while sending its body
         try:
-            parsed = msgspec.json.decode(body)
-        except msgspec.DecodeError:
-            parsed = None
-        if not isinstance(parsed, dict):
-            # Not a JSON object: vLLM answers it with its own 400 and it never reaches the
-            # engine, so it holds no units.
-            await self.app(scope, _replay(body, receive), send)
+            body = await self.guard.read_body(scope, receive)
+            if body is None:
+                return  # the client left while sending its body
+            parsed = self.guard.parse(body)
+            await self.guard.check_images(parsed)
+        except AdmissionError as error:
+            self.controller.count(error.outcome)
+            limit = account.plan.concurrency
+            remaining = max(0, limit - await self.controller.ledger.inflight(account.name))
+            await _send_error(send, error, _ratelimit_headers(limit, remaining))
             return
-        shape = self.estimator.shape(scope["path"], parsed)
+        shape = self.estimator.shape(path, parsed)
         ticket = await self._admit(account, shape, receive, send)
         if ticket is None:
             return
@@ -190,13 +248,26 @@ class AdmissionMiddleware:
                 return  # the app's late messages after a forced end
             if message["type"] == "http.response.start":
                 serving.started = True
+                serving.status = message["status"]
                 serving.streaming = any(
                     k == b"content-type" and v.startswith(b"text/event-stream")
                     for k, v in message.get("headers", ())
                 )
                 message = dict(message)
                 message["headers"] = [*message.get("headers", ()), *headers]
+                if message["status"] >= 400 and not serving.streaming:
+                    serving.error_start = message  # held until its body has a string code
+                    return
+            if serving.error_start is not None and message["type"] == "http.response.body":
+                serving.error_body.append(message.get("body", b""))
+                if message.get("more_body", False):
+                    return
+                start, body = _normalised_error(serving.error_start, b"".join(serving.error_body))
+                await send(start)
+                message = {"type": "http.response.body", "body": body, "more_body": False}
+            serving.send_since = time.monotonic()  # cleared once the client took it
             await send(message)
+            serving.send_since = None
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 serving.finished = True
                 await ticket.release()
@@ -208,10 +279,19 @@ class AdmissionMiddleware:
         except asyncio.CancelledError:
             if not serving.ended_by_server:
                 raise
-            await _send_forced_end(send, serving, headers)
+            if not serving.stalled:
+                await _send_forced_end(send, serving, headers)
         finally:
             self._serving.discard(serving)
             await ticket.release()
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug(
+                    "served: status %s, %d units, %s, %.3fs",
+                    serving.status,
+                    ticket.lease.units,
+                    serving.ended_by_server and "ended by the server" or "ran to its end",
+                    time.monotonic() - serving.began,
+                )
 
     @property
     def serving_count(self) -> int:
@@ -226,6 +306,28 @@ class AdmissionMiddleware:
         while self._serving:
             await asyncio.sleep(0.01)
 
+    def end_stalled(self, stall_timeout_s: float, now: float | None = None) -> int:
+        """End requests whose client has not taken a response chunk for ``stall_timeout_s``
+        (it stopped reading; the send is blocked on back-pressure): the engine request is
+        aborted and the units released, so a client that never reads cannot hold them."""
+        now = time.monotonic() if now is None else now
+        ended = 0
+        for serving in list(self._serving):
+            since = serving.send_since
+            if since is not None and now - since > stall_timeout_s and not serving.ended_by_server:
+                serving.ended_by_server = "The client stopped reading its response."
+                serving.stalled = True
+                serving.task.cancel()
+                ended += 1
+        if ended:
+            logger.warning("ended %d requests whose clients stopped reading for %.0fs", ended, stall_timeout_s)
+        return ended
+
+    async def watch_stalled(self, stall_timeout_s: float, interval_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            self.end_stalled(stall_timeout_s)
+
 
 class _Serving:
     """One request being served, for drain's forced end."""
@@ -233,9 +335,39 @@ class _Serving:
     def __init__(self) -> None:
         self.task: asyncio.Future | None = None
         self.started = False
+        self.began = time.monotonic()
+        self.status: int | None = None
         self.streaming = False
         self.finished = False
         self.ended_by_server: str | None = None
+        self.stalled = False  # ended because the client stopped reading: send it nothing
+        self.send_since: float | None = None  # when the pending send began
+        self.error_start: dict | None = None  # an error response's start, held back
+        self.error_body: list[bytes] = []
+
+
+def _normalised_error(start: dict, body: bytes) -> tuple[dict, bytes]:
+    """vLLM's error body with a string ``code`` (it sends the HTTP status as a number)."""
+    try:
+        payload = msgspec.json.decode(body)
+        error = payload["error"]
+        if not isinstance(error.get("code"), str):
+            error["code"] = engine_error_code(start["status"])
+            body = msgspec.json.encode(payload)
+    except (msgspec.DecodeError, KeyError, TypeError, AttributeError):
+        pass  # not an OpenAI error body: passed on as it is
+    headers = [(k, v) for k, v in start.get("headers", ()) if k != b"content-length"]
+    headers.append((b"content-length", str(len(body)).encode()))
+    return {**start, "headers": headers}, body
+
+
+def _with_header(send, name: bytes, value: bytes):
+    async def send_with_header(message):
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), (name, value)]}
+        await send(message)
+
+    return send_with_header
 
 
 async def _send_forced_end(send, serving: _Serving, headers) -> None:
@@ -254,17 +386,6 @@ async def _send_forced_end(send, serving: _Serving, headers) -> None:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
     except OSError:
         pass  # the client is gone as well
-
-
-async def _read_body(receive) -> bytes | None:
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 def _replay(body: bytes, receive, on_disconnect=None):
@@ -293,5 +414,6 @@ async def _wait_disconnect(receive) -> None:
 
 async def _send_error(send, error: AdmissionError, headers: dict[str, str]) -> None:
     status, out_headers, payload = error_response(error, headers)
+    logger.debug("refused: %s (%d)", error.outcome.value, status)
     await send({"type": "http.response.start", "status": status, "headers": out_headers})
     await send({"type": "http.response.body", "body": payload, "more_body": False})

@@ -22,6 +22,14 @@ class Outcome(str, Enum):
     REJECTED_DRAINING = "rejected_draining"
     REJECTED_CONTEXT_LENGTH = "rejected_context_length"
     REJECTED_LEDGER_UNAVAILABLE = "rejected_ledger_unavailable"
+    REJECTED_EXCEEDS_PLAN = "rejected_exceeds_plan"
+    REJECTED_BODY_TOO_LARGE = "rejected_body_too_large"
+    REJECTED_BODY_TIMEOUT = "rejected_body_timeout"
+    REJECTED_INVALID_JSON = "rejected_invalid_json"
+    REJECTED_INVALID_IMAGE = "rejected_invalid_image"
+    REJECTED_IMAGE_TOO_LARGE = "rejected_image_too_large"
+    REJECTED_IMAGE_URL = "rejected_image_url"
+    REJECTED_NOT_FOUND = "rejected_not_found"
     EVICTED_QUEUE_TIMEOUT = "evicted_queue_timeout"
     EVICTED_CLIENT_GONE = "evicted_client_gone"
 
@@ -42,6 +50,14 @@ HTTP_ERRORS: dict[Outcome, HttpError] = {
     Outcome.REJECTED_DRAINING: HttpError(503, "draining", "service_unavailable", True),
     Outcome.REJECTED_CONTEXT_LENGTH: HttpError(400, "context_length_exceeded", "invalid_request_error", False),
     Outcome.REJECTED_LEDGER_UNAVAILABLE: HttpError(503, "ledger_unavailable", "service_unavailable", True),
+    Outcome.REJECTED_EXCEEDS_PLAN: HttpError(400, "request_exceeds_plan", "invalid_request_error", False),
+    Outcome.REJECTED_BODY_TOO_LARGE: HttpError(413, "request_too_large", "invalid_request_error", False),
+    Outcome.REJECTED_BODY_TIMEOUT: HttpError(408, "request_timeout", "invalid_request_error", False),
+    Outcome.REJECTED_INVALID_JSON: HttpError(400, "invalid_json", "invalid_request_error", False),
+    Outcome.REJECTED_INVALID_IMAGE: HttpError(400, "invalid_image", "invalid_request_error", False),
+    Outcome.REJECTED_IMAGE_TOO_LARGE: HttpError(400, "image_too_large", "invalid_request_error", False),
+    Outcome.REJECTED_IMAGE_URL: HttpError(400, "image_url_not_allowed", "invalid_request_error", False),
+    Outcome.REJECTED_NOT_FOUND: HttpError(404, "not_found", "invalid_request_error", False),
     Outcome.EVICTED_QUEUE_TIMEOUT: HttpError(503, "queue_timeout", "service_unavailable", True),
 }
 
@@ -75,3 +91,19 @@ def error_response(
     for name, value in (headers or {}).items():
         out.append((name.encode(), value.encode()))
     return spec.status, out, body
+
+
+# vLLM's own errors (validation, unknown model, engine failures) carry the HTTP status as
+# a number in ``code``; the middleware puts the matching string here in its place.
+ENGINE_ERROR_CODES: dict[int, str] = {
+    400: "invalid_request",
+    404: "model_not_found",
+    422: "image_fetch_failed",  # vLLM: a media URL answered 4xx or was malformed
+    500: "internal_error",
+    501: "not_implemented",
+    503: "engine_unavailable",
+}
+
+
+def engine_error_code(status: int) -> str:
+    return ENGINE_ERROR_CODES.get(status, f"http_{status}")

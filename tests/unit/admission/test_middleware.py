@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import time
 
 from prometheus_client import CollectorRegistry
 
@@ -217,18 +218,85 @@ def test_client_leaving_while_queued_gets_nothing_and_holds_nothing():
     asyncio.run(scenario())
 
 
-def test_other_paths_and_invalid_json_pass_through_without_holding_units():
+def test_public_paths_pass_other_routes_404_and_invalid_json_never_reaches_vllm():
     async def scenario():
         app = FakeEngineApp(chunks=1)
         mw, _, ledger = build(app)
         scope = {"type": "http", "method": "GET", "path": "/v1/models", "headers": []}
         client = Client(b"")
         await mw(scope, client.receive, client.send)
-        assert client.status == 200
+        assert client.status == 200 and len(app.bodies) == 1
+        for path in ("/v1/responses", "/v1/messages", "/inference/v1/generate", "/tokenize"):
+            scope, payload = request(CHAT, path=path)
+            client = Client(payload)
+            await mw(scope, client.receive, client.send)
+            assert client.status == 404 and client.json()["error"]["code"] == "not_found"
         scope, _ = request(CHAT)
         client = Client(b"{not json")
         await mw(scope, client.receive, client.send)
-        assert app.bodies[-1] == b"{not json" and ledger.total_inflight() == 0
+        assert client.status == 400 and client.json()["error"]["code"] == "invalid_json"
+        assert len(app.bodies) == 1 and ledger.total_inflight() == 0
+    asyncio.run(scenario())
+
+
+class ErrorApp:
+    """Answers like vLLM does for a bad request: its numeric code, in two body chunks."""
+
+    async def __call__(self, scope, receive, send):
+        await receive()
+        body = json.dumps({"error": {"message": "bad", "type": "BadRequestError", "param": None, "code": 400}})
+        await send({"type": "http.response.start", "status": 400,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"999")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": body[:10].encode(), "more_body": True})
+        await send({"type": "http.response.body", "body": body[10:].encode(), "more_body": False})
+
+
+def test_vllm_error_bodies_get_a_string_code_and_units_are_released():
+    async def scenario():
+        mw, _, ledger = build(ErrorApp())
+        scope, payload = request(CHAT)
+        client = Client(payload)
+        await mw(scope, client.receive, client.send)
+        assert client.status == 400
+        error = client.json()["error"]
+        assert error == {"message": "bad", "type": "BadRequestError", "param": None, "code": "invalid_request"}
+        length = dict(client.sent[0]["headers"])[b"content-length"]
+        assert int(length) == len(b"".join(m.get("body", b"") for m in client.sent[1:]))
+        assert ledger.total_inflight() == 0
+    asyncio.run(scenario())
+
+
+def test_request_id_is_honoured_when_sane_and_generated_otherwise():
+    async def scenario():
+        mw, _, _ = build(FakeEngineApp(chunks=1))
+        for given, kept in ((b"abc-123", True), (b"bad id\n", False), (None, False)):
+            scope, payload = request(CHAT)
+            if given is not None:
+                scope["headers"].append((b"x-request-id", given))
+            client = Client(payload)
+            await mw(scope, client.receive, client.send)
+            rid = dict(client.sent[0]["headers"])[b"x-request-id"]
+            assert (rid == given) if kept else (len(rid) == 32 and rid != given)
+    asyncio.run(scenario())
+
+
+def test_n_costs_units_per_sequence_and_more_than_the_plan_is_a_400():
+    async def scenario():
+        app = FakeEngineApp(chunks=1)
+        mw, _, ledger = build(app)
+        scope, payload = request({**CHAT, "n": 3})  # plan "two"
+        client = Client(payload)
+        await mw(scope, client.receive, client.send)
+        assert client.status == 400 and client.json()["error"]["code"] == "request_exceeds_plan"
+        app.gate.clear()
+        scope, payload = request({**CHAT, "n": 2})
+        client = Client(payload)
+        task = asyncio.ensure_future(mw(scope, client.receive, client.send))
+        await asyncio.sleep(0.01)
+        assert ledger.total_inflight() == 2
+        app.gate.set()
+        await task
+        assert client.status == 200 and ledger.total_inflight() == 0
     asyncio.run(scenario())
 
 
@@ -306,4 +374,29 @@ def test_end_all_before_the_response_started_is_a_503_draining():
         assert client.status == 503 and client.json()["error"]["code"] == "draining"
         assert client.headers[b"retry-after"] == b"5"
         assert ledger.total_inflight() == 0
+    asyncio.run(scenario())
+
+
+def test_a_client_that_stops_reading_is_ended_and_its_units_released():
+    async def scenario():
+        app = FakeEngineApp(chunks=50)
+        mw, _, ledger = build(app)
+        scope, payload = request(CHAT)
+        client = Client(payload)
+        blocked = asyncio.Event()
+
+        async def stuck_send(message):  # the transport's buffers are full: send never returns
+            client.sent.append(message)
+            if message["type"] == "http.response.body":
+                blocked.set()
+                await asyncio.Event().wait()
+
+        task = asyncio.ensure_future(mw(scope, client.receive, stuck_send))
+        await asyncio.wait_for(blocked.wait(), 1)
+        assert ledger.total_inflight() == 1
+        assert mw.end_stalled(stall_timeout_s=30) == 0  # not stalled long enough yet
+        assert mw.end_stalled(stall_timeout_s=30, now=time.monotonic() + 31) == 1
+        await asyncio.wait_for(task, 1)
+        assert ledger.total_inflight() == 0 and mw.serving_count == 0
+        assert len(client.sent) == 2  # nothing more was pushed at the stuck client
     asyncio.run(scenario())

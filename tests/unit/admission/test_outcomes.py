@@ -12,6 +12,14 @@ EXPECTED = {
     Outcome.REJECTED_DRAINING: (503, "draining", True),
     Outcome.REJECTED_CONTEXT_LENGTH: (400, "context_length_exceeded", False),
     Outcome.REJECTED_LEDGER_UNAVAILABLE: (503, "ledger_unavailable", True),
+    Outcome.REJECTED_EXCEEDS_PLAN: (400, "request_exceeds_plan", False),
+    Outcome.REJECTED_BODY_TOO_LARGE: (413, "request_too_large", False),
+    Outcome.REJECTED_BODY_TIMEOUT: (408, "request_timeout", False),
+    Outcome.REJECTED_INVALID_JSON: (400, "invalid_json", False),
+    Outcome.REJECTED_INVALID_IMAGE: (400, "invalid_image", False),
+    Outcome.REJECTED_IMAGE_TOO_LARGE: (400, "image_too_large", False),
+    Outcome.REJECTED_IMAGE_URL: (400, "image_url_not_allowed", False),
+    Outcome.REJECTED_NOT_FOUND: (404, "not_found", False),
 }
 
 

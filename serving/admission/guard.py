@@ -1,0 +1,212 @@
+"""Checks on a model request's raw body, before admission and before vLLM sees it.
+
+Guarantees (each refusal is an ``AdmissionError`` whose outcome maps to HTTP in ``outcomes``):
+- A body larger than ``max_body_bytes`` is refused with 413 ``request_too_large`` - from its
+  Content-Length before reading, or as soon as the bytes read pass the limit.
+- A body not fully received within ``body_timeout_s`` (a client trickling it) gets 408
+  ``request_timeout``.
+- A body that is not a JSON object (malformed, too deeply nested, an array) gets 400
+  ``invalid_json``; vLLM never parses it.
+- Image parts: a ``data:`` URL must say ``image/...``; its declared width x height (read
+  from the image header without decoding pixels) must be at most ``max_image_pixels``
+  (400 ``image_too_large``: decompression bombs never reach the decoder). Any other URL
+  (``http(s)``, ``file:``) is refused with 400 ``image_url_not_allowed`` unless remote images
+  are enabled for its host, and then only when the host resolves to public addresses (or
+  private ones are explicitly allowed) - no request can make the server fetch from
+  loopback, link-local (cloud metadata) or internal addresses by default.
+- Nothing here logs request content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import io
+import ipaddress
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import msgspec
+
+from serving.admission.outcomes import AdmissionError, Outcome
+
+IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image"})
+HUGE = (2**31, 2**31)  # what _declared_size reports for a header PIL refuses to open
+HEADER_PREFIX_CHARS = 65536  # base64 characters decoded to read an image header (48 KiB)
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    max_body_bytes: int = 20 * 2**20
+    body_timeout_s: float = 30.0
+    max_image_pixels: int = 50_000_000
+    remote_image_hosts: frozenset[str] = frozenset()  # empty: remote image URLs are refused
+    remote_image_private_networks: bool = False  # allow hosts resolving to private addresses
+
+
+class RequestGuard:
+    def __init__(self, settings: GuardSettings | None = None, resolve=None):
+        self.settings = settings or GuardSettings()
+        self._resolve = resolve or _resolve_addresses
+
+    # --- body -------------------------------------------------------------------------
+
+    async def read_body(self, scope, receive) -> bytes | None:
+        """The whole body, or None if the client left while sending it."""
+        limit = self.settings.max_body_bytes
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            raise self._too_large()
+        try:
+            async with asyncio.timeout(self.settings.body_timeout_s):
+                chunks, size = [], 0
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        raise self._too_large()
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        return b"".join(chunks)
+        except TimeoutError:
+            raise AdmissionError(
+                Outcome.REJECTED_BODY_TIMEOUT,
+                f"The request body was not received within {self.settings.body_timeout_s:g}s.",
+            ) from None
+
+    def _too_large(self) -> AdmissionError:
+        return AdmissionError(
+            Outcome.REJECTED_BODY_TOO_LARGE,
+            f"The request body is larger than {self.settings.max_body_bytes} bytes.",
+        )
+
+    @staticmethod
+    def parse(body: bytes) -> dict:
+        try:
+            parsed = msgspec.json.decode(body)
+        except (msgspec.DecodeError, RecursionError):
+            raise AdmissionError(
+                Outcome.REJECTED_INVALID_JSON, "The request body is not valid JSON."
+            ) from None
+        if not isinstance(parsed, dict):
+            raise AdmissionError(
+                Outcome.REJECTED_INVALID_JSON, "The request body must be a JSON object."
+            )
+        return parsed
+
+    # --- images -----------------------------------------------------------------------
+
+    async def check_images(self, body: dict) -> None:
+        for url in image_urls(body):
+            if url.startswith("data:"):
+                self._check_data_url(url)
+            else:
+                await self._check_remote_url(url)
+
+    def _check_data_url(self, url: str) -> None:
+        header, _, payload = url.partition(",")
+        if not header[5:].lower().startswith("image/"):
+            raise AdmissionError(
+                Outcome.REJECTED_INVALID_IMAGE,
+                "An image data URL must have an image/* media type (data:image/png;base64,...).",
+            )
+        if not header.lower().endswith(";base64"):
+            return  # vLLM decodes (or refuses) it
+        size = _declared_size(payload)
+        if size is None:
+            return  # not a readable image header: vLLM refuses it with a 400
+        width, height = size
+        if width * height > self.settings.max_image_pixels:
+            what = "An image" if size == HUGE else f"An image of {width}x{height} pixels"
+            raise AdmissionError(
+                Outcome.REJECTED_IMAGE_TOO_LARGE,
+                f"{what} is larger than the {self.settings.max_image_pixels} pixels allowed.",
+            )
+
+    async def _check_remote_url(self, url: str) -> None:
+        hosts = self.settings.remote_image_hosts
+        try:
+            parts = urlsplit(url)
+            host = (parts.hostname or "").lower()
+        except ValueError:
+            parts, host = None, ""
+        if not hosts or parts is None or parts.scheme not in ("http", "https") or host not in hosts:
+            raise AdmissionError(
+                Outcome.REJECTED_IMAGE_URL,
+                "Image URLs are not allowed here; send the image inline as a base64 data URL."
+                if not hosts
+                else "Image URLs must be http(s) on an allowed host; send other images inline.",
+            )
+        if self.settings.remote_image_private_networks:
+            return
+        try:
+            addresses = await self._resolve(host, parts.port or (443 if parts.scheme == "https" else 80))
+        except OSError:
+            addresses = []
+        if not addresses or any(not ipaddress.ip_address(a).is_global for a in addresses):
+            raise AdmissionError(
+                Outcome.REJECTED_IMAGE_URL,
+                "The image host does not resolve to a public address.",
+            )
+
+
+def iter_content_parts(body: dict) -> Iterator[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict):
+                    yield part
+
+
+def image_urls(body: dict) -> Iterator[str]:
+    for part in iter_content_parts(body):
+        if part.get("type") not in IMAGE_PART_TYPES:
+            continue
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        if isinstance(url, str):
+            yield url
+
+
+def _content_length(scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _declared_size(payload: str) -> tuple[int, int] | None:
+    """Width and height from the image header, decoding as little base64 as it needs."""
+    from PIL import Image
+
+    prefix_chars = len(payload) if len(payload) <= HEADER_PREFIX_CHARS else HEADER_PREFIX_CHARS
+    for chars in dict.fromkeys((prefix_chars, len(payload))):  # the prefix, then all of it
+        try:
+            data = binascii.a2b_base64(payload[: chars - chars % 4])
+        except (binascii.Error, ValueError):
+            return None
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                return image.size
+        except Image.DecompressionBombError:
+            return HUGE  # more than twice PIL's own limit: PIL will not even open it
+        except Exception:  # noqa: BLE001 - a truncated header or not an image at all
+            continue
+    return None
+
+
+async def _resolve_addresses(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [info[4][0] for info in infos]

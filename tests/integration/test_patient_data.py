@@ -1,0 +1,78 @@
+"""No patient data in logs, at any level: a canary prompt, an image and the generated text
+never appear in the server's output, even with --log-level debug; request ids do."""
+
+from __future__ import annotations
+
+import base64
+import io
+import signal
+
+import httpx
+import pytest
+from PIL import Image, ImageDraw
+
+from tests.live_server import launch, stop, wait_ready, write_keys
+
+CANARY = "CANARY-7f3e9b21 patient Jane Roe MRN 00482913 chest pain since Tuesday"
+
+
+@pytest.fixture(scope="module")
+def debug_server(tmp_path_factory, server):
+    root = tmp_path_factory.mktemp("patient-data")
+    keys_file = root / "keys.yaml"
+    keys = write_keys(keys_file, {"main": "big"})
+    srv = launch(root, keys_file, keys, "--log-level", "debug", dev_model_dir=server.dev_model_dir)
+    try:
+        wait_ready(srv)
+        yield srv
+    finally:
+        stop(srv, signal.SIGKILL)
+
+
+def canary_image() -> bytes:
+    picture = Image.new("RGB", (128, 128), (20, 20, 20))
+    ImageDraw.Draw(picture).ellipse((30, 30, 98, 98), fill=(200, 180, 160))
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_canary_text_image_and_outputs_never_reach_the_logs(debug_server):
+    srv = debug_server
+    headers = {"Authorization": f"Bearer {srv.keys['main']}", "x-request-id": "rid-canary-0001"}
+    encoded = base64.b64encode(canary_image()).decode()
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": CANARY},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + encoded}},
+    ]}]  # fmt: skip
+    outputs = []
+    body = {"model": "medgemma-4b-it", "messages": messages, "max_tokens": 24, "min_tokens": 24}
+    reply = httpx.post(srv.url + "/v1/chat/completions", json=body, headers=headers, timeout=120)
+    assert reply.status_code == 200 and reply.headers["x-request-id"] == "rid-canary-0001"
+    outputs.append(reply.json()["choices"][0]["message"]["content"])
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", json={**body, "stream": True}, headers=headers, timeout=120) as r:
+        assert r.status_code == 200
+        r.read()
+    completion = httpx.post(
+        srv.url + "/v1/completions", headers=headers, timeout=120,
+        json={"model": "medgemma-4b-it", "prompt": CANARY, "max_tokens": 24, "min_tokens": 24},
+    )  # fmt: skip
+    outputs.append(completion.json()["choices"][0]["text"])
+    # Refused and invalid requests carrying the canary: their error paths log nothing of it.
+    for bad in (
+        {"model": "medgemma-4b-it", "messages": [{"role": "user", "content": [{"type": "text", "text": CANARY}, {"type": "bogus"}]}]},
+        {"model": "medgemma-4b-it", "messages": [{"role": "user", "content": CANARY}], "temperature": -1},
+        {"model": "no-such-model", "messages": [{"role": "user", "content": CANARY}]},
+        {"model": "medgemma-4b-it", "messages": [{"role": "user", "content": CANARY * 4000}]},
+    ):  # fmt: skip
+        assert httpx.post(srv.url + "/v1/chat/completions", json=bad, headers=headers, timeout=60).status_code >= 400
+    httpx.post(srv.url + "/v1/chat/completions", content=CANARY.encode(), headers=headers, timeout=60)
+
+    stop(srv)  # flush everything the processes would write
+    log = srv.log()
+    assert "DEBUG" in log  # the server really logged at debug level
+    assert "rid=rid-canary-0001" in log  # our lines carry the client's request id
+    for secret in ("CANARY-7f3e9b21", "Jane Roe", "00482913", encoded[100:160], srv.keys["main"]):
+        assert secret not in log, f"{secret[:20]!r} leaked into the log"
+    for text in outputs:
+        assert len(text) > 20 and text not in log

@@ -1,0 +1,158 @@
+"""The request guard: body limits, JSON, image headers and the remote-URL policy."""
+
+import asyncio
+import base64
+import io
+import struct
+import zlib
+
+import pytest
+from PIL import Image
+
+from serving.admission.guard import GuardSettings, RequestGuard
+from serving.admission.outcomes import AdmissionError, Outcome
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def receive_from(*chunks, delay_s=0.0):
+    messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+
+    async def receive():
+        await asyncio.sleep(delay_s)
+        return messages.pop(0)
+
+    return receive
+
+
+def scope(content_length=None):
+    headers = [] if content_length is None else [(b"content-length", str(content_length).encode())]
+    return {"type": "http", "headers": headers}
+
+
+def outcome_of(coro_or_fn) -> Outcome:
+    with pytest.raises(AdmissionError) as caught:
+        result = coro_or_fn()
+        if asyncio.iscoroutine(result):
+            run(result)
+    return caught.value.outcome
+
+
+def test_body_is_read_whole_within_limits():
+    guard = RequestGuard(GuardSettings(max_body_bytes=10))
+    assert run(guard.read_body(scope(10), receive_from(b"12345", b"67890"))) == b"1234567890"
+
+
+def test_body_over_the_limit_is_413_from_header_or_from_bytes():
+    guard = RequestGuard(GuardSettings(max_body_bytes=10))
+    assert outcome_of(lambda: guard.read_body(scope(11), receive_from(b"x"))) is Outcome.REJECTED_BODY_TOO_LARGE
+    # A lying or missing Content-Length: the bytes decide, and reading stops there.
+    assert outcome_of(lambda: guard.read_body(scope(), receive_from(b"123456", b"789012", b"x"))) is (
+        Outcome.REJECTED_BODY_TOO_LARGE
+    )
+
+
+def test_a_trickling_body_times_out_with_408():
+    guard = RequestGuard(GuardSettings(body_timeout_s=0.05))
+    assert outcome_of(lambda: guard.read_body(scope(), receive_from(b"a", b"b", b"c", delay_s=0.03))) is (
+        Outcome.REJECTED_BODY_TIMEOUT
+    )
+
+
+def test_a_client_leaving_mid_body_is_none():
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    assert run(RequestGuard().read_body(scope(), receive)) is None
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b"", b'"text"', b"[" * 100000 + b"]" * 100000])
+def test_anything_but_a_json_object_is_invalid_json(body):
+    assert outcome_of(lambda: RequestGuard.parse(body)) is Outcome.REJECTED_INVALID_JSON
+
+
+def image_bytes(width, height, fmt="PNG"):
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), 90).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def png_header_only(width, height):
+    """A PNG that declares width x height but carries almost no data (a decompression bomb)."""
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+
+
+def chat_with(url):
+    return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
+
+
+def data_url(data, mime="image/png"):
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def test_images_within_the_pixel_limit_pass():
+    guard = RequestGuard(GuardSettings(max_image_pixels=64 * 64))
+    run(guard.check_images(chat_with(data_url(image_bytes(64, 64)))))
+    run(guard.check_images(chat_with(data_url(image_bytes(64, 64, "JPEG"), "image/jpeg"))))
+    run(guard.check_images(chat_with(data_url(b"not an image at all"))))  # vLLM refuses it itself
+
+
+@pytest.mark.parametrize("width,height", [(65, 64), (100_000, 100_000), (20_000, 20_000)])
+def test_declared_dimensions_beyond_the_limit_are_refused_without_decoding(width, height):
+    guard = RequestGuard(GuardSettings(max_image_pixels=64 * 64))
+    url = data_url(png_header_only(width, height))
+    assert outcome_of(lambda: guard.check_images(chat_with(url))) is Outcome.REJECTED_IMAGE_TOO_LARGE
+
+
+def test_a_jpeg_whose_header_sits_past_the_prefix_is_still_measured():
+    exif_padding = b"\xff\xe1" + struct.pack(">H", 65000) + b"\0" * 64998  # an APP1 segment
+    jpeg = image_bytes(300, 200, "JPEG")
+    padded = jpeg[:2] + exif_padding + exif_padding + jpeg[2:]  # SOF beyond 128 KiB
+    guard = RequestGuard(GuardSettings(max_image_pixels=300 * 200 - 1))
+    url = data_url(padded, "image/jpeg")
+    assert outcome_of(lambda: guard.check_images(chat_with(url))) is Outcome.REJECTED_IMAGE_TOO_LARGE
+
+
+def test_non_image_data_urls_are_invalid_images():
+    url = "data:text/plain;base64," + base64.b64encode(b"hello").decode()
+    assert outcome_of(lambda: RequestGuard().check_images(chat_with(url))) is Outcome.REJECTED_INVALID_IMAGE
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://169.254.169.254/latest/meta-data", "https://example.org/x.png", "file:///etc/passwd", "ftp://h/x.png"],
+)
+def test_remote_and_file_urls_are_refused_by_default(url):
+    assert outcome_of(lambda: RequestGuard().check_images(chat_with(url))) is Outcome.REJECTED_IMAGE_URL
+
+
+def resolver(table):
+    async def resolve(host, port):
+        if host not in table:
+            raise OSError("no such host")
+        return table[host]
+
+    return resolve
+
+
+def test_remote_urls_need_an_allowed_host_that_resolves_to_public_addresses():
+    table = {"pacs.example.org": ["93.184.216.34"], "internal.example.org": ["10.0.0.5"],
+             "meta.example.org": ["169.254.169.254"], "mixed.example.org": ["93.184.216.34", "127.0.0.1"]}  # fmt: skip
+    hosts = frozenset(table) | {"nxdomain.example.org"}
+    guard = RequestGuard(GuardSettings(remote_image_hosts=hosts), resolve=resolver(table))
+    run(guard.check_images(chat_with("https://pacs.example.org/study/1.png")))
+    for url in ("https://other.example.org/x.png", "http://internal.example.org/x.png",
+                "http://meta.example.org/", "http://mixed.example.org/x", "http://nxdomain.example.org/x",
+                "file://pacs.example.org/etc/passwd"):  # fmt: skip
+        assert outcome_of(lambda u=url: guard.check_images(chat_with(u))) is Outcome.REJECTED_IMAGE_URL, url
+    private_ok = RequestGuard(
+        GuardSettings(remote_image_hosts=hosts, remote_image_private_networks=True), resolve=resolver(table)
+    )
+    run(private_ok.check_images(chat_with("http://internal.example.org/x.png")))
