@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics=ServingMetrics(),
         admission=AdmissionSettings(
             keys=keys,
+            keys_file=settings.keys_file,
             queue_size=settings.queue_size,
             queue_timeout_s=settings.queue_timeout_s,
             engine_headroom=settings.engine_headroom,

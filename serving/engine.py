@@ -273,9 +273,13 @@ def engine_args(settings: EngineSettings) -> list[str]:
 
 
 def media_env(timeout_s: int, max_mib: int) -> dict[str, str]:
-    """vLLM's environment for fetching image URLs: no redirects, bounded time and size."""
+    """vLLM's environment for fetching image URLs: no redirects, bounded time and size.
+
+    One attempt only: vLLM retries a timed-out fetch with a doubled timeout, which would
+    make the limit several times what was asked for."""
     return {
         "VLLM_MEDIA_URL_ALLOW_REDIRECTS": "0",
+        "VLLM_MEDIA_FETCH_MAX_RETRIES": "1",
         "VLLM_IMAGE_FETCH_TIMEOUT": str(timeout_s),
         "VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB": str(max_mib),
     }

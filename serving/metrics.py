@@ -59,6 +59,13 @@ class ServingMetrics:
             registry=self.registry,
         )
 
+        self.keys_reloads_total = Counter(
+            "medgemma_keys_reloads",
+            "Keys file reloads (SIGHUP or file change) by result: ok, error (old keys kept).",
+            ["result"],
+            registry=self.registry,
+        )
+
     def set_build(self, *, profile: str, model: str, served_model_name: str, vllm_version: str):
         self.build.info(
             {

@@ -9,11 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from serving.admission.clock import MonotonicClock
 from serving.admission.controller import AdmissionController
 from serving.admission.guard import GuardSettings, RequestGuard
+from serving.admission.keyreload import KeyReloader
 from serving.admission.keys import KeyStore
 from serving.admission.ledger import BudgetLedger, InProcessLedger
 from serving.admission.middleware import AdmissionMiddleware, PromptEstimator, tokenizer_counter
@@ -28,6 +31,7 @@ MIN_HEADROOM = 8  # requests; measured on cpu-dev: 2 -> 0.84x direct throughput 
 @dataclass(frozen=True)
 class AdmissionSettings:
     keys: KeyStore
+    keys_file: Path | None = None  # reloaded on SIGHUP and on change when set
     queue_size: int = 256
     queue_timeout_s: float = 30.0
     model_costs: dict[str, int] = field(default_factory=lambda: {"medgemma-4b-it": 1})
@@ -100,13 +104,18 @@ def install(app, engine_client, settings: AdmissionSettings, metrics: ServingMet
     # wrap the built stack, so admission runs first on every request, in-process.
     if app.middleware_stack is None:
         app.middleware_stack = app.build_middleware_stack()
-    middleware = AdmissionMiddleware(app.middleware_stack, controller, estimator, RequestGuard(settings.guard))
+    middleware = AdmissionMiddleware(
+        app.middleware_stack, controller, estimator, RequestGuard(settings.guard), abort=engine_client.abort
+    )
     app.middleware_stack = middleware
     app.state.admission = controller
     app.state.admission_middleware = middleware
     loop = asyncio.get_running_loop()
     app.state.admission_ticker = loop.create_task(controller.run_ticker())
     app.state.stall_watch = loop.create_task(middleware.watch_stalled(settings.stall_timeout_s))
+    if settings.keys_file is not None:
+        app.state.key_reloader = KeyReloader(settings.keys_file, controller, metrics)
+        app.state.key_watch = app.state.key_reloader.install(loop, signal.SIGHUP)
     logger.info(
         "admission: %s, engine capacity %d requests / %d KV tokens, queue %d (timeout %.0fs)",
         "OPEN MODE (no keys file)" if settings.keys.open_mode else f"{len(settings.keys.accounts)} accounts",

@@ -30,7 +30,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import msgspec
 
@@ -139,15 +139,22 @@ def _ratelimit_headers(limit: int, remaining: int) -> dict[str, str]:
 
 
 def request_id(scope) -> bytes:
-    """The client's ``x-request-id`` when it is a sane token; else a new id, which also
-    replaces the header in ``scope`` so vLLM's own request id is the same."""
-    headers = scope.get("headers", ())
-    for name, value in headers:
+    """The client's ``x-request-id`` when it is a sane token, else a new id."""
+    for name, value in scope.get("headers", ()):
         if name == REQUEST_ID_HEADER and REQUEST_ID_PATTERN.fullmatch(value):
             return value
-    rid = uuid.uuid4().hex.encode()
-    scope["headers"] = [(k, v) for k, v in headers if k != REQUEST_ID_HEADER] + [(REQUEST_ID_HEADER, rid)]
-    return rid
+    return uuid.uuid4().hex.encode()
+
+
+def engine_request_id(scope, rid: bytes) -> str:
+    """Gives vLLM a request id of our own making (``<rid>.<random>``: unique even when
+    clients reuse theirs) through the header vLLM reads; returns vLLM's external id for it,
+    which ``abort`` takes."""
+    own = rid + b"." + uuid.uuid4().hex[:12].encode()
+    scope["headers"] = [(k, v) for k, v in scope["headers"] if k != REQUEST_ID_HEADER]
+    scope["headers"].append((REQUEST_ID_HEADER, own))
+    prefix = "chatcmpl-" if scope["path"] == "/v1/chat/completions" else "cmpl-"
+    return prefix + own.decode()
 
 
 class AdmissionMiddleware:
@@ -157,11 +164,13 @@ class AdmissionMiddleware:
         controller: AdmissionController,
         estimator: PromptEstimator,
         guard: RequestGuard | None = None,
+        abort: Callable[[str], Awaitable[None]] | None = None,
     ):
         self.app = app
         self.controller = controller
         self.estimator = estimator
         self.guard = guard or RequestGuard()
+        self.abort = abort  # aborts an engine request by vLLM's external request id
         self._serving: set[_Serving] = set()
 
     async def __call__(self, scope, receive, send) -> None:
@@ -242,6 +251,7 @@ class AdmissionMiddleware:
             (REMAINING_HEADER, str(ticket.remaining).encode()),
         ]
         serving = _Serving()
+        serving.engine_request_id = engine_request_id(scope, request_id_var.get().encode())
 
         async def send_wrapper(message):
             if serving.ended_by_server:
@@ -260,11 +270,7 @@ class AdmissionMiddleware:
                     return
             if serving.error_start is not None and message["type"] == "http.response.body":
                 serving.error_body.append(message.get("body", b""))
-                if message.get("more_body", False):
-                    return
-                start, body = _normalised_error(serving.error_start, b"".join(serving.error_body))
-                await send(start)
-                message = {"type": "http.response.body", "body": body, "more_body": False}
+                return  # sent once the app has returned (or raised): see _send_held_error
             serving.send_since = time.monotonic()  # cleared once the client took it
             await send(message)
             serving.send_since = None
@@ -274,14 +280,25 @@ class AdmissionMiddleware:
 
         serving.task = asyncio.ensure_future(self.app(scope, receive_wrapper, send_wrapper))
         self._serving.add(serving)
+        failure: Exception | None = None
         try:
             await serving.task
         except asyncio.CancelledError:
             if not serving.ended_by_server:
                 raise
+            # Cancelling the app does not always reach vLLM's generator (a stream blocked
+            # in send holds it suspended outside), so abort the engine request by its id.
+            await self._abort(serving)
             if not serving.stalled:
                 await _send_forced_end(send, serving, headers)
+        except Exception as exc:  # noqa: BLE001 - vLLM raised past its own handlers
+            # Log the type only: exception messages and tracebacks can quote request content.
+            failure = exc
+            logger.error("request failed inside vLLM: %s (engine request %s)", type(exc).__name__,
+                         serving.engine_request_id)  # fmt: skip
         finally:
+            if serving.error_start is not None or (failure is not None and not serving.started):
+                await _send_held_error(send, serving, headers, failure)
             self._serving.discard(serving)
             await ticket.release()
             if logger.isEnabledFor(logging.DEBUG):
@@ -305,6 +322,14 @@ class AdmissionMiddleware:
             serving.task.cancel()
         while self._serving:
             await asyncio.sleep(0.01)
+
+    async def _abort(self, serving: _Serving) -> None:
+        if self.abort is None or serving.engine_request_id is None:
+            return
+        try:
+            await self.abort(serving.engine_request_id)
+        except Exception:  # noqa: BLE001 - the engine may be gone already
+            logger.warning("could not abort engine request %s", serving.engine_request_id, exc_info=True)
 
     def end_stalled(self, stall_timeout_s: float, now: float | None = None) -> int:
         """End requests whose client has not taken a response chunk for ``stall_timeout_s``
@@ -340,25 +365,53 @@ class _Serving:
         self.streaming = False
         self.finished = False
         self.ended_by_server: str | None = None
+        self.engine_request_id: str | None = None  # vLLM's external id, for abort
         self.stalled = False  # ended because the client stopped reading: send it nothing
         self.send_since: float | None = None  # when the pending send began
         self.error_start: dict | None = None  # an error response's start, held back
         self.error_body: list[bytes] = []
 
 
+INTERNAL_ERROR_MESSAGE = "The server failed to handle this request; the x-request-id header identifies it."
+
+
 def _normalised_error(start: dict, body: bytes) -> tuple[dict, bytes]:
-    """vLLM's error body with a string ``code`` (it sends the HTTP status as a number)."""
+    """vLLM's error body with a string ``code`` (it sends the HTTP status as a number);
+    a body that is not an OpenAI error (Starlette's plain-text 500) becomes one."""
+    status = start["status"]
     try:
         payload = msgspec.json.decode(body)
         error = payload["error"]
         if not isinstance(error.get("code"), str):
-            error["code"] = engine_error_code(start["status"])
-            body = msgspec.json.encode(payload)
+            error["code"] = engine_error_code(status)
     except (msgspec.DecodeError, KeyError, TypeError, AttributeError):
-        pass  # not an OpenAI error body: passed on as it is
-    headers = [(k, v) for k, v in start.get("headers", ()) if k != b"content-length"]
-    headers.append((b"content-length", str(len(body)).encode()))
+        message = INTERNAL_ERROR_MESSAGE if status >= 500 else "The request failed."
+        payload = {"error": {"message": message, "type": "server_error" if status >= 500 else "invalid_request_error",
+                             "param": None, "code": engine_error_code(status)}}  # fmt: skip
+    body = msgspec.json.encode(payload)
+    headers = [(k, v) for k, v in start.get("headers", ()) if k not in (b"content-length", b"content-type")]
+    headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     return {**start, "headers": headers}, body
+
+
+UPSTREAM_TIMEOUT = {"error": {"message": "A remote image URL did not answer within the time limit.",
+                               "type": "server_error", "param": None, "code": "upstream_timeout"}}  # fmt: skip
+
+
+async def _send_held_error(send, serving: _Serving, headers, failure: Exception | None) -> None:
+    """The error response held back by send_wrapper, normalised; Starlette's generic 500
+    for an exception vLLM let through becomes what it was, where we know (a timeout)."""
+    start = serving.error_start or {"type": "http.response.start", "status": 500, "headers": headers}
+    body = b"".join(serving.error_body)
+    if isinstance(failure, TimeoutError):
+        start, body = {**start, "status": 504}, msgspec.json.encode(UPSTREAM_TIMEOUT)
+    start, body = _normalised_error(start, body)
+    try:
+        await send(start)
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+    except OSError:
+        pass  # the client is gone
+    serving.finished = True
 
 
 def _with_header(send, name: bytes, value: bytes):

@@ -4,6 +4,7 @@ import asyncio
 import json
 import time
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from serving.admission.clock import FakeClock
@@ -381,7 +382,14 @@ def test_a_client_that_stops_reading_is_ended_and_its_units_released():
     async def scenario():
         app = FakeEngineApp(chunks=50)
         mw, _, ledger = build(app)
+        aborted = []
+
+        async def abort(engine_request_id):
+            aborted.append(engine_request_id)
+
+        mw.abort = abort
         scope, payload = request(CHAT)
+        scope["headers"].append((b"x-request-id", b"client-7"))
         client = Client(payload)
         blocked = asyncio.Event()
 
@@ -399,4 +407,39 @@ def test_a_client_that_stops_reading_is_ended_and_its_units_released():
         await asyncio.wait_for(task, 1)
         assert ledger.total_inflight() == 0 and mw.serving_count == 0
         assert len(client.sent) == 2  # nothing more was pushed at the stuck client
+        # vLLM got an id of our making (unique even if clients reuse theirs), and that
+        # engine request was aborted by it.
+        sent_id = dict(scope["headers"])[b"x-request-id"].decode()
+        assert sent_id.startswith("client-7.") and aborted == ["chatcmpl-" + sent_id]
     asyncio.run(scenario())
+
+
+class CrashingApp:
+    """Like vLLM's app when an exception escapes its handlers: Starlette's plain 500, re-raised."""
+
+    def __init__(self, exc):
+        self.exc = exc
+
+    async def __call__(self, scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": 500, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"Internal Server Error", "more_body": False})
+        raise self.exc
+
+
+@pytest.mark.parametrize("exc,status,code", [
+    (RuntimeError("secret prompt text in a message"), 500, "internal_error"),
+    (TimeoutError("secret prompt text in a message"), 504, "upstream_timeout"),  # a remote image fetch
+])  # fmt: skip
+def test_an_exception_inside_vllm_is_an_openai_error_logged_without_its_message(caplog, exc, status, code):
+    async def scenario():
+        mw, _, ledger = build(CrashingApp(exc))
+        scope, payload = request(CHAT)
+        client = Client(payload)
+        await mw(scope, client.receive, client.send)
+        assert client.status == status and client.json()["error"]["code"] == code
+        assert dict(client.sent[0]["headers"])[b"content-type"] == b"application/json"
+        assert len(client.sent) == 2 and ledger.total_inflight() == 0
+    with caplog.at_level("DEBUG", logger="serving"):
+        asyncio.run(scenario())
+    assert type(exc).__name__ in caplog.text and "secret prompt" not in caplog.text

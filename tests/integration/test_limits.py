@@ -1,0 +1,201 @@
+"""Limits that need non-default settings, on a second real server: a trickling body, a
+client that never reads, remote image URLs (enabled for one host) and keys reloads."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import io
+import json
+import re
+import signal
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+from serving.admission.keys import add_key
+from tests.live_server import launch, stop, wait_ready, write_keys
+
+BODY_TIMEOUT_S = 3
+STALL_TIMEOUT_S = 4
+
+
+def png(width: int, height: int, noise: bool = False) -> bytes:
+    picture = Image.effect_noise((width, height), 80).convert("RGB") if noise else Image.new("RGB", (width, height), 70)
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+class ImageHost(http.server.BaseHTTPRequestHandler):
+    small = png(64, 64)
+    big = png(1100, 1100, noise=True)  # > 1 MiB of PNG
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        if self.path == "/redirect.png":
+            self.send_response(302)
+            self.send_header("Location", f"http://localhost:{self.server.server_port}/ok.png")
+            self.end_headers()
+            return
+        if self.path == "/slow.png":
+            time.sleep(6)
+        body = self.big if self.path == "/big.png" else self.small
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_host():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ImageHost)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_port}"
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def limits_server(tmp_path_factory, server):
+    root = tmp_path_factory.mktemp("limits")
+    keys_file = root / "keys.yaml"
+    keys = write_keys(keys_file, {"main": "big"})
+    srv = launch(
+        root, keys_file, keys,
+        "--body-timeout-s", str(BODY_TIMEOUT_S), "--stream-stall-timeout-s", str(STALL_TIMEOUT_S),
+        "--remote-image-hosts", "127.0.0.1", "--remote-image-private-networks",
+        "--remote-image-max-mib", "1", "--remote-image-timeout-s", "2",
+        dev_model_dir=server.dev_model_dir,
+    )  # fmt: skip
+    srv.keys_file = keys_file
+    try:
+        wait_ready(srv)
+        yield srv
+    finally:
+        stop(srv, signal.SIGKILL)
+
+
+def post_chat(srv, body: dict, key: str | None = None, timeout=60) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key or srv.keys['main']}"}
+    return httpx.post(srv.url + "/v1/chat/completions", json=body, headers=headers, timeout=timeout)
+
+
+def metric(srv, pattern: str) -> float:
+    text = httpx.get(srv.url + "/metrics", timeout=10).text
+    return sum(float(v) for v in re.findall(pattern + r" (\S+)$", text, re.M))
+
+
+def wait_for(condition, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return condition()
+
+
+def test_a_trickling_body_gets_408_after_the_body_timeout(limits_server):
+    srv = limits_server
+    host, port = srv.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + srv.keys["main"].encode() + b"\r\nContent-Length: 1000\r\n\r\n{"
+        )
+        started = time.monotonic()
+        sock.setblocking(False)
+        answer = b""
+        while time.monotonic() - started < BODY_TIMEOUT_S + 10 and b"\r\n\r\n" not in answer:
+            try:
+                sock.send(b" ")  # one byte every 0.5 s: never the whole body
+            except OSError:
+                pass
+            time.sleep(0.5)
+            try:
+                answer += sock.recv(65536)
+            except BlockingIOError:
+                pass
+        took = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b'"request_timeout"' in answer or b"\r\n\r\n" in answer
+    assert BODY_TIMEOUT_S - 0.5 < took < BODY_TIMEOUT_S + 5
+    srv.assert_alive()
+
+
+def test_a_client_that_never_reads_is_ended_and_its_unit_released(limits_server):
+    srv = limits_server
+    host, port = srv.url.removeprefix("http://").split(":")
+    body = json.dumps({
+        "model": "medgemma-4b-it", "messages": [{"role": "user", "content": "Describe it."}],
+        "max_tokens": 20000, "min_tokens": 20000, "stream": True,
+    }).encode()  # fmt: skip
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+    sock.connect((host, int(port)))
+    try:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + srv.keys["main"].encode() + b"\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        assert wait_for(lambda: metric(srv, r'^medgemma_inflight_units\{plan="big"\}') == 1, 30)
+        # Never read: the server's buffers fill, its send blocks, the stall timeout ends it.
+        assert wait_for(lambda: metric(srv, r'^medgemma_inflight_units\{plan="big"\}') == 0, 90)
+        assert wait_for(lambda: metric(srv, r"^vllm:num_requests_running\{[^}]*\}") == 0, 30)
+        assert "stopped reading" in srv.log()
+    finally:
+        sock.close()
+    srv.assert_alive()
+
+
+def image_chat(url: str) -> dict:
+    return {
+        "model": "medgemma-4b-it", "max_tokens": 4,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": url}}]}],
+    }  # fmt: skip
+
+
+def test_remote_images_only_from_the_allowed_host_within_limits(limits_server, image_host):
+    srv = limits_server
+    assert post_chat(srv, image_chat(image_host + "/ok.png")).status_code == 200
+    other_name = image_host.replace("127.0.0.1", "localhost")  # same server, host not allowed
+    refused = post_chat(srv, image_chat(other_name + "/ok.png"))
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "image_url_not_allowed"
+    expected = {  # no redirects, at most 1 MiB, within 2 s
+        "/redirect.png": (400, "invalid_request"), "/big.png": (422, "image_fetch_failed"),
+        "/slow.png": (504, "upstream_timeout"),
+    }  # fmt: skip
+    for path, (status, code) in expected.items():
+        started = time.monotonic()
+        response = post_chat(srv, image_chat(image_host + path))
+        assert (response.status_code, response.json()["error"]["code"]) == (status, code), response.text[:300]
+        assert time.monotonic() - started < 5 if path == "/slow.png" else 30
+    assert "Traceback" not in srv.log()
+    assert metric(srv, r"^medgemma_inflight_units\{[^}]*\}") == 0
+    srv.assert_alive()
+
+
+def test_keys_reload_on_sighup_and_a_bad_file_keeps_the_old_keys(limits_server):
+    srv = limits_server
+    hi = {"model": "medgemma-4b-it", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    new_key = add_key(srv.keys_file, "newcomer", "one")
+    assert post_chat(srv, hi, new_key).status_code in (200, 401)  # the file watcher may be first
+    srv.process.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: post_chat(srv, hi, new_key).status_code == 200, 10)
+
+    good = srv.keys_file.read_text()
+    srv.keys_file.write_text(good.replace("concurrency: 1", "concurrency: lots"))
+    srv.process.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: "keeping the previous keys" in srv.log(), 10)
+    assert post_chat(srv, hi, new_key).status_code == 200
+    assert post_chat(srv, hi, srv.keys["main"]).status_code == 200
+    assert new_key not in srv.log() and srv.keys["main"] not in srv.log()
+    assert metric(srv, r'^medgemma_keys_reloads_total\{result="error"\}') >= 1
+    srv.keys_file.write_text(good)
