@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
         ),
         drain_timeout_s=settings.drain_timeout_s,
+        engine_hang_timeout_s=settings.engine_hang_timeout_s,
     )
     serve(vllm_argv, context)
     return 0

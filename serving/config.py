@@ -135,6 +135,12 @@ class ServeSettings(BaseSettings):
     body_timeout_s: float = Field(
         30.0, gt=0, description="How long a client may take to send its request body (then 408)."
     )
+    engine_hang_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="If requests are running and none produces output for this long, the "
+        "engine is taken as hung: requests end with 503 engine_unavailable, the process exits 1.",
+    )
     stream_stall_timeout_s: float = Field(
         60.0,
         gt=0,

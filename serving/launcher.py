@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse
 
 from serving.admission.install import AdmissionSettings, install
 from serving.drain import Drainer
+from serving.enginewatch import EngineWatch
 from serving.engine import REFUSED_DTYPES
 from serving.metrics import ServingMetrics
 
@@ -46,6 +47,8 @@ class ServerContext:
     metrics: ServingMetrics
     admission: AdmissionSettings
     drain_timeout_s: float = 120.0
+    engine_hang_timeout_s: float = 120.0
+    failed: bool = False  # the engine died or hung: the process exits 1
 
 
 # --- while the engine loads -----------------------------------------------------------
@@ -146,16 +149,35 @@ def attach(app, context: ServerContext) -> None:
 
     engine_client = app.state.engine_client
 
+    async def engine_state() -> str | None:
+        if context.failed or app.state.admission.engine_failed:
+            return "engine_failed"
+        try:
+            await engine_client.check_health()
+        except EngineDeadError:
+            return "engine_dead"
+        return None
+
     async def ready(raw_request: Request) -> JSONResponse:
         """Readiness: 200 only while the engine can serve requests and no drain has begun."""
         if app.state.admission.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
-        try:
-            await engine_client.check_health()
-        except EngineDeadError:
-            return JSONResponse({"status": "engine_dead"}, status_code=503)
+        failure = await engine_state()
+        if failure is not None:
+            return JSONResponse({"status": failure}, status_code=503)
         return JSONResponse({"status": "ready", "model": context.served_model_name})
 
+    async def health(raw_request: Request) -> JSONResponse:
+        """Liveness: 200 while the process and its engine work (also while draining);
+        503 once the engine died or hung (the process exits right after)."""
+        failure = await engine_state()
+        if failure is not None:
+            return JSONResponse({"status": failure}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    # vLLM's /health knows a dead engine but not a hung one: ours replaces it.
+    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != "/health"]
+    app.add_api_route("/health", health, methods=["GET"], include_in_schema=False)
     app.add_api_route("/ready", ready, methods=["GET"], include_in_schema=False)
     context.metrics.engine_ready.set_function(lambda: 0.0 if engine_client.errored else 1.0)
     get_prometheus_registry().register(context.metrics.registry)
@@ -193,6 +215,14 @@ async def run_server(args, context: ServerContext) -> None:
                 end_all=app.state.admission_middleware.end_all,
             )
             app.state.drainer = drainer
+            watch = EngineWatch(
+                errored=lambda: engine_client.errored,
+                controller=app.state.admission,
+                middleware=app.state.admission_middleware,
+                on_failed=lambda: setattr(context, "failed", True),
+                hang_timeout_s=context.engine_hang_timeout_s,
+            )
+            app.state.engine_watch = asyncio.get_running_loop().create_task(watch.run())
             # Runs once serve_http (below) has installed vLLM's signal handlers: SIGTERM
             # becomes a graceful drain, SIGINT stays vLLM's immediate shutdown.
             asyncio.get_running_loop().call_soon(drainer.install, asyncio.get_running_loop())
@@ -258,3 +288,5 @@ def serve(vllm_argv: list[str], context: ServerContext) -> None:
         vllm_version=vllm_version,
     )
     uvloop.run(run_server(args, context))
+    if context.failed:
+        raise SystemExit(1)  # the engine died or hung: let the orchestrator restart us

@@ -64,6 +64,9 @@ def retry_after_s(work_ahead: float, rate_per_s: float) -> int:
     return max(RETRY_AFTER_MIN_S, min(RETRY_AFTER_MAX_S, math.ceil(work_ahead / rate_per_s)))
 
 
+ENGINE_FAILED_MESSAGE = "The model engine on this replica failed; retry, another replica will serve it."
+
+
 @dataclass
 class RequestShape:
     """What admission needs to know of a request (from the middleware's read of the body)."""
@@ -136,6 +139,7 @@ class AdmissionController:
         self.queue_timeout_s = queue_timeout_s
         self.clock = clock or MonotonicClock()
         self.draining = False
+        self.engine_failed = False
         self.completions = CompletionRate(self.clock)
         self._account_completions: dict[str, CompletionRate] = {}
         self._plan_waiters: dict[str, deque[_PlanWaiter]] = {}
@@ -199,6 +203,8 @@ class AdmissionController:
             raise self._reject(
                 Outcome.REJECTED_DRAINING, "The server is shutting down.", retry_after=5
             )
+        if self.engine_failed:
+            raise self._reject(Outcome.REJECTED_ENGINE_FAILED, ENGINE_FAILED_MESSAGE, retry_after=10)
         units = self.cost(shape.model) * shape.sequences
         if units > account.plan.concurrency:
             raise self._reject(
@@ -256,7 +262,20 @@ class AdmissionController:
             if not waiters:
                 self._plan_waiters.pop(account.name, None)
 
+    def fail_engine(self) -> int:
+        """The engine died or hung: refuse new requests, evict every queued one (503
+        ``engine_unavailable``); returns how many were evicted."""
+        self.engine_failed = True
+        error = AdmissionError(Outcome.EVICTED_ENGINE_FAILED, ENGINE_FAILED_MESSAGE, retry_after_s=10)
+        evicted = self.queue.fail_all(error)
+        for _ in range(evicted):
+            self._count(Outcome.EVICTED_ENGINE_FAILED)
+        self.metrics.queue_depth.set(self.queue.depth)
+        return evicted
+
     async def _acquire_slot(self, account: str, tokens: int) -> Slot:
+        if self.engine_failed:  # a plan waiter granted budget after the engine failed
+            raise self._reject(Outcome.REJECTED_ENGINE_FAILED, ENGINE_FAILED_MESSAGE, retry_after=10)
         slot = self.queue.try_acquire(account, tokens)
         if slot is not None:
             self.metrics.queue_wait_seconds.observe(0.0)
@@ -272,6 +291,8 @@ class AdmissionController:
         try:
             slot = await self.queue.wait(waiter)
         except AdmissionError as error:
+            if error.outcome is Outcome.EVICTED_ENGINE_FAILED:
+                raise  # counted by fail_engine, with its own Retry-After
             error.retry_after_s = self._retry_engine()
             self._count(error.outcome)
             raise

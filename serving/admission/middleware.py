@@ -171,6 +171,7 @@ class AdmissionMiddleware:
         self.estimator = estimator
         self.guard = guard or RequestGuard()
         self.abort = abort  # aborts an engine request by vLLM's external request id
+        self.last_progress = time.monotonic()  # when any admitted request last sent data
         self._serving: set[_Serving] = set()
 
     async def __call__(self, scope, receive, send) -> None:
@@ -271,7 +272,10 @@ class AdmissionMiddleware:
             if serving.error_start is not None and message["type"] == "http.response.body":
                 serving.error_body.append(message.get("body", b""))
                 return  # sent once the app has returned (or raised): see _send_held_error
+            if serving.streaming and message.get("body", b"").startswith(SSE_ERROR_PREFIX):
+                message = {**message, "body": _normalised_sse_error(message["body"])}
             serving.send_since = time.monotonic()  # cleared once the client took it
+            self.last_progress = serving.send_since
             await send(message)
             serving.send_since = None
             if message["type"] == "http.response.body" and not message.get("more_body", False):
@@ -314,11 +318,20 @@ class AdmissionMiddleware:
     def serving_count(self) -> int:
         return len(self._serving)
 
-    async def end_all(self, message: str) -> None:
-        """End every running request now (drain's grace period is over): its engine request
-        is aborted, the client gets a clear error, its units are released."""
+    def stuck_s(self, now: float | None = None) -> float:
+        """Seconds since any running request last sent data; 0 while none is running."""
+        if not self._serving:
+            return 0.0
+        started = min(s.began for s in self._serving)
+        return (time.monotonic() if now is None else now) - max(self.last_progress, started)
+
+    async def end_all(self, message: str, outcome: Outcome = Outcome.REJECTED_DRAINING) -> None:
+        """End every running request now (drain's grace period is over, or the engine
+        failed): its engine request is aborted, the client gets a clear error (``outcome``'s
+        code), its units are released."""
         for serving in list(self._serving):
             serving.ended_by_server = message
+            serving.ended_outcome = outcome
             serving.task.cancel()
         while self._serving:
             await asyncio.sleep(0.01)
@@ -366,10 +379,31 @@ class _Serving:
         self.finished = False
         self.ended_by_server: str | None = None
         self.engine_request_id: str | None = None  # vLLM's external id, for abort
+        self.ended_outcome = Outcome.REJECTED_DRAINING
         self.stalled = False  # ended because the client stopped reading: send it nothing
         self.send_since: float | None = None  # when the pending send began
         self.error_start: dict | None = None  # an error response's start, held back
         self.error_body: list[bytes] = []
+
+
+SSE_ERROR_PREFIX = b'data: {"error"'
+
+
+def _normalised_sse_error(chunk: bytes) -> bytes:
+    """vLLM's in-stream error event with a string ``code`` (an engine failure mid-stream
+    becomes ``engine_unavailable``)."""
+    event, sep, rest = chunk.partition(b"\n\n")
+    try:
+        payload = msgspec.json.decode(event[6:])
+        error = payload["error"]
+        if not isinstance(error.get("code"), str):
+            status = error.get("code") if isinstance(error.get("code"), int) else 500
+            engine_dead = "EngineDead" in str(error.get("type")) or "EngineCore" in str(error.get("message"))
+            error["code"] = "engine_unavailable" if engine_dead else engine_error_code(status)
+            return b"data: " + msgspec.json.encode(payload) + sep + rest
+    except (msgspec.DecodeError, KeyError, TypeError, AttributeError):
+        pass
+    return chunk
 
 
 INTERNAL_ERROR_MESSAGE = "The server failed to handle this request; the x-request-id header identifies it."
@@ -424,7 +458,7 @@ def _with_header(send, name: bytes, value: bytes):
 
 
 async def _send_forced_end(send, serving: _Serving, headers) -> None:
-    error = AdmissionError(Outcome.REJECTED_DRAINING, serving.ended_by_server or "", retry_after_s=5)
+    error = AdmissionError(serving.ended_outcome, serving.ended_by_server or "", retry_after_s=5)
     try:
         if serving.finished:
             return

@@ -30,8 +30,10 @@ class Outcome(str, Enum):
     REJECTED_IMAGE_TOO_LARGE = "rejected_image_too_large"
     REJECTED_IMAGE_URL = "rejected_image_url"
     REJECTED_NOT_FOUND = "rejected_not_found"
+    REJECTED_ENGINE_FAILED = "rejected_engine_failed"
     EVICTED_QUEUE_TIMEOUT = "evicted_queue_timeout"
     EVICTED_CLIENT_GONE = "evicted_client_gone"
+    EVICTED_ENGINE_FAILED = "evicted_engine_failed"
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ HTTP_ERRORS: dict[Outcome, HttpError] = {
     Outcome.REJECTED_IMAGE_TOO_LARGE: HttpError(400, "image_too_large", "invalid_request_error", False),
     Outcome.REJECTED_IMAGE_URL: HttpError(400, "image_url_not_allowed", "invalid_request_error", False),
     Outcome.REJECTED_NOT_FOUND: HttpError(404, "not_found", "invalid_request_error", False),
+    Outcome.REJECTED_ENGINE_FAILED: HttpError(503, "engine_unavailable", "service_unavailable", True),
+    Outcome.EVICTED_ENGINE_FAILED: HttpError(503, "engine_unavailable", "service_unavailable", True),
     Outcome.EVICTED_QUEUE_TIMEOUT: HttpError(503, "queue_timeout", "service_unavailable", True),
 }
 

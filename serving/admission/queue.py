@@ -161,6 +161,18 @@ class FairQueue:
             self._dispatch()
         return evicted
 
+    def fail_all(self, error: AdmissionError) -> int:
+        """Evict every waiter with ``error`` (the engine failed); returns how many."""
+        failed = 0
+        for queue in self._waiting.values():
+            for waiter in queue:
+                if not waiter.future.done():
+                    waiter.future.set_exception(error)
+                    failed += 1
+        self._waiting.clear()
+        self._depth = 0
+        return failed
+
     def _dispatch(self) -> None:
         while self._waiting:
             account = min(

@@ -443,3 +443,15 @@ def test_an_exception_inside_vllm_is_an_openai_error_logged_without_its_message(
     with caplog.at_level("DEBUG", logger="serving"):
         asyncio.run(scenario())
     assert type(exc).__name__ in caplog.text and "secret prompt" not in caplog.text
+
+
+def test_in_stream_error_events_get_a_string_code():
+    from serving.admission.middleware import _normalised_sse_error
+
+    dead = b'data: {"error": {"message": "EngineCore encountered an issue.", "type": "EngineDeadError", "param": null, "code": 500}}\n\ndata: [DONE]\n\n'
+    out = _normalised_sse_error(dead)
+    assert out.endswith(b"\n\ndata: [DONE]\n\n")
+    assert json.loads(out.split(b"\n\n")[0][6:])["error"]["code"] == "engine_unavailable"
+    bad = b'data: {"error": {"message": "x", "type": "BadRequestError", "param": null, "code": 400}}\n\n'
+    assert json.loads(_normalised_sse_error(bad)[6:])["error"]["code"] == "invalid_request"
+    assert _normalised_sse_error(b'data: {"error": not json') == b'data: {"error": not json'

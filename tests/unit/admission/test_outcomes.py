@@ -20,6 +20,8 @@ EXPECTED = {
     Outcome.REJECTED_IMAGE_TOO_LARGE: (400, "image_too_large", False),
     Outcome.REJECTED_IMAGE_URL: (400, "image_url_not_allowed", False),
     Outcome.REJECTED_NOT_FOUND: (404, "not_found", False),
+    Outcome.REJECTED_ENGINE_FAILED: (503, "engine_unavailable", True),
+    Outcome.EVICTED_ENGINE_FAILED: (503, "engine_unavailable", True),
 }
 
 

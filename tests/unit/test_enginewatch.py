@@ -1,0 +1,80 @@
+"""EngineWatch: a dead or hung engine fails queued and running requests, then exits."""
+
+import asyncio
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from serving.admission.clock import FakeClock
+from serving.admission.controller import AdmissionController, RequestShape
+from serving.admission.keys import KeyStore
+from serving.admission.ledger import InProcessLedger
+from serving.admission.outcomes import AdmissionError, Outcome
+from serving.admission.queue import Capacity, FairQueue
+from serving.enginewatch import EngineWatch
+from serving.metrics import ServingMetrics
+
+
+class FakeMiddleware:
+    def __init__(self):
+        self.serving_count = 0
+        self.stuck = 0.0
+        self.ended = []
+
+    def stuck_s(self):
+        return self.stuck
+
+    async def end_all(self, message, outcome):
+        self.ended.append(outcome)
+        self.serving_count = 0
+
+
+def controller_with_one_slot():
+    clock = FakeClock()
+    return AdmissionController(
+        KeyStore.open(8), InProcessLedger(), FairQueue(Capacity(1, 10**6), 8, clock),
+        ServingMetrics(CollectorRegistry()), max_model_len=1000, model_costs={"m": 1},
+        queue_timeout_s=30, clock=clock,
+    )  # fmt: skip
+
+
+def watch_for(controller, middleware, errored, events):
+    return EngineWatch(
+        errored=lambda: errored[0], controller=controller, middleware=middleware,
+        on_failed=lambda: events.append("failed"), hang_timeout_s=10, grace_s=0.05,
+        interval_s=0.01, shutdown=lambda: events.append("shutdown"),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("how", ["died", "hung"])
+def test_a_failed_engine_evicts_the_queue_ends_running_requests_and_shuts_down(how):
+    async def scenario():
+        controller = controller_with_one_slot()
+        account = controller.keys.accounts["anonymous"]
+        shape = RequestShape("m", 10, 10)
+        running = await controller.admit(account, shape)  # holds the only engine slot
+        queued = asyncio.ensure_future(controller.admit(account, shape))
+        await asyncio.sleep(0)
+        assert controller.queue.depth == 1
+        middleware, events, errored = FakeMiddleware(), [], [False]
+        middleware.serving_count = 1
+        watch = watch_for(controller, middleware, errored, events)
+        task = asyncio.ensure_future(watch.run())
+        await asyncio.sleep(0.05)
+        assert events == [] and watch.check() is None  # healthy so far
+        if how == "died":
+            errored[0] = True
+        else:
+            middleware.stuck = 11
+        await asyncio.wait_for(task, 2)
+        assert watch.failed == how and events == ["failed", "shutdown"]
+        with pytest.raises(AdmissionError) as caught:
+            await queued
+        assert caught.value.outcome is Outcome.EVICTED_ENGINE_FAILED and controller.queue.depth == 0
+        assert middleware.ended == [Outcome.EVICTED_ENGINE_FAILED]
+        with pytest.raises(AdmissionError) as refused:  # new requests: 503 engine_unavailable
+            controller.admit_now(account, shape)
+        assert refused.value.outcome is Outcome.REJECTED_ENGINE_FAILED
+        await running.release()
+        assert controller.ledger.total_inflight() == 0
+    asyncio.run(scenario())
