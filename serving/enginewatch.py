@@ -32,6 +32,7 @@ class EngineWatch:
         controller,
         middleware,
         on_failed: Callable[[], None],
+        stopping: Callable[[], bool] = lambda: False,
         hang_timeout_s: float = 120.0,
         grace_s: float = 2.0,
         interval_s: float = 0.5,
@@ -41,6 +42,7 @@ class EngineWatch:
         self.controller = controller
         self.middleware = middleware
         self.on_failed = on_failed
+        self.stopping = stopping  # an orderly shutdown has begun: the engine stops on purpose
         self.hang_timeout_s = hang_timeout_s
         self.grace_s = grace_s
         self.interval_s = interval_s
@@ -48,7 +50,10 @@ class EngineWatch:
         self.failed: str | None = None
 
     def check(self) -> str | None:
-        """Why the engine is failed ("died"/"hung"), or None while it is healthy."""
+        """Why the engine is failed ("died"/"hung"), or None while it is healthy (or is
+        being shut down on purpose)."""
+        if self.stopping():
+            return None
         if self.errored():
             return "died"
         if self.middleware.stuck_s() > self.hang_timeout_s:
@@ -58,6 +63,8 @@ class EngineWatch:
     async def run(self) -> None:
         while self.failed is None:
             await asyncio.sleep(self.interval_s)
+            if self.stopping():
+                return
             self.failed = self.check()
         await self.fail(self.failed)
 

@@ -27,6 +27,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from serving.admission.install import AdmissionSettings, install
+from serving.admission.middleware import MODEL_PATHS, PUBLIC_PATHS
 from serving.drain import Drainer
 from serving.enginewatch import EngineWatch
 from serving.engine import REFUSED_DTYPES
@@ -49,6 +50,7 @@ class ServerContext:
     drain_timeout_s: float = 120.0
     engine_hang_timeout_s: float = 120.0
     failed: bool = False  # the engine died or hung: the process exits 1
+    stopping: bool = False  # an orderly shutdown (SIGINT, or the end of a drain) has begun
 
 
 # --- while the engine loads -----------------------------------------------------------
@@ -179,10 +181,38 @@ def attach(app, context: ServerContext) -> None:
     app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != "/health"]
     app.add_api_route("/health", health, methods=["GET"], include_in_schema=False)
     app.add_api_route("/ready", ready, methods=["GET"], include_in_schema=False)
+    _limit_openapi(app)
     context.metrics.engine_ready.set_function(lambda: 0.0 if engine_client.errored else 1.0)
     get_prometheus_registry().register(context.metrics.registry)
     install(app, engine_client, context.admission, context.metrics)
     app.state.medgemma = context
+
+
+def _mark_shutdown(engine_client, context: ServerContext) -> None:
+    """Note when vLLM's shutdown stops the engine on purpose, so EngineWatch does not take
+    the stopped engine for a failed one (and exit 1 after a clean drain)."""
+    shutdown = engine_client.shutdown
+
+    def shutdown_on_purpose(*args, **kwargs):
+        context.stopping = True
+        return shutdown(*args, **kwargs)
+
+    engine_client.shutdown = shutdown_on_purpose
+
+
+def _limit_openapi(app) -> None:
+    """/openapi.json documents only the routes the middleware lets through."""
+    generate = app.openapi
+    served = MODEL_PATHS | PUBLIC_PATHS
+
+    def openapi() -> dict:
+        schema = generate()
+        if set(schema.get("paths", {})) - served:
+            schema = {**schema, "paths": {p: v for p, v in schema["paths"].items() if p in served}}
+            app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
 
 
 async def run_server(args, context: ServerContext) -> None:
@@ -215,11 +245,13 @@ async def run_server(args, context: ServerContext) -> None:
                 end_all=app.state.admission_middleware.end_all,
             )
             app.state.drainer = drainer
+            _mark_shutdown(engine_client, context)
             watch = EngineWatch(
                 errored=lambda: engine_client.errored,
                 controller=app.state.admission,
                 middleware=app.state.admission_middleware,
                 on_failed=lambda: setattr(context, "failed", True),
+                stopping=lambda: context.stopping,
                 hang_timeout_s=context.engine_hang_timeout_s,
             )
             app.state.engine_watch = asyncio.get_running_loop().create_task(watch.run())

@@ -78,3 +78,16 @@ def test_a_failed_engine_evicts_the_queue_ends_running_requests_and_shuts_down(h
         await running.release()
         assert controller.ledger.total_inflight() == 0
     asyncio.run(scenario())
+
+
+def test_an_engine_stopped_on_purpose_is_not_a_failure():
+    async def scenario():
+        events, errored, stopping = [], [True], [True]
+        watch = EngineWatch(
+            errored=lambda: errored[0], controller=controller_with_one_slot(), middleware=FakeMiddleware(),
+            on_failed=lambda: events.append("failed"), stopping=lambda: stopping[0], interval_s=0.01,
+            shutdown=lambda: events.append("shutdown"),
+        )  # fmt: skip
+        await asyncio.wait_for(watch.run(), 1)  # returns: nothing to watch any more
+        assert watch.failed is None and events == []
+    asyncio.run(scenario())
