@@ -368,7 +368,8 @@ class AdmissionMiddleware:
 
 
 class _Serving:
-    """One request being served, for drain's forced end."""
+    """One request being served: what a forced end (drain, engine failure, a stalled
+    client) and the error normalisation need to know of it."""
 
     def __init__(self) -> None:
         self.task: asyncio.Future | None = None
@@ -389,17 +390,24 @@ class _Serving:
 SSE_ERROR_PREFIX = b'data: {"error"'
 
 
+def _string_code(error: dict, status: int) -> bool:
+    """Give a vLLM error object a string ``code`` in place of its numeric one (an engine
+    failure becomes ``engine_unavailable``); True if it changed."""
+    if isinstance(error.get("code"), str):
+        return False
+    engine_dead = "EngineDead" in str(error.get("type")) or "EngineCore" in str(error.get("message"))
+    error["code"] = "engine_unavailable" if engine_dead else engine_error_code(status)
+    return True
+
+
 def _normalised_sse_error(chunk: bytes) -> bytes:
-    """vLLM's in-stream error event with a string ``code`` (an engine failure mid-stream
-    becomes ``engine_unavailable``)."""
+    """vLLM's in-stream error event with a string ``code``."""
     event, sep, rest = chunk.partition(b"\n\n")
     try:
         payload = msgspec.json.decode(event[6:])
         error = payload["error"]
-        if not isinstance(error.get("code"), str):
-            status = error.get("code") if isinstance(error.get("code"), int) else 500
-            engine_dead = "EngineDead" in str(error.get("type")) or "EngineCore" in str(error.get("message"))
-            error["code"] = "engine_unavailable" if engine_dead else engine_error_code(status)
+        status = error.get("code") if isinstance(error.get("code"), int) else 500
+        if _string_code(error, status):
             return b"data: " + msgspec.json.encode(payload) + sep + rest
     except (msgspec.DecodeError, KeyError, TypeError, AttributeError):
         pass
@@ -415,9 +423,7 @@ def _normalised_error(start: dict, body: bytes) -> tuple[dict, bytes]:
     status = start["status"]
     try:
         payload = msgspec.json.decode(body)
-        error = payload["error"]
-        if not isinstance(error.get("code"), str):
-            error["code"] = engine_error_code(status)
+        _string_code(payload["error"], status)
     except (msgspec.DecodeError, KeyError, TypeError, AttributeError):
         message = INTERNAL_ERROR_MESSAGE if status >= 500 else "The request failed."
         payload = {"error": {"message": message, "type": "server_error" if status >= 500 else "invalid_request_error",

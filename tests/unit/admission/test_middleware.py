@@ -455,3 +455,11 @@ def test_in_stream_error_events_get_a_string_code():
     bad = b'data: {"error": {"message": "x", "type": "BadRequestError", "param": null, "code": 400}}\n\n'
     assert json.loads(_normalised_sse_error(bad)[6:])["error"]["code"] == "invalid_request"
     assert _normalised_sse_error(b'data: {"error": not json') == b'data: {"error": not json'
+
+
+def test_an_engine_death_has_one_code_in_a_stream_and_in_a_plain_error():
+    from serving.admission.middleware import _normalised_error
+
+    body = b'{"error": {"message": "EngineCore encountered an issue.", "type": "EngineDeadError", "param": null, "code": 500}}'
+    _, out = _normalised_error({"type": "http.response.start", "status": 500, "headers": []}, body)
+    assert json.loads(out)["error"]["code"] == "engine_unavailable"
