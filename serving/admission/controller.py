@@ -20,6 +20,7 @@ import asyncio
 import logging
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from serving.admission.clock import Clock, MonotonicClock
@@ -128,6 +129,7 @@ class AdmissionController:
         queue_timeout_s: float,
         clock: Clock | None = None,
         engine_units: int | None = None,
+        engine_dead: Callable[[], bool] = lambda: False,
     ):
         self.keys = keys
         self.ledger = ledger
@@ -139,7 +141,10 @@ class AdmissionController:
         self.queue_timeout_s = queue_timeout_s
         self.clock = clock or MonotonicClock()
         self.draining = False
-        self.engine_failed = False
+        self.engine_failed = False  # set by fail_engine (EngineWatch)
+        # Read on every request: between the engine dying and EngineWatch's next look, a
+        # request must not reach vLLM (which answers a dead engine with a 500).
+        self.engine_dead = engine_dead
         self.completions = CompletionRate(self.clock)
         self._account_completions: dict[str, CompletionRate] = {}
         self._plan_waiters: dict[str, deque[_PlanWaiter]] = {}
@@ -203,7 +208,7 @@ class AdmissionController:
             raise self._reject(
                 Outcome.REJECTED_DRAINING, "The server is shutting down.", retry_after=5
             )
-        if self.engine_failed:
+        if self.engine_failed or self.engine_dead():
             raise self._reject(Outcome.REJECTED_ENGINE_FAILED, ENGINE_FAILED_MESSAGE, retry_after=10)
         units = self.cost(shape.model) * shape.sequences
         if units > account.plan.concurrency:
@@ -274,7 +279,7 @@ class AdmissionController:
         return evicted
 
     async def _acquire_slot(self, account: str, tokens: int) -> Slot:
-        if self.engine_failed:  # a plan waiter granted budget after the engine failed
+        if self.engine_failed or self.engine_dead():  # a plan waiter granted budget after the engine failed
             raise self._reject(Outcome.REJECTED_ENGINE_FAILED, ENGINE_FAILED_MESSAGE, retry_after=10)
         slot = self.queue.try_acquire(account, tokens)
         if slot is not None:

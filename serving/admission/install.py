@@ -96,6 +96,7 @@ def install(app, engine_client, settings: AdmissionSettings, metrics: ServingMet
         queue_timeout_s=settings.queue_timeout_s,
         clock=clock,
         engine_units=vllm_config.scheduler_config.max_num_seqs,
+        engine_dead=lambda: engine_client.errored,
     )
     # A lower bound per image: its soft tokens (256 for MedGemma), not the wrapper tokens.
     image_tokens = getattr(vllm_config.model_config.hf_config, "mm_tokens_per_image", 256)

@@ -431,7 +431,10 @@ def _normalised_error(start: dict, body: bytes) -> tuple[dict, bytes]:
     body = msgspec.json.encode(payload)
     headers = [(k, v) for k, v in start.get("headers", ()) if k not in (b"content-length", b"content-type")]
     headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    return {**start, "headers": headers}, body
+    if payload["error"].get("code") == "engine_unavailable":  # vLLM sends a dead engine as a 500
+        status = 503
+        headers.append((b"retry-after", b"10"))
+    return {**start, "status": status, "headers": headers}, body
 
 
 UPSTREAM_TIMEOUT = {"error": {"message": "A remote image URL did not answer within the time limit.",

@@ -91,12 +91,19 @@ def test_kill_9_of_a_replica_frees_its_units_within_the_ttl(replicas):
     def leases():
         return probe.zrange("medgemma:leases:{shared}", 0, -1, withscores=True), probe.time()
 
+    # Units are released just after a response's last byte: the previous test's may still be
+    # on their way to Redis when this one starts (seconds, when this VM stalls a process).
+    deadline = time.monotonic() + 15
+    while leases()[0] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not leases()[0], leases()
     headers = {"Authorization": f"Bearer {b.keys['shared']}"}
     url_b, url_a = b.base_url + "/chat/completions", a.base_url + "/chat/completions"
     with httpx.Client(timeout=60) as client:
         streams = [client.stream("POST", url_b, json=chat(30000, True), headers=headers) for _ in range(2)]
         responses = [s.__enter__() for s in streams]
-        assert [r.status_code for r in responses] == [200, 200]
+        refused = [(r.headers, r.read()) for r in responses if r.status_code != 200]
+        assert [r.status_code for r in responses] == [200, 200], (refused, leases(), b.log()[-3000:])
         # Keep the line iterators: a dropped one closes its connection (a disconnect).
         line_iters = [response.iter_lines() for response in responses]
         for lines in line_iters:

@@ -91,3 +91,24 @@ def test_an_engine_stopped_on_purpose_is_not_a_failure():
         await asyncio.wait_for(watch.run(), 1)  # returns: nothing to watch any more
         assert watch.failed is None and events == []
     asyncio.run(scenario())
+
+
+def test_a_dead_engine_refuses_requests_before_the_watch_has_looked():
+    # vLLM answers a request to a dead engine with a 500; between the death and the watch's
+    # next look the controller reads the engine's flag itself.
+    async def scenario():
+        errored = [False]
+        clock = FakeClock()
+        controller = AdmissionController(
+            KeyStore.open(8), InProcessLedger(), FairQueue(Capacity(1, 10**6), 8, clock),
+            ServingMetrics(CollectorRegistry()), max_model_len=1000, model_costs={"m": 1},
+            queue_timeout_s=30, clock=clock, engine_dead=lambda: errored[0],
+        )  # fmt: skip
+        account, shape = controller.keys.accounts["anonymous"], RequestShape("m", 10, 10)
+        await (await controller.admit(account, shape)).release()
+        errored[0] = True
+        with pytest.raises(AdmissionError) as refused:
+            await controller.admit(account, shape)
+        assert refused.value.outcome is Outcome.REJECTED_ENGINE_FAILED
+        assert controller.ledger.total_inflight() == 0
+    asyncio.run(scenario())

@@ -461,5 +461,7 @@ def test_an_engine_death_has_one_code_in_a_stream_and_in_a_plain_error():
     from serving.admission.middleware import _normalised_error
 
     body = b'{"error": {"message": "EngineCore encountered an issue.", "type": "EngineDeadError", "param": null, "code": 500}}'
-    _, out = _normalised_error({"type": "http.response.start", "status": 500, "headers": []}, body)
+    start, out = _normalised_error({"type": "http.response.start", "status": 500, "headers": []}, body)
     assert json.loads(out)["error"]["code"] == "engine_unavailable"
+    # the same status and Retry-After as admission's own 503 engine_unavailable
+    assert start["status"] == 503 and dict(start["headers"])[b"retry-after"] == b"10"
