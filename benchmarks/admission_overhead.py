@@ -177,6 +177,46 @@ def redis_round_trips(workdir: Path) -> dict[str, int]:
         server.stop()
 
 
+def run_rounds(arms: dict, results: dict, concurrency: int, requests: int, rounds: int, body: dict) -> None:
+    """Rounds with the arms interleaved (rotated, then reversed), so drift hits every arm."""
+    for rnd in range(rounds):
+        names = list(arms)
+        order = names[rnd % len(names):] + names[:rnd % len(names)]  # rotate: each arm leads in turn
+        if rnd // len(names) % 2:
+            order.reverse()
+        for name in order:
+            base, arm_key, pid = arms[name]
+            time.sleep(COOLDOWN_S)  # the other server's worker spins ~2 s after its last step
+            cpu_before = cpu_s(pid)
+            ttfts, elapsed = asyncio.run(run_arm(base, arm_key, concurrency, requests, body))
+            cpu = cpu_s(pid) - cpu_before
+            results[name]["ttft"] += ttfts
+            results[name]["p50"].append(pct(ttfts, 0.5))
+            results[name]["rate"].append(requests / elapsed)
+            results[name]["cpu"].append(cpu / requests)
+
+
+def report(concurrency: int, results: dict) -> None:
+    for name, r in results.items():
+        print(f"{concurrency:>4} {name:>10} {pct(r['ttft'], .5) * 1e3:>11.1f} {pct(r['ttft'], .99) * 1e3:>11.1f} "
+              f"{statistics.median(r['rate']):>7.2f} {statistics.median(r['cpu']) * 1e3:>10.2f}")  # fmt: skip
+    for label, (x, y) in {
+        "admission vs direct": ("admission", "direct"),
+        "admission vs launcher (the layer alone)": ("admission", "launcher"),
+        "launcher vs direct (the launcher alone)": ("launcher", "direct"),
+    }.items():
+        a, d = results[x], results[y]
+        paired = {
+            "TTFT p50 delta ms": [(p - q) * 1e3 for p, q in zip(a["p50"], d["p50"])],
+            "throughput ratio": [p / q for p, q in zip(a["rate"], d["rate"])],
+            "CPU delta ms/req": [(p - q) * 1e3 for p, q in zip(a["cpu"], d["cpu"])],
+        }
+        print(f"{concurrency:>4} {label}: TTFT p99 delta {(pct(a['ttft'], .99) - pct(d['ttft'], .99)) * 1e3:+.1f} ms (pooled)")
+        for name, values in paired.items():
+            print(f"{'':>6}{name} per round: median {statistics.median(values):+.3f}, "
+                  f"quartiles {quartiles(values)}, all {', '.join(f'{v:+.3f}' for v in values)}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", default="1,8,32")
@@ -185,8 +225,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--no-pin", action="store_true", help="leave CPU affinity alone")
+    parser.add_argument("--blocks", type=int, default=3,
+                        help="restart all servers this many times, rotating the start order (3: each arm starts first once)")
     parser.add_argument("--start-order", default="admission,launcher,direct",
-                        help="order the servers start in (to check the order does not bias an arm)")
+                        help="start order of the first block; later blocks rotate it")
     parser.add_argument("--serve-args", default="", help="extra medgemma-serve flags (admission arm)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="admission-bench-"))
@@ -210,76 +252,50 @@ def main() -> None:
         "launcher": (bare_argv, port_bare, "/ready"),
         "direct": ([sys.executable, "-m", "vllm.entrypoints.openai.api_server", *engine_args], port_off, "/health"),
     }
-    procs: dict[str, subprocess.Popen] = {}
-    try:
-        for name in args.start_order.split(","):  # one at a time: start-up is CPU-bound
-            argv, port, ready_path = launch[name]
-            procs[name] = start(argv, work / f"{name}.log", env)
-            wait_ready(f"http://127.0.0.1:{port}", ready_path, procs[name])
-        on, bare, off = procs["admission"], procs["launcher"], procs["direct"]
-        body = {
-            "model": "medgemma-4b-it", "max_tokens": args.max_tokens, "stream": True,
-            "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": image_url()}},
-                {"type": "text", "text": "Describe this image."}]}],
-        }  # fmt: skip
-        arms = {
-            "admission": (f"http://127.0.0.1:{port_on}", key, on.pid),
-            "launcher": (f"http://127.0.0.1:{port_bare}", None, bare.pid),
-            "direct": (f"http://127.0.0.1:{port_off}", None, off.pid),
-        }
-        if not args.no_pin and (os.cpu_count() or 1) >= 2:
-            pin([on.pid, bare.pid, off.pid])
-        for base, arm_key, _ in arms.values():  # warm every arm
-            asyncio.run(run_arm(base, arm_key, 2, 8, body))
-        print(f"vLLM CPU build, dev checkpoint, max({args.requests}, 8 x concurrency) streamed image requests per arm per "
-              f"round, {args.rounds} rounds, max_tokens {args.max_tokens}, arms interleaved, "
-              f"{'engines pinned to core 1' if not args.no_pin else 'no pinning'}")  # fmt: skip
-        header = f"{'conc':>4} {'arm':>10} {'ttft_p50_ms':>11} {'ttft_p99_ms':>11} {'req/s':>7} {'cpu_ms/req':>10}"
-        print(header)
-        for concurrency in [int(c) for c in args.concurrency.split(",")]:
-            requests = max(args.requests, 8 * concurrency)
-            results = {name: {"ttft": [], "p50": [], "rate": [], "cpu": []} for name in arms}
-            for rnd in range(args.rounds):
-                names = list(arms)
-                order = names[rnd % len(names):] + names[:rnd % len(names)]  # rotate: each arm leads in turn
-                if rnd // len(names) % 2:
-                    order.reverse()
-                for name in order:
-                    base, arm_key, pid = arms[name]
-                    time.sleep(COOLDOWN_S)  # the other server's worker spins ~2 s after its last step
-                    cpu_before = cpu_s(pid)
-                    ttfts, elapsed = asyncio.run(run_arm(base, arm_key, concurrency, requests, body))
-                    cpu = cpu_s(pid) - cpu_before
-                    results[name]["ttft"] += ttfts
-                    results[name]["p50"].append(pct(ttfts, 0.5))
-                    results[name]["rate"].append(requests / elapsed)
-                    results[name]["cpu"].append(cpu / requests)
-            for name in arms:
-                r = results[name]
-                print(f"{concurrency:>4} {name:>10} {pct(r['ttft'], .5) * 1e3:>11.1f} {pct(r['ttft'], .99) * 1e3:>11.1f} "
-                      f"{statistics.median(r['rate']):>7.2f} {statistics.median(r['cpu']) * 1e3:>10.2f}")  # fmt: skip
-            for label, (x, y) in {
-                "admission vs direct": ("admission", "direct"),
-                "admission vs launcher (the layer alone)": ("admission", "launcher"),
-                "launcher vs direct (the launcher alone)": ("launcher", "direct"),
-            }.items():
-                a, d = results[x], results[y]
-                paired = {
-                    "TTFT p50 delta ms": [(p - q) * 1e3 for p, q in zip(a["p50"], d["p50"])],
-                    "throughput ratio": [p / q for p, q in zip(a["rate"], d["rate"])],
-                    "CPU delta ms/req": [(p - q) * 1e3 for p, q in zip(a["cpu"], d["cpu"])],
-                }
-                print(f"{concurrency:>4} {label}: TTFT p99 delta {(pct(a['ttft'], .99) - pct(d['ttft'], .99)) * 1e3:+.1f} ms (pooled)")
-                for name, values in paired.items():
-                    print(f"{'':>6}{name} per round: median {statistics.median(values):+.3f}, "
-                          f"quartiles {quartiles(values)}, all {', '.join(f'{v:+.3f}' for v in values)}")  # fmt: skip
-    finally:
-        print(f"logs: {work}")
-        for proc in procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=60)
+    body = {
+        "model": "medgemma-4b-it", "max_tokens": args.max_tokens, "stream": True,
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": image_url()}},
+            {"type": "text", "text": "Describe this image."}]}],
+    }  # fmt: skip
+    arm_urls = {"admission": (port_on, key), "launcher": (port_bare, None), "direct": (port_off, None)}
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    results = {c: {name: {"ttft": [], "p50": [], "rate": [], "cpu": []} for name in arm_urls} for c in concurrencies}
+    first = args.start_order.split(",")
+    print(f"vLLM CPU build, dev checkpoint, max({args.requests}, 8 x concurrency) streamed image requests per arm per "
+          f"round, {args.blocks} block(s) of {args.rounds} rounds, max_tokens {args.max_tokens}, arms interleaved, "
+          f"{'engines pinned to core 1' if not args.no_pin else 'no pinning'}", flush=True)  # fmt: skip
+    for block in range(args.blocks):
+        # Every block restarts all servers, the start order rotated: on this VM the server
+        # started first runs 10-20% slower for its whole life (an A/A run of two identical
+        # vLLM servers shows it), so each arm takes each start position equally often.
+        order = first[block % len(first):] + first[:block % len(first)]
+        procs: dict[str, subprocess.Popen] = {}
+        try:
+            for name in order:  # one at a time: start-up is CPU-bound
+                argv, port, ready_path = launch[name]
+                procs[name] = start(argv, work / f"{name}.{block}.log", env)
+                wait_ready(f"http://127.0.0.1:{port}", ready_path, procs[name])
+            arms = {name: (f"http://127.0.0.1:{port}", arm_key, procs[name].pid)
+                    for name, (port, arm_key) in arm_urls.items()}  # fmt: skip
+            if not args.no_pin and (os.cpu_count() or 1) >= 2:
+                pin([proc.pid for proc in procs.values()])
+            for base, arm_key, _ in arms.values():  # warm every arm
+                asyncio.run(run_arm(base, arm_key, 2, 8, body))
+            print(f"block {block + 1}: start order {','.join(order)}", flush=True)
+            for concurrency in concurrencies:
+                run_rounds(arms, results[concurrency], concurrency, max(args.requests, 8 * concurrency),
+                           args.rounds, body)  # fmt: skip
+        finally:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    proc.wait(timeout=120)
+    header = f"{'conc':>4} {'arm':>10} {'ttft_p50_ms':>11} {'ttft_p99_ms':>11} {'req/s':>7} {'cpu_ms/req':>10}"
+    print(header)
+    for concurrency in concurrencies:
+        report(concurrency, results[concurrency])
+    print(f"logs: {work}")
     print(f"in-process ledger: {ledger_decisions_per_s():,.0f} acquire+release decisions/s on one core")
     print(f"Redis ledger, 100 requests: {redis_round_trips(work)} (one EVALSHA to acquire, one to release)")
     if not os.environ.get("KEEP_BENCH_DIR"):
