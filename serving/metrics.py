@@ -11,6 +11,9 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+
+
 class ServingMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry(auto_describe=True)
@@ -56,6 +59,31 @@ class ServingMetrics:
         self.ledger_fallback = Gauge(
             "medgemma_ledger_fallback",
             "1 while the shared (Redis) budget ledger is unreachable and a local share applies.",
+            registry=self.registry,
+        )
+
+        # Latency as the client sees it: from the request's arrival at the admission layer
+        # (queue wait included) to its first content byte, between stream events, to its end.
+        # Admitted requests that got a 2xx response only; vLLM's vllm:* histograms time the
+        # engine alone.
+        self.request_ttft_seconds = Histogram(
+            "medgemma_request_ttft_seconds",
+            "Time to first token as the client sees it (arrival to first response body bytes).",
+            ["stream"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.request_tpot_seconds = Histogram(
+            "medgemma_request_time_per_output_token_seconds",
+            "Streams: mean time between content events after the first (one event per token).",
+            buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5),
+            registry=self.registry,
+        )
+        self.request_e2e_seconds = Histogram(
+            "medgemma_request_e2e_seconds",
+            "End-to-end latency as the client sees it (arrival to the response's last byte).",
+            ["stream"],
+            buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
 

@@ -178,6 +178,7 @@ class AdmissionMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        arrived = time.monotonic()
         rid = request_id(scope)
         request_id_var.set(rid.decode())
         send = _with_header(send, REQUEST_ID_HEADER, rid)
@@ -211,7 +212,7 @@ class AdmissionMiddleware:
         ticket = await self._admit(account, shape, receive, send)
         if ticket is None:
             return
-        await self._serve(scope, body, receive, send, ticket)
+        await self._serve(scope, body, receive, send, ticket, arrived)
 
     async def _admit(self, account: Account, shape: RequestShape, receive, send) -> Ticket | None:
         try:
@@ -245,7 +246,7 @@ class AdmissionMiddleware:
         logger.info("client left while queued")
         return None
 
-    async def _serve(self, scope, body: bytes, receive, send, ticket: Ticket) -> None:
+    async def _serve(self, scope, body: bytes, receive, send, ticket: Ticket, arrived: float | None = None) -> None:
         receive_wrapper = _replay(body, receive, on_disconnect=ticket.release)
         headers = [
             (LIMIT_HEADER, str(ticket.limit).encode()),
@@ -276,11 +277,14 @@ class AdmissionMiddleware:
                 message = {**message, "body": _normalised_sse_error(message["body"])}
             serving.send_since = time.monotonic()  # cleared once the client took it
             self.last_progress = serving.send_since
+            if message["type"] == "http.response.body" and message.get("body"):
+                serving.body_sent(serving.send_since)
             await send(message)
             serving.send_since = None
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 serving.finished = True
                 await ticket.release()
+                self._observe(serving, arrived)
 
         serving.task = asyncio.ensure_future(self.app(scope, receive_wrapper, send_wrapper))
         self._serving.add(serving)
@@ -313,6 +317,18 @@ class AdmissionMiddleware:
                     serving.ended_by_server and "ended by the server" or "ran to its end",
                     time.monotonic() - serving.began,
                 )
+
+    def _observe(self, serving: _Serving, arrived: float | None) -> None:
+        """Client-seen latency of a request that ran to its end with a 2xx."""
+        if arrived is None or serving.first_body_at is None or not 200 <= (serving.status or 0) < 300:
+            return
+        metrics = self.controller.metrics
+        stream = "true" if serving.streaming else "false"
+        metrics.request_ttft_seconds.labels(stream=stream).observe(serving.first_body_at - arrived)
+        metrics.request_e2e_seconds.labels(stream=stream).observe(time.monotonic() - arrived)
+        if serving.streaming and serving.body_events > 2:  # the last event is "[DONE]"
+            gaps = serving.body_events - 2
+            metrics.request_tpot_seconds.observe((serving.last_body_at - serving.first_body_at) / gaps)
 
     @property
     def serving_count(self) -> int:
@@ -385,6 +401,15 @@ class _Serving:
         self.send_since: float | None = None  # when the pending send began
         self.error_start: dict | None = None  # an error response's start, held back
         self.error_body: list[bytes] = []
+        self.first_body_at: float | None = None  # client-seen latency (metrics)
+        self.last_body_at: float | None = None
+        self.body_events = 0
+
+    def body_sent(self, now: float) -> None:
+        if self.first_body_at is None:
+            self.first_body_at = now
+        self.last_body_at = now
+        self.body_events += 1
 
 
 SSE_ERROR_PREFIX = b'data: {"error"'

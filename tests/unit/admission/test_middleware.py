@@ -465,3 +465,36 @@ def test_an_engine_death_has_one_code_in_a_stream_and_in_a_plain_error():
     assert json.loads(out)["error"]["code"] == "engine_unavailable"
     # the same status and Retry-After as admission's own 503 engine_unavailable
     assert start["status"] == 503 and dict(start["headers"])[b"retry-after"] == b"10"
+
+
+def test_client_seen_latency_is_recorded_for_completed_requests_only():
+    from prometheus_client import generate_latest
+
+    class SlowStream(FakeEngineApp):
+        async def __call__(self, scope, receive, send):
+            await receive()
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+            await asyncio.sleep(0.05)  # "prefill"
+            for i in range(5):  # 5 content events (4 gaps, 30 ms in all), then [DONE]
+                await send({"type": "http.response.body", "body": b"data: x\n\n", "more_body": True})
+                await asyncio.sleep(0.01 if i < 3 else 0)
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    async def scenario():
+        mw, controller, _ = build(SlowStream())
+        scope, payload = request(CHAT)
+        client = Client(payload)
+        await mw(scope, client.receive, client.send)
+        scope, payload = request(CHAT, key="wrong")  # a 401 is not a latency sample
+        await mw(scope, Client(payload).receive, Client(payload).send)
+        return controller.metrics
+
+    metrics = asyncio.run(scenario())
+    registry = metrics.registry
+    assert registry.get_sample_value("medgemma_request_ttft_seconds_count", {"stream": "true"}) == 1
+    ttft = registry.get_sample_value("medgemma_request_ttft_seconds_sum", {"stream": "true"})
+    e2e = registry.get_sample_value("medgemma_request_e2e_seconds_sum", {"stream": "true"})
+    tpot = registry.get_sample_value("medgemma_request_time_per_output_token_seconds_sum")
+    assert 0.05 <= ttft < e2e
+    assert 0.007 <= tpot < 0.05  # ~30 ms / 4 gaps
+    assert b'medgemma_request_e2e_seconds_bucket{le="0.1",stream="true"}' in generate_latest(registry)
