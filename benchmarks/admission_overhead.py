@@ -18,6 +18,7 @@ import asyncio
 import base64
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -196,7 +197,22 @@ def run_rounds(arms: dict, results: dict, concurrency: int, requests: int, round
             results[name]["cpu"].append(cpu / requests)
 
 
-def report(concurrency: int, results: dict) -> None:
+def block_estimate(values: list[float], blocks: int, log: bool) -> tuple[float, list[float]]:
+    """The start-order-balanced estimate: the mean over blocks of each block's mean (of log
+    ratios for a ratio). Every arm takes every start position once in a full rotation, so
+    position effects cancel in the mean over blocks; medians of pooled rounds do not."""
+    per_block = len(values) // blocks
+    means = []
+    for b in range(blocks):
+        chunk = values[b * per_block:(b + 1) * per_block]
+        means.append(statistics.fmean(math.log(v) for v in chunk) if log else statistics.fmean(chunk))
+    estimate = statistics.fmean(means)
+    if log:
+        return math.exp(estimate), [math.exp(m) for m in means]
+    return estimate, means
+
+
+def report(concurrency: int, results: dict, blocks: int = 1) -> None:
     for name, r in results.items():
         print(f"{concurrency:>4} {name:>10} {pct(r['ttft'], .5) * 1e3:>11.1f} {pct(r['ttft'], .99) * 1e3:>11.1f} "
               f"{statistics.median(r['rate']):>7.2f} {statistics.median(r['cpu']) * 1e3:>10.2f}")  # fmt: skip
@@ -215,6 +231,10 @@ def report(concurrency: int, results: dict) -> None:
         for name, values in paired.items():
             print(f"{'':>6}{name} per round: median {statistics.median(values):+.3f}, "
                   f"quartiles {quartiles(values)}, all {', '.join(f'{v:+.3f}' for v in values)}")  # fmt: skip
+            if blocks > 1:
+                estimate, means = block_estimate(values, blocks, log=name == "throughput ratio")
+                print(f"{'':>8}balanced over {blocks} start orders: {estimate:+.3f} "
+                      f"(blocks {', '.join(f'{m:+.3f}' for m in means)})")  # fmt: skip
 
 
 def main() -> None:
@@ -294,7 +314,7 @@ def main() -> None:
     header = f"{'conc':>4} {'arm':>10} {'ttft_p50_ms':>11} {'ttft_p99_ms':>11} {'req/s':>7} {'cpu_ms/req':>10}"
     print(header)
     for concurrency in concurrencies:
-        report(concurrency, results[concurrency])
+        report(concurrency, results[concurrency], args.blocks)
     print(f"logs: {work}")
     print(f"in-process ledger: {ledger_decisions_per_s():,.0f} acquire+release decisions/s on one core")
     print(f"Redis ledger, 100 requests: {redis_round_trips(work)} (one EVALSHA to acquire, one to release)")
