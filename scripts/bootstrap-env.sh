@@ -38,7 +38,7 @@ fi
 pip=("$venv/bin/python" -m pip)
 "${pip[@]}" install --quiet --upgrade pip
 echo "bootstrap-env: installing the $flavour environment (vLLM 0.32.0)"
-"${pip[@]}" install --quiet -e "$here[$flavour,test,loadtest]"
+"${pip[@]}" install --quiet -e "$here[$flavour,test,loadtest,ray]"
 
 if [ "$flavour" = cpu ]; then
   "${pip[@]}" uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true

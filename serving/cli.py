@@ -59,6 +59,24 @@ def _build_parser() -> argparse.ArgumentParser:
     add.add_argument("--account", required=True, help="Account the key belongs to.")
     add.add_argument("--plan", required=True, help="The account's plan (must exist in the file).")
     add.add_argument("--label", default=None, help="Free-text label stored beside the hash.")
+    ray_cmd = sub.add_parser(
+        "ray", help="Serve on a Ray cluster (Ray Serve replicas, cost-unit autoscaling)."
+    )
+    _add_setting_flags(ray_cmd)
+    from serving.ray_app import ScalingSettings
+
+    config.add_setting_flags(ray_cmd, ScalingSettings, skip={"replica_resources"})
+    ray_cmd.add_argument("--app-config", default=None,
+                         help="YAML of build_app's args ({serve: ..., scaling: ...}); flags win.")  # fmt: skip
+    ray_cmd.add_argument("--ray-address", default=None, help="Join this Ray cluster (default: start one).")
+    ray_cmd.add_argument("--ray-temp-dir", default=None, help="Ray's temp/session folder.")
+    ray_cmd.add_argument("--num-cpus", type=int, default=None, help="CPUs of a Ray cluster started here.")
+    idle = sub.add_parser(
+        "wait-idle",
+        help="Wait until a server has no admitted request left (a Kubernetes preStop drain).",
+    )
+    idle.add_argument("--url", default="http://127.0.0.1:8000", help="The server's base URL.")
+    idle.add_argument("--timeout-s", type=float, default=120.0, help="Give up after this long.")
     dev = sub.add_parser("devmodel", help="Write the dev checkpoint (tiny random MedGemma).")
     dev.add_argument("path", help="Folder to write the checkpoint into.")
     dev.add_argument("--seed", type=int, default=0, help="Random seed (same seed, same bytes).")
@@ -86,7 +104,7 @@ def resolve_engine_args(ns: argparse.Namespace, passthrough: list[str], serving:
     return settings, resolved
 
 
-def _load_keys(settings: config.ServeSettings):
+def load_keys(settings: config.ServeSettings):
     from serving.admission.keys import KeysFileError, KeyStore
 
     if settings.keys_file is None:
@@ -115,12 +133,34 @@ def _keys_command(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _prepare_model(settings: config.ServeSettings, resolved: engine.EngineSettings) -> None:
+def prepare_model(settings: config.ServeSettings, resolved: engine.EngineSettings) -> None:
     """Before serving: build the dev checkpoint if needed, or check the model can be loaded."""
     if config.uses_dev_model(settings, resolved):
         devmodel.ensure(settings.dev_model_dir)
     else:
         config.check_model_access(resolved.model)
+
+
+def _ray_command(ns: argparse.Namespace, passthrough: list[str]) -> int:
+    from serving.ray_app import ScalingSettings, run
+
+    app_args = config.read_yaml(ns.app_config) if ns.app_config else {}
+    serve_args = dict(app_args.get("serve") or {})
+    if ns.config_file:
+        serve_args = {**config.read_yaml(ns.config_file), **serve_args}
+    serve_args.update({name: getattr(ns, name) for name in config.ServeSettings.model_fields
+                       if name not in FILE_ONLY_SETTINGS and getattr(ns, name, None) is not None})  # fmt: skip
+    if passthrough:
+        serve_args["vllm_args"] = [*serve_args.get("vllm_args", []), *passthrough]
+    scaling_args = dict(app_args.get("scaling") or {})
+    scaling_args.update({name: getattr(ns, name) for name in ScalingSettings.model_fields
+                         if getattr(ns, name, None) is not None})  # fmt: skip
+    try:
+        return run({"serve": serve_args, "scaling": scaling_args}, address=ns.ray_address,
+                   temp_dir=ns.ray_temp_dir, num_cpus=ns.num_cpus)  # fmt: skip
+    except config.SettingsError as exc:
+        print(f"medgemma-serve: {exc}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if ns.command == "keys":
         return _keys_command(ns)
+    if ns.command == "ray":
+        return _ray_command(ns, passthrough)
+    if ns.command == "wait-idle":
+        from serving.idle import wait_idle
+
+        return wait_idle(ns.url, ns.timeout_s)
     if ns.command == "profiles":
         print(json.dumps(engine.profile_table(), indent=2))
         return 0
@@ -141,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         serving = ns.command == "serve"
         settings, resolved = resolve_engine_args(ns, passthrough, serving)
         if serving:
-            keys = _load_keys(settings)
-            _prepare_model(settings, resolved)
+            keys = load_keys(settings)
+            prepare_model(settings, resolved)
     except config.SettingsError as exc:
         print(f"medgemma-serve: {exc}", file=sys.stderr)
         return 2
@@ -156,10 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             print(shlex.join(vllm_argv))
         return 0
 
-    from serving.admission.guard import GuardSettings
-    from serving.admission.install import AdmissionSettings
-    from serving.launcher import ServerContext, serve
-    from serving.metrics import ServingMetrics
+    from serving.launcher import context_from_settings, serve
 
     configure_logging(settings.log_level.upper())
     os.environ.setdefault("VLLM_LOGGING_LEVEL", settings.log_level.upper())
@@ -167,34 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.uses_dev_model(settings, resolved):
         logger.warning(DEV_MODEL_BANNER, resolved.model)
     logger.info("profile %s, model %s, settings %s", resolved.profile, resolved.model, config.describe(settings))
-    context = ServerContext(
-        profile=resolved.profile,
-        model=resolved.model,
-        served_model_name=resolved.served_model_name,
-        metrics=ServingMetrics(),
-        admission=AdmissionSettings(
-            keys=keys,
-            keys_file=settings.keys_file,
-            queue_size=settings.queue_size,
-            queue_timeout_s=settings.queue_timeout_s,
-            engine_headroom=settings.engine_headroom,
-            model_costs=settings.model_costs,
-            redis_url=settings.redis_url,
-            lease_ttl_s=settings.lease_ttl_s,
-            redis_timeout_s=settings.redis_timeout_s,
-            ledger_fallback=settings.ledger_fallback,
-            stall_timeout_s=settings.stream_stall_timeout_s,
-            guard=GuardSettings(
-                max_body_bytes=int(settings.max_body_mib * 2**20),
-                body_timeout_s=settings.body_timeout_s,
-                max_image_pixels=settings.max_image_pixels,
-                remote_image_hosts=frozenset(h.lower() for h in settings.remote_image_hosts),
-                remote_image_private_networks=settings.remote_image_private_networks,
-            ),
-        ),
-        drain_timeout_s=settings.drain_timeout_s,
-        engine_hang_timeout_s=settings.engine_hang_timeout_s,
-    )
+    context = context_from_settings(settings, resolved, keys)
     serve(vllm_argv, context)
     return 0
 

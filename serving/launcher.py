@@ -20,6 +20,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,41 @@ class ServerContext:
     engine_hang_timeout_s: float = 120.0
     failed: bool = False  # the engine died or hung: the process exits 1
     stopping: bool = False  # an orderly shutdown (SIGINT, or the end of a drain) has begun
+
+
+def context_from_settings(settings, resolved, keys) -> ServerContext:
+    """The ServerContext for validated ``ServeSettings``, its resolved engine settings and
+    the loaded keys (shared by ``medgemma-serve serve`` and the Ray Serve replica)."""
+    from serving.admission.guard import GuardSettings
+
+    return ServerContext(
+        profile=resolved.profile,
+        model=resolved.model,
+        served_model_name=resolved.served_model_name,
+        metrics=ServingMetrics(),
+        admission=AdmissionSettings(
+            keys=keys,
+            keys_file=settings.keys_file,
+            queue_size=settings.queue_size,
+            queue_timeout_s=settings.queue_timeout_s,
+            engine_headroom=settings.engine_headroom,
+            model_costs=settings.model_costs,
+            redis_url=settings.redis_url,
+            lease_ttl_s=settings.lease_ttl_s,
+            redis_timeout_s=settings.redis_timeout_s,
+            ledger_fallback=settings.ledger_fallback,
+            stall_timeout_s=settings.stream_stall_timeout_s,
+            guard=GuardSettings(
+                max_body_bytes=int(settings.max_body_mib * 2**20),
+                body_timeout_s=settings.body_timeout_s,
+                max_image_pixels=settings.max_image_pixels,
+                remote_image_hosts=frozenset(h.lower() for h in settings.remote_image_hosts),
+                remote_image_private_networks=settings.remote_image_private_networks,
+            ),
+        ),
+        drain_timeout_s=settings.drain_timeout_s,
+        engine_hang_timeout_s=settings.engine_hang_timeout_s,
+    )
 
 
 # --- while the engine loads -----------------------------------------------------------
@@ -215,12 +251,51 @@ def _limit_openapi(app) -> None:
     app.openapi = openapi
 
 
+async def build_served_app(
+    args,
+    context: ServerContext,
+    engine_client,
+    *,
+    on_drained: Callable[[], None] | None = None,
+    on_engine_failed: Callable[[], None] | None = None,
+):
+    """vLLM's OpenAI app over a running engine, with our layers attached and the drain and
+    engine watch ready (shared by ``run_server`` and the Ray Serve replica).
+
+    ``on_drained`` runs when a drain ends (default: SIGINT to this process, vLLM's own
+    shutdown); ``on_engine_failed`` when the engine died or hung (default: the same)."""
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.app import build_app
+
+    supported_tasks = await engine_client.get_supported_tasks()
+    app = build_app(args, supported_tasks, engine_client.model_config)
+    await init_app_state(engine_client, app.state, args, supported_tasks)
+    attach(app, context)
+    app.state.drainer = Drainer(
+        grace_s=context.drain_timeout_s,
+        set_draining=lambda: setattr(app.state.admission, "draining", True),
+        busy=app.state.admission.busy,
+        end_all=app.state.admission_middleware.end_all,
+        shutdown=on_drained,
+    )
+    _mark_shutdown(engine_client, context)
+    watch = EngineWatch(
+        errored=lambda: engine_client.errored,
+        controller=app.state.admission,
+        middleware=app.state.admission_middleware,
+        on_failed=lambda: setattr(context, "failed", True),
+        stopping=lambda: context.stopping,
+        hang_timeout_s=context.engine_hang_timeout_s,
+        shutdown=on_engine_failed,
+    )
+    app.state.engine_watch = asyncio.get_running_loop().create_task(watch.run())
+    return app
+
+
 async def run_server(args, context: ServerContext) -> None:
     """vLLM's single-process API server (``run_server_worker``) with our hooks in it."""
     from vllm import envs
-    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
     from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
-    from vllm.entrypoints.launchers.app import build_app
     from vllm.entrypoints.launchers.launcher import serve_http, setup_server
     from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
 
@@ -234,27 +309,8 @@ async def run_server(args, context: ServerContext) -> None:
     logger.info("listening on %s; /ready turns 200 once the engine has loaded", listen_address)
     try:
         async with build_async_engine_client(args) as engine_client:
-            supported_tasks = await engine_client.get_supported_tasks()
-            app = build_app(args, supported_tasks, engine_client.model_config)
-            await init_app_state(engine_client, app.state, args, supported_tasks)
-            attach(app, context)
-            drainer = Drainer(
-                grace_s=context.drain_timeout_s,
-                set_draining=lambda: setattr(app.state.admission, "draining", True),
-                busy=app.state.admission.busy,
-                end_all=app.state.admission_middleware.end_all,
-            )
-            app.state.drainer = drainer
-            _mark_shutdown(engine_client, context)
-            watch = EngineWatch(
-                errored=lambda: engine_client.errored,
-                controller=app.state.admission,
-                middleware=app.state.admission_middleware,
-                on_failed=lambda: setattr(context, "failed", True),
-                stopping=lambda: context.stopping,
-                hang_timeout_s=context.engine_hang_timeout_s,
-            )
-            app.state.engine_watch = asyncio.get_running_loop().create_task(watch.run())
+            app = await build_served_app(args, context, engine_client)
+            drainer = app.state.drainer
             # Runs once serve_http (below) has installed vLLM's signal handlers: SIGTERM
             # becomes a graceful drain, SIGINT stays vLLM's immediate shutdown.
             asyncio.get_running_loop().call_soon(drainer.install, asyncio.get_running_loop())

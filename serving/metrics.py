@@ -93,6 +93,8 @@ class ServingMetrics:
             ["result"],
             registry=self.registry,
         )
+        for result in ("ok", "error"):  # exposed from the start, so rate() and alerts see 0
+            self.keys_reloads_total.labels(result=result)
 
     def set_build(self, *, profile: str, model: str, served_model_name: str, vllm_version: str):
         self.build.info(

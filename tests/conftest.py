@@ -9,7 +9,7 @@ import pytest
 # loadtest tiers alike.
 pytest_plugins = ["tests.live_server"]
 
-TIERS = {"unit", "integration", "loadtest"}
+TIERS = {"unit", "integration", "loadtest", "deploy", "ray"}
 TESTS = Path(__file__).resolve().parent
 
 

@@ -149,7 +149,10 @@ class AdmissionController:
         self._account_completions: dict[str, CompletionRate] = {}
         self._plan_waiters: dict[str, deque[_PlanWaiter]] = {}
         self._waiting = asyncio.Event()  # set when a request starts waiting: wakes the ticker
-        metrics.capacity_units.set(engine_units if engine_units is not None else queue.capacity.max_requests)
+        self.capacity_units = engine_units if engine_units is not None else queue.capacity.max_requests
+        metrics.capacity_units.set(self.capacity_units)
+        self._running_units = 0  # units of the requests admitted here and not yet finished
+        self._waiting_units = 0  # units of the requests waiting here (budget or engine slot)
 
     # --- the decision ------------------------------------------------------------------
     def authenticate(self, api_key: str | None) -> Account:
@@ -182,17 +185,22 @@ class AdmissionController:
 
     async def admit(self, account: Account, shape: RequestShape) -> Ticket:
         units, tokens = self._check(shape, account)
-        grant = await self._acquire_budget(account, units)
+        self._waiting_units += units  # demand while it waits for its budget or a slot
         try:
-            slot = await self._acquire_slot(account.name, tokens)
-        except BaseException:
-            await self._release_lease(account, grant.lease)
-            raise
+            grant = await self._acquire_budget(account, units)
+            try:
+                slot = await self._acquire_slot(account.name, tokens)
+            except BaseException:
+                await self._release_lease(account, grant.lease)
+                raise
+        finally:
+            self._waiting_units -= units
         return self._admitted(account, grant, slot)
 
     def _admitted(self, account: Account, grant: Grant, slot: Slot) -> Ticket:
         self._count(Outcome.ADMITTED)
         self.metrics.inflight_units.labels(plan=account.plan.name).inc(grant.lease.units)
+        self._running_units += grant.lease.units
         return Ticket(account, grant.lease, slot, grant.inflight, self)
 
     def count(self, outcome: Outcome) -> None:
@@ -326,6 +334,7 @@ class AdmissionController:
         if ticket.slot is not None:
             self.queue.release(ticket.slot)
         self.metrics.inflight_units.labels(plan=ticket.account.plan.name).dec(ticket.lease.units)
+        self._running_units -= ticket.lease.units
         self.completions.record()
         self._account_rate(ticket.account.name).record()
 
@@ -370,6 +379,11 @@ class AdmissionController:
                 )
             if account is not None:
                 await self._wake_plan_waiter(account)
+
+    def demand_units(self) -> int:
+        """The autoscaling signal of this replica: units of the requests it serves plus those
+        of the requests waiting here for their plan's budget or an engine slot."""
+        return self._running_units + self._waiting_units
 
     def busy(self) -> int:
         """Admitted requests not yet finished: on the engine, queued for it, or waiting on

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 from pathlib import Path
 
 from serving.admission.keys import KeysFileError, KeyStore
@@ -62,5 +63,11 @@ class KeyReloader:
             self.check()
 
     def install(self, loop: asyncio.AbstractEventLoop, signal_number: int) -> asyncio.Task:
-        loop.add_signal_handler(signal_number, self.reload)
+        """The file watch, and the signal where this loop can take one (only a main-thread
+        loop can: a Ray Serve replica's cannot, and relies on the watch alone)."""
+        try:
+            loop.add_signal_handler(signal_number, self.reload)
+        except (ValueError, RuntimeError):
+            logger.info("keys file: reloads on change only (no %s handler off the main thread)",
+                        signal.Signals(signal_number).name)  # fmt: skip
         return loop.create_task(self.watch())

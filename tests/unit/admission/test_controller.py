@@ -294,3 +294,22 @@ def test_admit_now_is_never_taken_with_a_round_trip_ledger():
         await ticket.release()
         assert c.ledger.total_inflight() == 0
     asyncio.run(scenario())
+
+
+def test_demand_units_count_served_and_waiting_requests_for_autoscaling():
+    async def scenario():
+        c, _, _, _ = make(max_requests=2, max_waiting=4)
+        b = account(c, "b")
+        assert (c.demand_units(), c.capacity_units) == (0, 2)
+        held = [await c.admit(b, shape()) for _ in range(2)]  # the engine's two slots
+        waiting = [asyncio.ensure_future(c.admit(b, shape())) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert c.demand_units() == 5  # 2 served + 3 queued for a slot
+        await held[0].release()
+        await asyncio.sleep(0)
+        assert c.demand_units() == 4
+        await held[1].release()
+        for waiter in waiting:  # each gets the slot the previous one frees
+            await (await waiter).release()
+        assert c.demand_units() == 0
+    asyncio.run(scenario())

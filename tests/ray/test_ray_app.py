@@ -1,0 +1,284 @@
+"""`medgemma-serve ray` on a real local Ray cluster: the dev checkpoint on the CPU build of
+vLLM, replicas answering HTTP themselves (direct ingress), budgets in a real Redis, a real
+Prometheus scraping every replica and evaluating our rules. Under a load step the engine
+deployment goes from 1 to 2 replicas and back, and no request fails on the way."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.integration.images import data_url, image
+from tests.live_server import write_keys
+from tests.prometheus_server import PrometheusServer
+from tests.redis_server import RedisServer
+
+ROOT = Path(__file__).resolve().parents[2]
+PORT_MIN = 30400  # direct ingress: the first replica on this node, then the next ports
+PORTS = tuple(range(PORT_MIN, PORT_MIN + 4))
+START_TIMEOUT_S = 420
+CAPACITY = 16  # cpu-dev max_num_seqs
+TARGET = 0.5  # 8 units per replica: 16 concurrent streams want 2 replicas
+
+
+@dataclass
+class RayApp:
+    process: subprocess.Popen
+    root: Path
+    keys: dict[str, str]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def controller_log(self) -> str:
+        logs = sorted((self.root / "ray").glob("session_*/logs/serve/controller_*.log"))
+        return "".join(p.read_text(errors="replace") for p in logs)
+
+
+def session_processes(app: RayApp) -> list:
+    """Every process the app started (Ray gives workers process groups of their own, all
+    in the CLI's session)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "name"]):
+        try:
+            if proc.pid != app.process.pid and os.getsid(proc.pid) == app.process.pid:
+                found.append(proc)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+    return found
+
+
+def engines(app: RayApp) -> int:
+    return sum(1 for proc in session_processes(app) if "EngineCore" in proc.info["name"])
+
+
+def ready(port: int) -> bool:
+    """What the readiness probe checks: Ray's replica state and ours."""
+    try:
+        return all(httpx.get(f"http://127.0.0.1:{port}{path}", timeout=3).status_code == 200
+                   for path in ("/-/healthz", "/ready"))  # fmt: skip
+    except httpx.TransportError:
+        return False
+
+
+def ready_ports() -> list[int]:
+    return [port for port in PORTS if ready(port)]
+
+
+@pytest.fixture(scope="module")
+def ray_app():
+    root = Path(tempfile.mkdtemp(prefix="mgray-", dir="/tmp"))  # Ray's socket paths stay short
+    shm_before = set(os.listdir("/dev/shm"))
+    redis = RedisServer(root / "redis").start()
+    keys_file = root / "keys.yaml"
+    keys = write_keys(keys_file, {"main": "big"})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDGEMMA_", "RAY_"))}
+    env.update({
+        "MEDGEMMA_DEV_MODEL_DIR": str(root / "devmodel"),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(PORT_MIN),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(PORTS[-1]),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",  # 30 in production: LB deregistration
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # two replicas must not pin the same core
+        "VLLM_CACHE_ROOT": str(root / "vllm-cache"),
+        "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    })  # fmt: skip
+    log_path = root / "ray-app.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serving", "ray", "--profile", "cpu-dev", "--keys-file", str(keys_file),
+         "--redis-url", redis.url, "--host", "127.0.0.1", "--num-cpus", "4", "--ray-temp-dir", str(root / "ray"),
+         "--min-replicas", "1", "--max-replicas", "2", "--target-utilisation", str(TARGET),
+         "--upscale-delay-s", "5", "--downscale-delay-s", "20", "--look-back-period-s", "5",
+         "--metrics-interval-s", "1", "--drain-timeout-s", "30",
+         # Two cores run two engines here: a generous Redis timeout keeps CPU starvation from
+         # reading as a Redis outage (production default: 1 s).
+         "--redis-timeout-s", "5"],
+        stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True,
+    )  # fmt: skip
+    app = RayApp(process, root, keys, log_path)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not ready(PORT_MIN):
+            assert process.poll() is None, "medgemma-serve ray exited:\n" + app.log()
+            assert time.monotonic() < deadline, "no ready replica:\n" + app.log()
+            time.sleep(1)
+        yield app
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)  # the CLI drains the replicas and stops Ray
+            try:
+                process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        time.sleep(2)
+        left = session_processes(app)
+        for proc in left:
+            proc.kill()
+        redis.stop()
+        for name in set(os.listdir("/dev/shm")) - shm_before:  # what this test's processes left
+            path = Path("/dev/shm") / name
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        if os.environ.get("KEEP_RAY_TEST_DIR"):
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    assert [p.info["name"] for p in left] == [], "processes outlived `medgemma-serve ray`"
+
+
+def chat(max_tokens: int, stream: bool) -> dict:
+    return {
+        "model": "medgemma-4b-it", "max_tokens": max_tokens, "stream": stream,
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(image(96, 96))}},
+            {"type": "text", "text": "Describe this image."}]}],
+    }  # fmt: skip
+
+
+def test_chat_with_an_image_through_the_ray_app(ray_app):
+    headers = {"Authorization": f"Bearer {ray_app.keys['main']}"}
+    response = httpx.post(f"http://127.0.0.1:{PORT_MIN}/v1/chat/completions", json=chat(16, False),
+                          headers=headers, timeout=120)  # fmt: skip
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["usage"]["prompt_tokens"] > 16  # the image's tokens are in the prompt
+    assert response.headers["x-ratelimit-limit-concurrency"] == "64"
+    refused = httpx.post(f"http://127.0.0.1:{PORT_MIN}/v1/chat/completions", json=chat(4, False), timeout=30)
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+    metrics = httpx.get(f"http://127.0.0.1:{PORT_MIN}/metrics", timeout=30).text
+    assert f"medgemma_capacity_units {CAPACITY}.0" in metrics
+    assert "vllm:num_requests_running" in metrics
+
+
+@dataclass
+class Load:
+    """Streaming chat requests from worker threads, each to a replica that is ready now."""
+
+    key: str
+    workers: int
+    ok: int = 0
+    failures: list[str] = field(default_factory=list)
+    ports: list[int] = field(default_factory=lambda: [PORT_MIN])
+    stop: threading.Event = field(default_factory=threading.Event)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def start(self) -> Load:
+        for i in range(self.workers):
+            thread = threading.Thread(target=self.worker, args=(i,), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+        return self
+
+    def worker(self, i: int) -> None:
+        headers = {"Authorization": f"Bearer {self.key}"}
+        n = i
+        with httpx.Client(timeout=180) as client:
+            while not self.stop.is_set():
+                ports = list(self.ports)
+                port = ports[n % len(ports)]
+                n += 1
+                try:
+                    with client.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions",
+                                       json=chat(96, True), headers=headers) as response:  # fmt: skip
+                        lines = [line for line in response.iter_lines() if line]
+                    if response.status_code == 200 and lines and lines[-1] == "data: [DONE]" and \
+                            not any('"error"' in line for line in lines):  # fmt: skip
+                        self.ok += 1
+                    else:
+                        self.failures.append(f"{port}: {response.status_code} {lines[-2:]}")
+                except httpx.HTTPError as exc:
+                    self.failures.append(f"{port}: {type(exc).__name__} {exc}")
+
+    def finish(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=300)
+
+
+def test_scales_out_under_load_and_back_with_no_failed_request(ray_app, tmp_path):
+    rules = yaml.safe_load((ROOT / "deploy" / "base" / "prometheusrule.yaml").read_text())["spec"]["groups"]
+    prometheus = PrometheusServer(tmp_path / "prometheus",
+                                  {f"r{i}": f"127.0.0.1:{port}" for i, port in enumerate(PORTS[:2])}, rules).start()  # fmt: skip
+    began = time.monotonic()
+    timeline: dict[str, float] = {}
+
+    def mark(event: str) -> None:
+        timeline.setdefault(event, round(time.monotonic() - began, 1))
+
+    def decisions() -> tuple[bool, bool]:
+        log = ray_app.controller_log()
+        return (re.search(r"Upscaling .*medgemma.* from 1 to 2", log) is not None,
+                re.search(r"Downscaling .*medgemma.* from 2 to 1", log) is not None)  # fmt: skip
+
+    heavy = Load(ray_app.keys["main"], workers=16).start()
+    light = None
+    signal_seen: dict[str, float] = {}
+    try:
+        mark("load start (16 streams)")
+        deadline = time.monotonic() + 300
+        while len(ports := ready_ports()) < 2:
+            assert time.monotonic() < deadline, ("no second replica", timeline, ray_app.controller_log()[-3000:])
+            if decisions()[0]:
+                mark("scale-up decision")
+            time.sleep(0.5)
+        mark("scale-up decision")  # seen by now at the latest
+        mark("second replica ready")
+        heavy.ports = ports
+        hold_until = time.monotonic() + 20  # both replicas serve; Prometheus scrapes both
+        while time.monotonic() < hold_until:
+            for expr in ("medgemma:demand_units", "medgemma:desired_replicas"):
+                result = prometheus.query(expr)
+                if result:
+                    signal_seen[expr] = max(signal_seen.get(expr, 0.0), float(result[0]["value"][1]))
+            time.sleep(2)
+        # Down to a trickle: demand 1 wants 1 replica; the trickle runs through the scale-in.
+        light = Load(ray_app.keys["main"], workers=1, ports=ports).start()
+        heavy.finish()
+        mark("load end (1 stream left)")
+        deadline = time.monotonic() + 180
+        while len(ports := ready_ports()) > 1:
+            light.ports = ports
+            assert time.monotonic() < deadline, ("no scale-in", timeline, ray_app.controller_log()[-3000:])
+            if decisions()[1]:
+                mark("scale-down decision")
+            time.sleep(0.25)
+        light.ports = ports
+        mark("scale-down decision")
+        mark("back to one replica")
+        deadline = time.monotonic() + 90  # the stopped replica drains, then its engine exits
+        while (running_engines := engines(ray_app)) > 1 and time.monotonic() < deadline:
+            time.sleep(1)
+        mark("its engine stopped")
+    finally:
+        heavy.finish()
+        if light is not None:
+            light.finish()
+        prometheus.stop()
+    print("timeline (s since load start):", json.dumps(timeline))
+    print(f"requests: {heavy.ok} under load, {light.ok} in the trickle; Prometheus: {signal_seen}")
+    order = ["load start (16 streams)", "scale-up decision", "second replica ready", "load end (1 stream left)",
+             "scale-down decision", "back to one replica"]  # fmt: skip
+    assert [timeline[e] for e in order] == sorted(timeline[e] for e in order), timeline
+    assert running_engines == 1, f"{running_engines} engines run for one replica"
+    assert heavy.failures == [] and light.failures == [], (heavy.failures[:5], light.failures[:5])
+    assert heavy.ok >= 16 and light.ok >= 1
+    # The autoscaling signal, recorded by Prometheus from both replicas' /metrics.
+    assert signal_seen.get("medgemma:demand_units", 0) >= 8, signal_seen
+    assert signal_seen.get("medgemma:desired_replicas", 0) >= 2, signal_seen
