@@ -5,6 +5,7 @@ import json
 import multiprocessing
 import re
 import signal
+import subprocess
 import time
 
 import httpx
@@ -30,6 +31,21 @@ def draining_server(tmp_path_factory, server):
         yield srv
     finally:
         stop(srv, signal.SIGKILL)
+
+
+def get_while_draining(srv, path: str) -> httpx.Response:
+    """GET during the drain. Seen twice in CI, not reproduced by hand: the port refused
+    connections right after SIGTERM while the drain went on. Say what was listening then."""
+    refused = None
+    for _ in range(10):
+        try:
+            return httpx.get(srv.url + path, timeout=10)
+        except httpx.ConnectError as exc:
+            refused = exc
+            time.sleep(0.3)
+    listening = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True).stdout
+    raise AssertionError(f"{srv.url} refused connections while draining ({refused}); alive: "
+                         f"{srv.process.poll() is None}\n{listening}\n{srv.log()[-4000:]}")  # fmt: skip
 
 
 def inflight_units(srv) -> float:
@@ -80,7 +96,7 @@ def test_sigterm_drains_admitted_requests_then_exits_0(draining_server):
     srv.process.send_signal(signal.SIGTERM)
     time.sleep(0.3)
 
-    ready = httpx.get(srv.url + "/ready", timeout=10)
+    ready = get_while_draining(srv, "/ready")
     assert ready.status_code == 503 and ready.json()["status"] == "draining"
     refused = httpx.post(
         srv.url + "/v1/chat/completions", timeout=10, headers={"Authorization": f"Bearer {srv.keys['main']}"},
