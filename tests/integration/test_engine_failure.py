@@ -28,8 +28,9 @@ def engine_core_pid(srv) -> int:
     return pids[0]
 
 
-def stream(url: str, key: str, results) -> None:
+def stream(url: str, key: str, results, started) -> None:
     """A long stream in its own process (see test_drain): reports status and events."""
+    started.put(True)  # a spawned interpreter takes seconds to get here on a busy machine
     body = {
         "model": "medgemma-4b-it", "messages": [{"role": "user", "content": "Describe a chest film."}],
         "max_tokens": 20000, "min_tokens": 20000, "stream": True,
@@ -67,13 +68,14 @@ def victim(tmp_path, server):
 def test_engine_failure_ends_requests_clearly_and_exits_1(victim, fault):
     srv = victim
     spawn = multiprocessing.get_context("spawn")
-    results = spawn.Queue()
-    client = spawn.Process(target=stream, args=(srv.url, srv.keys["main"], results))
+    results, started = spawn.Queue(), spawn.Queue()
+    client = spawn.Process(target=stream, args=(srv.url, srv.keys["main"], results, started))
     client.start()
+    started.get(timeout=120)
     deadline = time.monotonic() + 60
-    while inflight(srv) < 1 and time.monotonic() < deadline:
+    while inflight(srv) < 1 and time.monotonic() < deadline and results.empty():
         time.sleep(0.1)
-    assert inflight(srv) == 1
+    assert inflight(srv) == 1, (None if results.empty() else results.get(), client.exitcode, srv.log()[-3000:])
     core = engine_core_pid(srv)
     failed_at = time.monotonic()
     os.kill(core, fault)
