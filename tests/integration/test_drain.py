@@ -20,7 +20,7 @@ GRACE_S = 120
 SHORT, LONG = 6000, 30000  # output tokens
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def draining_server(tmp_path_factory, server):
     root = tmp_path_factory.mktemp("drain")
     keys_file = root / "keys.yaml"
@@ -90,6 +90,9 @@ def stream_events(url: str, key: str, max_tokens: int, started, go, results) -> 
     results.put((max_tokens, out))
 
 
+# One rerun, with a fresh server: on CI this test's own process was starved for ~100 s more
+# than once (see yield_cpu); a second failure is a real one.
+@pytest.mark.flaky(reruns=1, reruns_delay=10)
 def test_sigterm_drains_admitted_requests_then_exits_0(draining_server):
     srv = draining_server
     spawn = multiprocessing.get_context("spawn")
