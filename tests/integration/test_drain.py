@@ -28,24 +28,9 @@ def draining_server(tmp_path_factory, server):
     srv = launch(root, keys_file, keys, "--drain-timeout-s", str(GRACE_S), dev_model_dir=server.dev_model_dir)
     try:
         wait_ready(srv)
-        yield_cpu(srv)
         yield srv
     finally:
         stop(srv, signal.SIGKILL)
-
-
-def yield_cpu(srv) -> None:
-    """Lower the engine processes' priority: two streams keep vLLM CPU's engine core and
-    worker spinning on both cores, and on CI this test's own process was starved for
-    ~100 s (its probes stopped; the short stream ended before the SIGTERM was sent)."""
-    import psutil
-
-    for child in psutil.Process(srv.process.pid).children(recursive=True):
-        try:
-            if "VLLM" in child.name() or "EngineCor" in child.name():
-                child.nice(10)
-        except psutil.Error:
-            pass
 
 
 def get_while_draining(srv, path: str) -> httpx.Response:
@@ -91,7 +76,7 @@ def stream_events(url: str, key: str, max_tokens: int, started, go, results) -> 
 
 
 # One rerun, with a fresh server: on CI this test's own process was starved for ~100 s more
-# than once (see yield_cpu); a second failure is a real one.
+# than once (its probes stopped); a second failure is a real one.
 @pytest.mark.flaky(reruns=1, reruns_delay=10)
 def test_sigterm_drains_admitted_requests_then_exits_0(draining_server):
     srv = draining_server
