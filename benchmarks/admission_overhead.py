@@ -49,6 +49,16 @@ def image_url() -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def chat_body(max_tokens: int) -> dict:
+    """The benchmarks' request: a streamed chat with one image."""
+    return {
+        "model": "medgemma-4b-it", "max_tokens": max_tokens, "stream": True,
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": image_url()}},
+            {"type": "text", "text": "Describe this image."}]}],
+    }  # fmt: skip
+
+
 def start(argv: list[str], log: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen(
         argv, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -272,12 +282,7 @@ def main() -> None:
         "launcher": (bare_argv, port_bare, "/ready"),
         "direct": ([sys.executable, "-m", "vllm.entrypoints.openai.api_server", *engine_args], port_off, "/health"),
     }
-    body = {
-        "model": "medgemma-4b-it", "max_tokens": args.max_tokens, "stream": True,
-        "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": image_url()}},
-            {"type": "text", "text": "Describe this image."}]}],
-    }  # fmt: skip
+    body = chat_body(args.max_tokens)
     arm_urls = {"admission": (port_on, key), "launcher": (port_bare, None), "direct": (port_off, None)}
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     results = {c: {name: {"ttft": [], "p50": [], "rate": [], "cpu": []} for name in arm_urls} for c in concurrencies}

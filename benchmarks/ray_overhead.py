@@ -37,7 +37,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.admission_overhead import (COOLDOWN_S, block_estimate, image_url, one_request, pct, pin, start,
+from benchmarks.admission_overhead import (COOLDOWN_S, block_estimate, chat_body, one_request, pct, pin, start,
                                            wait_ready)
 from tests.redis_server import free_port
 
@@ -117,12 +117,7 @@ def main() -> None:
         "serve": (serve + ["serve", "--port", str(port_serve), *common], port_serve, "/ready"),
         "direct": ([sys.executable, "-m", "vllm.entrypoints.openai.api_server", *engine_args], port_direct, "/health"),
     }  # fmt: skip
-    body = {
-        "model": "medgemma-4b-it", "max_tokens": args.max_tokens, "stream": True,
-        "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": image_url()}},
-            {"type": "text", "text": "Describe this image."}]}],
-    }  # fmt: skip
+    body = chat_body(args.max_tokens)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     results = {c: {a: {"e2e": [], "ttft": [], "e2e_p50": [], "rate": [], "cpu": []} for a in launch} for c in concurrencies}
     names = list(launch)
