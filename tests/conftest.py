@@ -1,6 +1,9 @@
 """Test tiers are selected with markers; each test gets its tier from its top folder
 under tests/ (tests/unit/admission/... is unit)."""
 
+import faulthandler
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,3 +22,22 @@ def pytest_collection_modifyitems(config, items):
         tier = relative.parts[0] if len(relative.parts) > 1 else None
         if tier in TIERS:
             item.add_marker(getattr(pytest.mark, tier))
+
+
+# CI once printed the summary and then never exited (killed at its time limit). After the
+# summary nothing may keep this process alive: name what is left, and if the interpreter
+# still has not exited after EXIT_WATCHDOG_S, dump every thread's stack and exit 1.
+EXIT_WATCHDOG_S = 300
+
+
+def pytest_unconfigure(config):
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        print(f"\ntests left a child process running: {child.name} (pid {child.pid}); killing it", file=sys.stderr)
+        child.kill()
+        child.join(10)
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            print(f"\ntests left a non-daemon thread running: {thread.name}", file=sys.stderr)
+    faulthandler.dump_traceback_later(EXIT_WATCHDOG_S, exit=True)

@@ -145,3 +145,30 @@ def processor(server):
     from transformers import AutoProcessor
 
     return AutoProcessor.from_pretrained(server.dev_model_dir)
+
+
+@pytest.fixture
+def spawn_client():
+    """Starts a client function in its own interpreter (spawn, daemon) and kills it at teardown.
+
+    Clients run in processes of their own so that a busy stream does not starve the test's
+    probes of the GIL (see test_drain). One still running when its test fails must not
+    outlive the test: blocked on a full result queue, it would hold pytest's exit forever.
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    started: list = []
+
+    def start(target, *args):
+        process = context.Process(target=target, args=args, daemon=True)
+        process.start()
+        started.append(process)
+        return process
+
+    start.context = context
+    yield start
+    for process in started:
+        if process.is_alive():
+            process.kill()
+        process.join(10)

@@ -2,7 +2,6 @@
 the ones still running at the end of the grace period end with a clear error, exit 0."""
 
 import json
-import multiprocessing
 import re
 import signal
 import subprocess
@@ -78,16 +77,11 @@ def stream_events(url: str, key: str, max_tokens: int, started, go, results) -> 
 # One rerun, with a fresh server: on CI this test's own process was starved for ~100 s more
 # than once (its probes stopped); a second failure is a real one.
 @pytest.mark.flaky(reruns=1, reruns_delay=10)
-def test_sigterm_drains_admitted_requests_then_exits_0(draining_server):
+def test_sigterm_drains_admitted_requests_then_exits_0(draining_server, spawn_client):
     srv = draining_server
-    spawn = multiprocessing.get_context("spawn")
+    spawn = spawn_client.context
     results, started, go = spawn.Queue(), spawn.Queue(), spawn.Event()
-    clients = [
-        spawn.Process(target=stream_events, args=(srv.url, srv.keys["main"], n, started, go, results), daemon=True)
-        for n in (SHORT, LONG)
-    ]
-    for c in clients:
-        c.start()
+    clients = [spawn_client(stream_events, srv.url, srv.keys["main"], n, started, go, results) for n in (SHORT, LONG)]
     for _ in clients:
         started.get(timeout=120)  # spawned interpreters import httpx: seconds on a busy machine
     go.set()

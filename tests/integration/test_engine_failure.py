@@ -6,7 +6,6 @@ error: tests/unit/test_enginewatch.py.)"""
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import re
 import signal
@@ -68,12 +67,10 @@ def victim(tmp_path, server):
 # within its window while the test process was starved (see test_drain); twice is real.
 @pytest.mark.flaky(reruns=1, reruns_delay=10)
 @pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["engine-dies", "engine-hangs"])
-def test_engine_failure_ends_requests_clearly_and_exits_1(victim, fault):
+def test_engine_failure_ends_requests_clearly_and_exits_1(victim, spawn_client, fault):
     srv = victim
-    spawn = multiprocessing.get_context("spawn")
-    results, started = spawn.Queue(), spawn.Queue()
-    client = spawn.Process(target=stream, args=(srv.url, srv.keys["main"], results, started))
-    client.start()
+    results, started = spawn_client.context.Queue(), spawn_client.context.Queue()
+    client = spawn_client(stream, srv.url, srv.keys["main"], results, started)
     started.get(timeout=120)
     deadline = time.monotonic() + 60
     while inflight(srv) < 1 and time.monotonic() < deadline and results.empty():
