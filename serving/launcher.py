@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse
 
 from serving.admission.install import AdmissionSettings, install
 from serving.admission.middleware import MODEL_PATHS, PUBLIC_PATHS
+from serving.cpuaffinity import colocate_engine_core
 from serving.drain import Drainer
 from serving.enginewatch import EngineWatch
 from serving.engine import REFUSED_DTYPES
@@ -267,6 +268,10 @@ async def build_served_app(
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
     from vllm.entrypoints.launchers.app import build_app
 
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        colocate_engine_core()  # or its poll loop starves this process (serving/cpuaffinity.py)
     supported_tasks = await engine_client.get_supported_tasks()
     app = build_app(args, supported_tasks, engine_client.model_config)
     await init_app_state(engine_client, app.state, args, supported_tasks)

@@ -88,7 +88,14 @@ def test_sigterm_drains_admitted_requests_then_exits_0(draining_server, spawn_cl
     deadline = time.monotonic() + 60
     while inflight_units(srv) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert inflight_units(srv) == 2
+    if inflight_units(srv) != 2:
+        ended = []
+        while not results.empty():
+            n, out = results.get()
+            ended.append((n, out.get("status"), out.get("events", [])[-2:]))
+        raise AssertionError(f"inflight units {inflight_units(srv)}, not 2, 60 s after both clients were told to go; "
+                             f"ended: {ended}; client exit codes: {[c.exitcode for c in clients]}\n"
+                             f"{srv.log()[-4000:]}")  # fmt: skip
     sent = time.monotonic()
     srv.process.send_signal(signal.SIGTERM)
     time.sleep(0.3)

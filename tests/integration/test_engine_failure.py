@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -54,6 +55,7 @@ def inflight(srv) -> float:
 def victim(tmp_path, server):
     keys_file = tmp_path / "keys.yaml"
     keys = write_keys(keys_file, {"main": "big"})
+    shm_before = set(os.listdir("/dev/shm"))
     srv = launch(tmp_path, keys_file, keys, "--engine-hang-timeout-s", str(HANG_TIMEOUT_S),
                  dev_model_dir=server.dev_model_dir)  # fmt: skip
     try:
@@ -61,6 +63,10 @@ def victim(tmp_path, server):
         yield srv
     finally:
         stop(srv, signal.SIGKILL)
+        # Killed processes never unlink their shared memory (vLLM's message queues).
+        for name in set(os.listdir("/dev/shm")) - shm_before:
+            if name.startswith("psm_"):
+                (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 # One rerun with a fresh server: on CI the spawned client sometimes got no stream going
