@@ -12,8 +12,8 @@ from serving.cpuaffinity import colocate_engine_core
 
 pytestmark = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
 
-# A child that names itself (comm) and, for the EngineCore, runs a second thread the way
-# the real one does (its socket threads): every thread must move.
+# A child that names itself (comm) and runs a second thread, as the real EngineCore does
+# (its socket threads): every thread must move.
 CHILD = """
 import os, sys, threading, time
 open("/proc/self/comm", "w").write(sys.argv[1])
@@ -24,55 +24,67 @@ print("up", flush=True)
 time.sleep(60)
 """
 
-
-def spawn(name: str, cpus: str = "") -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, name, cpus], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "up"
-    return proc
+# Stands in for the API process: starts one child per line it reads ("NAME CPUS"),
+# answers with its pid, and kills them all when its stdin closes.
+PARENT = """
+import subprocess, sys
+children = []
+for line in sys.stdin:
+    name, _, cpus = line.strip().partition(" ")
+    child = subprocess.Popen([sys.executable, "-c", CHILD, name, cpus], stdout=subprocess.PIPE, text=True)
+    child.stdout.readline()
+    children.append(child)
+    print(child.pid, flush=True)
+for child in children:
+    child.kill()
+    child.wait()
+""".replace("CHILD,", repr(CHILD) + ",")
 
 
 @pytest.fixture
-def children():
-    started: list[subprocess.Popen] = []
+def tree():
+    """A process tree of its own: this pytest process may have real vLLM servers as children."""
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
-    def start(name: str, cpus: str = "") -> subprocess.Popen:
-        started.append(spawn(name, cpus))
-        return started[-1]
+    def start(name: str, cpus: str = "") -> int:
+        parent.stdin.write(f"{name} {cpus}\n")
+        parent.stdin.flush()
+        return int(parent.stdout.readline())
 
+    start.root = parent.pid
     yield start
-    for proc in started:
-        proc.kill()
-        proc.wait()
+    parent.stdin.close()
+    parent.wait(timeout=30)
 
 
 def thread_cpus(pid: int) -> list[set[int]]:
     return [os.sched_getaffinity(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")]
 
 
-def test_the_engine_core_moves_onto_a_bound_worker_s_cores(children):
+def test_the_engine_core_moves_onto_a_bound_worker_s_cores(tree):
     all_cpus = os.sched_getaffinity(0)
     worker_core = min(all_cpus)
-    children("VLLM::Worker", str(worker_core))
-    core = children("VLLM::EngineCore")
-    assert thread_cpus(core.pid) == [all_cpus, all_cpus]
+    tree("VLLM::Worker", str(worker_core))
+    core = tree("VLLM::EngineCore")
+    assert thread_cpus(core) == [all_cpus, all_cpus]
 
-    assert colocate_engine_core() == {worker_core}
-    assert thread_cpus(core.pid) == [{worker_core}, {worker_core}]
-    assert os.sched_getaffinity(0) == all_cpus  # this process stays where it was
-    assert colocate_engine_core() is None  # already together: nothing to do
+    assert colocate_engine_core(tree.root) == {worker_core}
+    assert thread_cpus(core) == [{worker_core}, {worker_core}]
+    assert os.sched_getaffinity(tree.root) == all_cpus  # the API process stays where it was
+    assert colocate_engine_core(tree.root) is None  # already together: nothing to do
 
 
-def test_an_unbound_worker_leaves_everything_where_it_is(children):
+def test_an_unbound_worker_leaves_everything_where_it_is(tree):
     all_cpus = os.sched_getaffinity(0)
-    children("VLLM::Worker")  # VLLM_CPU_OMP_THREADS_BIND=nobind
-    core = children("VLLM::EngineCore")
-    assert colocate_engine_core() is None
-    assert thread_cpus(core.pid) == [all_cpus, all_cpus]
+    tree("VLLM::Worker")  # VLLM_CPU_OMP_THREADS_BIND=nobind
+    core = tree("VLLM::EngineCore")
+    assert colocate_engine_core(tree.root) is None
+    assert thread_cpus(core) == [all_cpus, all_cpus]
 
 
-def test_other_layouts_are_left_alone(children):
-    children("VLLM::EngineCore")  # GPU build: the model runs in the EngineCore itself
-    assert colocate_engine_core() is None
-    children("VLLM::Worker", "0")
-    children("VLLM::Worker", "1")  # two workers: not the layout this is for
-    assert colocate_engine_core() is None
+def test_other_layouts_are_left_alone(tree):
+    tree("VLLM::EngineCore")  # GPU build: the model runs in the EngineCore itself
+    assert colocate_engine_core(tree.root) is None
+    tree("VLLM::Worker", "0")
+    tree("VLLM::Worker", "1")  # two workers: not the layout this is for
+    assert colocate_engine_core(tree.root) is None
