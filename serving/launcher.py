@@ -267,7 +267,6 @@ async def build_served_app(
     shutdown); ``on_engine_failed`` when the engine died or hung (default: the same)."""
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
     from vllm.entrypoints.launchers.app import build_app
-
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
