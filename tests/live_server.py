@@ -2,11 +2,17 @@
 
 It is started through the product's own CLI with default settings (only the port and
 the dev checkpoint's cache folder differ), so the tests exercise what ``make serve`` runs.
+
+Every server runs as pid 1 of a pid namespace of its own (``unshare --pid --fork
+--mount-proc``), as ``medgemma-serve serve`` does in a container: two replicas then have
+the same process ids, as two pods do. Signals meant for the server go to that process
+(``Server.send_signal``), not to ``unshare``.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import yaml
 
@@ -37,6 +44,7 @@ class Server:
     log_path: Path
     dev_model_dir: Path
     keys: dict[str, str]  # account -> API key
+    namespaced: bool = False  # pid 1 of a pid namespace of its own (unshare)
     ready_history: list[int] = field(default_factory=list)
     # What the port answered while the engine was still loading (first 503 from /ready).
     while_loading: dict[str, httpx.Response] = field(default_factory=dict)
@@ -47,6 +55,22 @@ class Server:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    @property
+    def serving_pid(self) -> int:
+        """The host pid of ``medgemma-serve serve`` (pid 1 inside its namespace)."""
+        if not self.namespaced:
+            return self.process.pid
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            children = psutil.Process(self.process.pid).children()
+            if children:
+                return children[0].pid
+            time.sleep(0.05)
+        raise RuntimeError("unshare started no server process")
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.serving_pid, sig)
 
     def assert_alive(self) -> None:
         assert self.process.poll() is None, "server exited:\n" + self.log()[-4000:]
@@ -85,8 +109,18 @@ def write_keys(path: Path, accounts: dict[str, str]) -> dict[str, str]:
     return {account: add_key(path, account, plan) for account, plan in accounts.items()}
 
 
-def launch(root: Path, keys_file: Path, keys: dict[str, str], *args: str, dev_model_dir: Path | None = None) -> Server:
-    """Start ``medgemma-serve serve`` in its own process group (no wait)."""
+def pid_namespace_prefix() -> list[str]:
+    """``unshare`` arguments that start a command as pid 1 of a new pid namespace (root only)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.fail("the tests run servers in pid namespaces of their own (unshare, as root), "
+                    "as containers do; run them as root")  # fmt: skip
+    return ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
+
+
+def launch(root: Path, keys_file: Path, keys: dict[str, str], *args: str, dev_model_dir: Path | None = None,
+           env_extra: dict[str, str] | None = None) -> Server:  # fmt: skip
+    """Start ``medgemma-serve serve`` as pid 1 of its own pid namespace, in its own process
+    group (no wait)."""
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDGEMMA_")}
@@ -98,17 +132,18 @@ def launch(root: Path, keys_file: Path, keys: dict[str, str], *args: str, dev_mo
             "HF_HUB_OFFLINE": "1",
             "VLLM_NO_USAGE_STATS": "1",
             "DO_NOT_TRACK": "1",
+            **(env_extra or {}),
         }
     )
     log_path = root / "server.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "serving", "serve", "--keys-file", str(keys_file), *args],
+        [*pid_namespace_prefix(), sys.executable, "-m", "serving", "serve", "--keys-file", str(keys_file), *args],
         stdout=log_path.open("w"),
         stderr=subprocess.STDOUT,
         env=env,
         start_new_session=True,
     )
-    return Server(f"http://127.0.0.1:{port}", process, log_path, dev_model_dir, keys)
+    return Server(f"http://127.0.0.1:{port}", process, log_path, dev_model_dir, keys, namespaced=True)
 
 
 def stop(server: Server, sig: int = signal.SIGTERM) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -55,10 +56,23 @@ class BudgetLedger(Protocol):
 
 
 _ids = itertools.count()
-_prefix = f"{os.getpid():x}"
+_prefix = ""
+
+
+def _new_prefix() -> None:
+    """128 random bits per process: the process id is no identity (every container's
+    server is commonly pid 1), and a forked child must not reuse its parent's ids."""
+    global _prefix, _ids
+    _prefix = secrets.token_hex(16)
+    _ids = itertools.count()
+
+
+_new_prefix()
+os.register_at_fork(after_in_child=_new_prefix)
 
 
 def new_lease_id() -> str:
+    """A lease id unique across processes, pods and restarts (random prefix + counter)."""
     return f"{_prefix}-{next(_ids):x}"
 
 

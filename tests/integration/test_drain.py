@@ -98,7 +98,7 @@ def test_sigterm_drains_admitted_requests_then_exits_0(draining_server, spawn_cl
                              f"ended: {ended}; client exit codes: {[c.exitcode for c in clients]}\n"
                              f"{srv.log()[-4000:]}")  # fmt: skip
     sent = time.monotonic()
-    srv.process.send_signal(signal.SIGTERM)
+    srv.send_signal(signal.SIGTERM)
     time.sleep(0.3)
 
     ready = get_while_draining(srv, "/ready")

@@ -187,12 +187,12 @@ def test_keys_reload_on_sighup_and_a_bad_file_keeps_the_old_keys(limits_server):
     hi = {"model": "medgemma-4b-it", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
     new_key = add_key(srv.keys_file, "newcomer", "one")
     assert post_chat(srv, hi, new_key).status_code in (200, 401)  # the file watcher may be first
-    srv.process.send_signal(signal.SIGHUP)
+    srv.send_signal(signal.SIGHUP)
     assert wait_for(lambda: post_chat(srv, hi, new_key).status_code == 200, 10)
 
     good = srv.keys_file.read_text()
     srv.keys_file.write_text(good.replace("concurrency: 1", "concurrency: lots"))
-    srv.process.send_signal(signal.SIGHUP)
+    srv.send_signal(signal.SIGHUP)
     assert wait_for(lambda: "keeping the previous keys" in srv.log(), 10)
     assert post_chat(srv, hi, new_key).status_code == 200
     assert post_chat(srv, hi, srv.keys["main"]).status_code == 200

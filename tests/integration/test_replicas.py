@@ -4,6 +4,7 @@ import asyncio
 import os
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -60,6 +61,48 @@ def chat(max_tokens: int, stream: bool) -> dict:
         "max_tokens": max_tokens,
         "stream": stream,
     }
+
+
+def namespace_pid(host_pid: int) -> int:
+    """A process's pid inside its own pid namespace (the last NSpid field)."""
+    status = Path(f"/proc/{host_pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("NSpid:")).split()[-1])
+
+
+def test_replicas_that_share_a_pid_hold_distinct_leases_and_one_exact_budget(replicas):
+    (a, b), redis = replicas
+    assert namespace_pid(a.serving_pid) == namespace_pid(b.serving_pid) == 1  # as two pods
+    probe = redis_sync.Redis.from_url(redis.url)
+    key = a.keys["shared"]
+    headers = {"Authorization": f"Bearer {key}"}
+    long = {**chat(30000, True), "min_tokens": 30000}
+    with httpx.Client(timeout=60) as client:
+        opened = []
+        try:
+            for srv in (a, b):  # one stream on each replica: the plan's two units
+                stream = client.stream("POST", srv.base_url + "/chat/completions", json=long, headers=headers)
+                opened.append(stream)
+                response = stream.__enter__()
+                assert response.status_code == 200, (response.read(), srv.log()[-3000:])
+            members = probe.zrange("medgemma:leases:{shared}", 0, -1)
+            assert len(members) == 2, members  # one lease each, neither overwrote the other
+            for srv in (a, b):  # the budget is full on both replicas
+                refused = client.post(srv.base_url + "/chat/completions", json=chat(2, False), headers=headers)
+                assert refused.status_code == 429, (refused.text, members)
+            opened.pop(0).__exit__(None, None, None)  # A's client leaves: only A's lease goes
+            deadline = time.monotonic() + 15
+            while len(probe.zrange("medgemma:leases:{shared}", 0, -1)) != 1 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            left = probe.zrange("medgemma:leases:{shared}", 0, -1)
+            assert len(left) == 1 and left[0] in members, (left, members)
+            again = client.post(b.base_url + "/chat/completions", json=chat(2, False), headers=headers)
+            assert again.status_code == 200, again.text  # one unit free: exactly one
+        finally:
+            for stream in opened:
+                try:
+                    stream.__exit__(None, None, None)
+                except httpx.HTTPError:
+                    pass
 
 
 def test_two_replicas_enforce_one_budget(replicas):
