@@ -111,6 +111,7 @@ class Ticket:
 
 @dataclass
 class _PlanWaiter:
+    account: Account  # as it was on arrival: a key reload that removes it does not strand the waiter
     units: int
     deadline: float
     future: asyncio.Future
@@ -256,6 +257,7 @@ class AdmissionController:
             raise self._over_budget(account, units, grant.inflight)
         waiters = self._plan_waiters.setdefault(account.name, deque())
         waiter = _PlanWaiter(
+            account,
             units,
             self.clock.now() + plan_queue.timeout_s,
             asyncio.get_running_loop().create_future(),
@@ -369,16 +371,17 @@ class AdmissionController:
             self.metrics.queue_depth.set(self.queue.depth)
         now = self.clock.now()
         for name in list(self._plan_waiters):
-            account = self.keys.accounts.get(name)
             waiters = self._plan_waiters.get(name) or deque()
-            if account is None:
-                continue
             for waiter in [w for w in waiters if w.deadline <= now and not w.future.done()]:
+                plan = waiter.account.plan
                 waiter.future.set_exception(
-                    self._over_budget(account, waiter.units, account.plan.concurrency, waited=True)
+                    self._over_budget(waiter.account, waiter.units, plan.concurrency, waited=True)
                 )
-            if account is not None:
-                await self._wake_plan_waiter(account)
+            live = next((w for w in waiters if not w.future.done()), None)
+            if live is not None:
+                # The account as the keys file has it now, or as the waiter knew it if a
+                # reload removed it (its requests finish like running ones do).
+                await self._wake_plan_waiter(self.keys.accounts.get(name, live.account))
 
     def demand_units(self) -> int:
         """The autoscaling signal of this replica: units of the requests it serves plus those

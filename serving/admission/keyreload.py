@@ -3,9 +3,10 @@
 Guarantees:
 - A reload that loads swaps the controller's key store in one assignment: the next request
   authenticates against the new keys and plans; requests in flight keep their units.
-- A malformed or unreadable file keeps the old keys, and says why in a warning (the
-  message never contains a key: the file holds only hashes) and in
-  ``medgemma_keys_reloads_total{result="error"}``.
+- A malformed or unreadable file of any shape keeps the old keys, and says why in a
+  warning (the message never contains a key: the file holds only hashes) and in
+  ``medgemma_keys_reloads_total{result="error"}``; the watch keeps running and the next
+  good file is picked up. Nothing a file holds can stop the reloads.
 - The file is polled by (mtime, size, inode), so an editor's atomic replace is seen too.
 """
 
@@ -44,6 +45,11 @@ class KeyReloader:
             self.metrics.keys_reloads_total.labels(result="error").inc()
             logger.warning("keys file reload (%s) failed; keeping the previous keys: %s", reason, exc)
             return False
+        except Exception as exc:  # noqa: BLE001 - a bug must not end the reloads either
+            self.metrics.keys_reloads_total.labels(result="error").inc()
+            logger.error("keys file reload (%s) failed unexpectedly (%s); keeping the previous keys",
+                         reason, type(exc).__name__)  # fmt: skip
+            return False
         self.controller.keys = keys
         self.metrics.keys_reloads_total.labels(result="ok").inc()
         logger.info(
@@ -62,7 +68,9 @@ class KeyReloader:
             await asyncio.sleep(interval_s)
             self.check()
 
-    def install(self, loop: asyncio.AbstractEventLoop, signal_number: int) -> asyncio.Task:
+    def install(
+        self, loop: asyncio.AbstractEventLoop, signal_number: int, interval_s: float = 2.0
+    ) -> asyncio.Task:
         """The file watch, and the signal where this loop can take one (only a main-thread
         loop can: a Ray Serve replica's cannot, and relies on the watch alone)."""
         try:
@@ -70,4 +78,4 @@ class KeyReloader:
         except (ValueError, RuntimeError):
             logger.info("keys file: reloads on change only (no %s handler off the main thread)",
                         signal.Signals(signal_number).name)  # fmt: skip
-        return loop.create_task(self.watch())
+        return loop.create_task(self.watch(interval_s))

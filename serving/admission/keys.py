@@ -3,7 +3,9 @@
 Guarantees:
 - A key is never stored or logged: the file holds ``sha256`` hex digests; lookups hash the
   presented key and compare digests with ``hmac.compare_digest``.
-- A malformed file is refused with a message naming the problem (``KeysFileError``).
+- The file has one schema (``serving.admission.keysfile``), used at start-up and on every
+  reload: a malformed file of any shape is refused with a message naming the problem
+  (``KeysFileError``), never half-loaded.
 - Without a keys file, ``KeyStore.open_mode`` serves one anonymous account with a fixed
   budget, so a fresh ``make serve`` works (the launcher logs a warning).
 
@@ -29,13 +31,11 @@ from pathlib import Path
 
 import yaml
 
+from serving.admission.keysfile import KeysFileError, parse_keys_file
+
 KEY_PREFIX = "mgk_"
 OPEN_ACCOUNT = "anonymous"
 OPEN_PLAN = "open"
-
-
-class KeysFileError(ValueError):
-    """The keys file cannot be used; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -90,27 +90,17 @@ class KeyStore:
 
     @classmethod
     def from_dict(cls, data: object, source: str = "keys file") -> KeyStore:
-        if not isinstance(data, dict):
-            raise KeysFileError(f"{source}: expected a mapping with plans, accounts and keys")
-        plans = {name: _plan(name, spec, source) for name, spec in (data.get("plans") or {}).items()}
-        accounts = {}
-        for name, spec in (data.get("accounts") or {}).items():
-            plan_name = (spec or {}).get("plan")
-            if plan_name not in plans:
-                raise KeysFileError(f"{source}: account {name!r} has unknown plan {plan_name!r}")
-            accounts[str(name)] = Account(str(name), plans[plan_name])
-        hashes: dict[str, str] = {}
-        for i, entry in enumerate(data.get("keys") or []):
-            digest = str((entry or {}).get("sha256", "")).lower()
-            account = (entry or {}).get("account")
-            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-                raise KeysFileError(f"{source}: keys[{i}] needs a sha256 hex digest")
-            if account not in accounts:
-                raise KeysFileError(f"{source}: keys[{i}] names unknown account {account!r}")
-            if digest in hashes:
-                raise KeysFileError(f"{source}: keys[{i}] repeats a key")
-            hashes[digest] = account
-        return cls(accounts, hashes)
+        spec = parse_keys_file(data, source)
+        plans = {
+            name: Plan(
+                name,
+                plan.concurrency,
+                PlanQueue(plan.queue.max_waiting, plan.queue.timeout_s) if plan.queue else None,
+            )
+            for name, plan in spec.plans.items()
+        }
+        accounts = {name: Account(name, plans[account.plan]) for name, account in spec.accounts.items()}
+        return cls(accounts, {key.sha256: key.account for key in spec.keys})
 
     def __post_init__(self) -> None:
         # Candidates are found by a short digest prefix, then every candidate's full digest
@@ -133,35 +123,20 @@ class KeyStore:
         return self.accounts[found] if found is not None else None
 
 
-def _plan(name: str, spec: object, source: str) -> Plan:
-    if not isinstance(spec, dict) or not isinstance(spec.get("concurrency"), int):
-        raise KeysFileError(f"{source}: plan {name!r} needs an integer concurrency")
-    if spec["concurrency"] < 1:
-        raise KeysFileError(f"{source}: plan {name!r} concurrency must be at least 1")
-    queue = spec.get("queue")
-    plan_queue = None
-    if queue:
-        try:
-            plan_queue = PlanQueue(int(queue["max_waiting"]), float(queue["timeout_s"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise KeysFileError(
-                f"{source}: plan {name!r} queue needs max_waiting and timeout_s"
-            ) from exc
-        if plan_queue.max_waiting < 1 or plan_queue.timeout_s <= 0:
-            raise KeysFileError(f"{source}: plan {name!r} queue values must be positive")
-    return Plan(str(name), spec["concurrency"], plan_queue)
-
-
 def add_key(
     path: str | os.PathLike, account: str, plan: str, label: str | None = None
 ) -> str:
     """Add a key for ``account`` (created on ``plan`` if new) and return the key, shown once."""
     file = Path(path)
-    data = yaml.safe_load(file.read_text()) if file.exists() else None
+    try:
+        data = yaml.safe_load(file.read_text()) if file.exists() else None
+    except yaml.YAMLError as exc:
+        raise KeysFileError(f"keys file {file} is not valid YAML: {exc}") from exc
+    parse_keys_file(data or {}, str(file))  # the file as it is must load before we touch it
     data = data or {}
-    data.setdefault("plans", {})
-    data.setdefault("accounts", {})
-    data.setdefault("keys", [])
+    for section, empty in (("plans", {}), ("accounts", {}), ("keys", [])):
+        if data.get(section) is None:
+            data[section] = empty
     if plan not in data["plans"]:
         raise KeysFileError(
             f"plan {plan!r} is not in {file}; add it under plans: with a concurrency first"

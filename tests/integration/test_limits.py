@@ -72,6 +72,7 @@ def limits_server(tmp_path_factory, server):
         "--body-timeout-s", str(BODY_TIMEOUT_S), "--stream-stall-timeout-s", str(STALL_TIMEOUT_S),
         "--remote-image-hosts", "127.0.0.1", "--remote-image-private-networks",
         "--remote-image-max-mib", "1", "--remote-image-timeout-s", "2",
+        "--keys-reload-interval-s", "3600",  # SIGHUP alone reloads here: the poll never looks
         dev_model_dir=server.dev_model_dir,
     )  # fmt: skip
     srv.keys_file = keys_file
@@ -185,17 +186,32 @@ def test_remote_images_only_from_the_allowed_host_within_limits(limits_server, i
 def test_keys_reload_on_sighup_and_a_bad_file_keeps_the_old_keys(limits_server):
     srv = limits_server
     hi = {"model": "medgemma-4b-it", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
-    new_key = add_key(srv.keys_file, "newcomer", "one")
-    assert post_chat(srv, hi, new_key).status_code in (200, 401)  # the file watcher may be first
-    srv.send_signal(signal.SIGHUP)
-    assert wait_for(lambda: post_chat(srv, hi, new_key).status_code == 200, 10)
-
     good = srv.keys_file.read_text()
-    srv.keys_file.write_text(good.replace("concurrency: 1", "concurrency: lots"))
-    srv.send_signal(signal.SIGHUP)
-    assert wait_for(lambda: "keeping the previous keys" in srv.log(), 10)
-    assert post_chat(srv, hi, new_key).status_code == 200
-    assert post_chat(srv, hi, srv.keys["main"]).status_code == 200
-    assert new_key not in srv.log() and srv.keys["main"] not in srv.log()
-    assert metric(srv, r'^medgemma_keys_reloads_total\{result="error"\}') >= 1
-    srv.keys_file.write_text(good)
+    try:
+        new_key = add_key(srv.keys_file, "newcomer", "one")
+        time.sleep(1)
+        assert post_chat(srv, hi, new_key).status_code == 401  # not reloaded yet: no poll here
+        srv.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: post_chat(srv, hi, new_key).status_code == 200, 10)
+        with_newcomer = srv.keys_file.read_text()
+
+        # Wrong values and wrong structure: each keeps the old keys, and says why.
+        for n, bad in enumerate([with_newcomer.replace("concurrency: 1", "concurrency: lots"),
+                                 "plans:\n- {concurrency: 2}\n", "keys: {a: b}\n",
+                                 with_newcomer.replace("concurrency: 1", "concurrency: true")], start=1):  # fmt: skip
+            srv.keys_file.write_text(bad)
+            srv.send_signal(signal.SIGHUP)
+            assert wait_for(lambda: srv.log().count("keeping the previous keys") >= n, 10), srv.log()[-2000:]
+            assert post_chat(srv, hi, new_key).status_code == 200
+            assert post_chat(srv, hi, srv.keys["main"]).status_code == 200
+        assert metric(srv, r'^medgemma_keys_reloads_total\{result="error"\}') == 4
+
+        # The next good file is picked up: the newcomer is gone again.
+        srv.keys_file.write_text(good)
+        srv.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: post_chat(srv, hi, new_key).status_code == 401, 10)
+        assert post_chat(srv, hi, srv.keys["main"]).status_code == 200
+        assert new_key not in srv.log() and srv.keys["main"] not in srv.log()
+        assert "Traceback" not in srv.log()
+    finally:
+        srv.keys_file.write_text(good)

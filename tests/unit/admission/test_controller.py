@@ -146,6 +146,45 @@ def test_plan_queue_deadline_gives_429_without_sleeping():
     asyncio.run(scenario())
 
 
+def test_waiters_of_an_account_removed_by_a_key_reload_still_expire():
+    async def scenario():
+        c, clock, ledger, _ = make()
+        w = account(c, "w")
+        held = await c.admit(w, shape())
+        waiting = asyncio.ensure_future(c.admit(w, shape()))
+        await asyncio.sleep(0)
+        assert c._has_waiters()
+        c.keys = KeyStore.from_dict({**KEYS, "accounts": {"a": {"plan": "small"}}})  # "w" is gone
+        clock.advance(2)
+        await c.tick()
+        assert not waiting.done()  # its deadline has not come
+        clock.advance(3.1)
+        await c.tick()
+        with pytest.raises(AdmissionError) as info:
+            await asyncio.wait_for(waiting, 1)
+        assert info.value.outcome is Outcome.REJECTED_OVER_BUDGET
+        await asyncio.sleep(0)
+        assert not c._has_waiters()  # the ticker may sleep again
+        await held.release()
+        assert ledger.total_inflight() == 0
+    asyncio.run(scenario())
+
+
+def test_a_waiter_of_a_removed_account_gets_the_unit_its_account_frees():
+    async def scenario():
+        c, _, _, _ = make()
+        w = account(c, "w")
+        held = await c.admit(w, shape())
+        waiting = asyncio.ensure_future(c.admit(w, shape()))
+        await asyncio.sleep(0)
+        c.keys = KeyStore.from_dict({**KEYS, "accounts": {"a": {"plan": "small"}}})
+        await held.release()
+        ticket = await asyncio.wait_for(waiting, 1)
+        await ticket.release()
+        assert not c._has_waiters()
+    asyncio.run(scenario())
+
+
 def test_engine_queue_then_timeout_releases_the_budget():
     async def scenario():
         c, clock, ledger, metrics = make(max_requests=1)

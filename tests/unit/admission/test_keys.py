@@ -45,21 +45,68 @@ def test_add_key_refuses_unknown_plan_and_plan_change(keys_file):
         add_key(keys_file, "acme", "clinic")
 
 
-@pytest.mark.parametrize(
-    "data, message",
-    [
-        ([1, 2], "mapping"),
-        ({"plans": {"p": {"concurrency": "two"}}}, "integer concurrency"),
-        ({"plans": {"p": {"concurrency": 0}}}, "at least 1"),
-        ({"plans": {"p": {"concurrency": 1}}, "accounts": {"a": {"plan": "q"}}}, "unknown plan"),
-        ({"plans": {"p": {"concurrency": 1}}, "accounts": {"a": {"plan": "p"}}, "keys": [{"sha256": "zz", "account": "a"}]}, "sha256"),
-        ({"plans": {"p": {"concurrency": 1}}, "accounts": {"a": {"plan": "p"}}, "keys": [{"sha256": "a" * 64, "account": "b"}]}, "unknown account"),
-        ({"plans": {"p": {"concurrency": 1, "queue": {"max_waiting": 2}}}}, "queue needs"),
-    ],
-)
-def test_malformed_keys_files_are_refused_with_the_reason(data, message):
-    with pytest.raises(KeysFileError, match=message):
-        KeyStore.from_dict(data)
+PLAN = {"p": {"concurrency": 1}}
+ACCOUNT = {"a": {"plan": "p"}}
+DIGEST = "a" * 64
+
+# Every shape a hand-edited file can take that is not a keys file: (YAML text, what the
+# message must name). The same table drives the reload test (tests/unit/admission/test_keyreload.py).
+MALFORMED = [
+    ("[1, 2]", "mapping"),
+    ("just a string", "mapping"),
+    ("plans: [{concurrency: 1}]", "plans: Input should be a valid dictionary"),
+    ("plans: {p: [1]}", "plans.p"),
+    ("plans: {p: 3}", "plans.p"),
+    ("plans: {p: {concurrency: two}}", "plans.p.concurrency"),
+    ("plans: {p: {concurrency: true}}", "plans.p.concurrency"),
+    ("plans: {p: {concurrency: '2'}}", "plans.p.concurrency"),
+    ("plans: {p: {concurrency: 1.5}}", "plans.p.concurrency"),
+    ("plans: {p: {concurrency: 0}}", "greater than or equal to 1"),
+    ("plans: {p: {concurrency: 1, burst: 4}}", "plans.p.burst"),
+    ("plans: {p: {concurrency: 1, queue: {max_waiting: 2}}}", "plans.p.queue.timeout_s"),
+    ("plans: {p: {concurrency: 1, queue: [2, 30]}}", "plans.p.queue"),
+    ("plans: {p: {concurrency: 1, queue: {max_waiting: 2, timeout_s: true}}}", "plans.p.queue.timeout_s"),
+    ("plans: {p: {concurrency: 1, queue: {max_waiting: 0, timeout_s: 3}}}", "plans.p.queue.max_waiting"),
+    ("plans: {p: {concurrency: 1}}\naccounts: [a]", "accounts: Input should be a valid dictionary"),
+    ("plans: {p: {concurrency: 1}}\naccounts: {a: p}", "accounts.a"),
+    ("plans: {p: {concurrency: 1}}\naccounts: {a: {plan: q}}", "unknown plan"),
+    ("plans: {p: {concurrency: 1}}\naccounts: {a: {plan: [p]}}", "accounts.a.plan"),
+    (f"plans: {{p: {{concurrency: 1}}}}\naccounts: {{a: {{plan: p}}}}\nkeys: {{{DIGEST}: a}}", "keys: Input should be a valid list"),
+    ("plans: {p: {concurrency: 1}}\naccounts: {a: {plan: p}}\nkeys: [zz]", "keys.0"),
+    ("plans: {p: {concurrency: 1}}\naccounts: {a: {plan: p}}\nkeys: [{sha256: zz, account: a}]", "keys.0.sha256"),
+    (f"plans: {{p: {{concurrency: 1}}}}\naccounts: {{a: {{plan: p}}}}\nkeys: [{{sha256: {DIGEST}, account: b}}]", "unknown account"),
+    (f"plans: {{p: {{concurrency: 1}}}}\naccounts: {{a: {{plan: p}}}}\nkeys: [{{sha256: {DIGEST}, account: a}}, {{sha256: {DIGEST}, account: a}}]", "repeats a key"),
+    (f"plans: {{p: {{concurrency: 1}}}}\naccounts: {{a: {{plan: p}}}}\nkeys: [{{sha256: {DIGEST}}}]", "keys.0.account"),
+    ("plans: {p: {concurrency: 1}}\nplanz: {}", "planz"),
+    ("plans: [", "not valid YAML"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("text, message", MALFORMED, ids=[m[0][:40] for m in MALFORMED])
+def test_malformed_keys_files_are_refused_with_the_reason(tmp_path, text, message):
+    path = tmp_path / "keys.yaml"
+    path.write_text(text)
+    with pytest.raises(KeysFileError) as info:
+        KeyStore.load(path)
+    assert message in str(info.value)
+
+
+def test_empty_sections_are_empty_and_a_good_file_loads():
+    store = KeyStore.from_dict({"plans": PLAN, "accounts": ACCOUNT, "keys": None})
+    assert store.accounts["a"].plan.concurrency == 1 and store.key_hashes == {}
+    store = KeyStore.from_dict(
+        {"plans": {"q": {"concurrency": 3, "queue": {"max_waiting": 2, "timeout_s": 5}}},
+         "accounts": {"a": {"plan": "q"}}, "keys": [{"sha256": DIGEST.upper(), "account": "a", "label": "PACS"}]}
+    )  # fmt: skip
+    assert store.accounts["a"].plan.queue.timeout_s == 5.0 and store.key_hashes == {DIGEST: "a"}
+
+
+def test_add_key_refuses_a_malformed_file_and_leaves_it_alone(tmp_path):
+    path = tmp_path / "keys.yaml"
+    path.write_text("plans: [{concurrency: 1}]\n")
+    with pytest.raises(KeysFileError, match="plans"):
+        add_key(path, "acme", "p")
+    assert path.read_text() == "plans: [{concurrency: 1}]\n"
 
 
 def test_unreadable_and_invalid_yaml(tmp_path):

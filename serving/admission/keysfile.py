@@ -1,0 +1,106 @@
+"""The keys file's one schema: what start-up and every reload accept, and nothing else.
+
+Guarantees:
+- ``parse_keys_file`` either returns a fully validated ``KeysFile`` or raises
+  ``KeysFileError`` naming every problem by its place in the file (``plans.clinic.
+  concurrency: ...``); it never raises anything else, whatever the YAML held (a list where
+  a mapping belongs, a string for a number, a boolean for a count).
+- Counts are strict integers: ``concurrency: true`` or ``"2"`` is refused, not read as 1/2.
+- Cross-references hold: every account's plan exists, every key's account exists, and no
+  key digest appears twice.
+- Messages never quote a value (a value could be a pasted secret); the file holds hashes.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+
+
+class KeysFileError(ValueError):
+    """The keys file cannot be used; the message says why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PlanQueueSpec(_Strict):
+    """Requests of an account at its limit wait (up to ``max_waiting``, ``timeout_s``) instead of a 429."""
+
+    max_waiting: Annotated[StrictInt, Field(ge=1)]
+    timeout_s: Annotated[float, Field(gt=0)]
+
+    @field_validator("timeout_s", mode="before")
+    @classmethod
+    def _a_number(cls, value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError("must be a number of seconds")
+        return value
+
+
+class PlanSpec(_Strict):
+    concurrency: Annotated[StrictInt, Field(ge=1)]
+    queue: PlanQueueSpec | None = None
+
+
+class AccountSpec(_Strict):
+    plan: Annotated[str, Field(min_length=1, strict=True)]
+
+
+class KeySpec(_Strict):
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$", strict=True)]
+    account: Annotated[str, Field(min_length=1, strict=True)]
+    label: Annotated[str, Field(strict=True)] | None = None
+
+    @field_validator("sha256")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.lower()
+
+
+class KeysFile(_Strict):
+    plans: dict[str, PlanSpec] = Field(default_factory=dict)
+    accounts: dict[str, AccountSpec] = Field(default_factory=dict)
+    keys: list[KeySpec] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: object) -> object:
+        # "plans:" with nothing under it is YAML's null: an empty section.
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+    @model_validator(mode="after")
+    def _references(self) -> KeysFile:
+        problems = []
+        for name, account in self.accounts.items():
+            if account.plan not in self.plans:
+                problems.append(f"account {name!r} has unknown plan {account.plan!r}")
+        seen: set[str] = set()
+        for i, key in enumerate(self.keys):
+            if key.account not in self.accounts:
+                problems.append(f"keys[{i}] names unknown account {key.account!r}")
+            if key.sha256 in seen:
+                problems.append(f"keys[{i}] repeats a key")
+            seen.add(key.sha256)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def parse_keys_file(data: object, source: str = "keys file") -> KeysFile:
+    """Validate a loaded keys file (YAML's result) against the one schema."""
+    if not isinstance(data, dict):
+        raise KeysFileError(f"{source}: expected a mapping with plans, accounts and keys")
+    try:
+        return KeysFile.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_input=False, include_url=False):
+            where = ".".join(str(part) for part in error["loc"])
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {message}" if where else message)
+        raise KeysFileError(f"{source}: " + "; ".join(problems)) from None
