@@ -27,7 +27,7 @@ DEV_MODEL_BANNER = (
 )
 
 
-FILE_ONLY_SETTINGS = {"vllm_args", "model_costs"}  # lists and maps: YAML or env (JSON) only
+FILE_ONLY_SETTINGS = {"vllm_args", "model_costs", "redis_password"}  # lists, maps, secrets: YAML or env only
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from serving import engine, hardware
@@ -87,6 +87,11 @@ class ServeSettings(BaseSettings):
         description="YAML file of plans, accounts and hashed API keys (medgemma-serve keys add). "
         "Without one the server runs in open mode: one anonymous account.",
     )
+    keys_reload_interval_s: float = Field(
+        2.0,
+        gt=0,
+        description="How often the keys file is checked for changes (SIGHUP reloads it at once).",
+    )
     open_budget: int = Field(
         4, ge=1, description="Concurrency units of the anonymous account in open mode."
     )
@@ -113,6 +118,16 @@ class ServeSettings(BaseSettings):
         None,
         description="Redis URL for budgets shared by several replicas (redis://host:6379/0); "
         "unset: budgets are per process.",
+    )
+    redis_password: SecretStr | None = Field(
+        None,
+        description="Redis password (AUTH), from the environment (MEDGEMMA_REDIS_PASSWORD, e.g. a "
+        "Kubernetes Secret) or the YAML file; never a flag, so it does not show in ps.",
+    )
+    redis_tls_ca_file: Path | None = Field(
+        None,
+        description="CA bundle that verifies the Redis server's certificate (rediss:// URLs only); "
+        "default: the system's CAs.",
     )
     lease_ttl_s: float = Field(
         15.0, gt=0, description="Seconds a dead replica's leases outlive it in Redis."
@@ -195,6 +210,17 @@ class ServeSettings(BaseSettings):
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
         return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeSettings:
+        if self.redis_tls_ca_file is not None and not (self.redis_url or "").startswith("rediss://"):
+            raise ValueError("redis_tls_ca_file needs a TLS Redis URL (rediss://...)")
+        if self.keys_file is not None and any(a.split("=")[0] == "--api-key" for a in self.vllm_args):
+            raise ValueError(
+                "vLLM's --api-key cannot be combined with a keys file: both read the "
+                "Authorization header; keep the per-account keys (or use --api-key in open mode)"
+            )
+        return self
 
     @field_validator("model_costs")
     @classmethod
@@ -417,5 +443,13 @@ def _stored_token() -> str | None:
 
 
 def describe(settings: ServeSettings) -> str:
-    """The settings as JSON, for logs (holds no secrets: tokens come only from the environment)."""
-    return json.dumps(settings.model_dump(mode="json"), sort_keys=True)
+    """The settings as JSON, for logs: URL passwords, secret vLLM flags and the Redis
+    password are ``***`` (``serving.logs``)."""
+    from serving.logs import REDACTED, redact_args, redact_url
+
+    data = settings.model_dump(mode="json")
+    data["redis_url"] = redact_url(data["redis_url"])
+    data["vllm_args"] = redact_args(data["vllm_args"])
+    if data["redis_password"] is not None:
+        data["redis_password"] = REDACTED
+    return json.dumps(data, sort_keys=True)

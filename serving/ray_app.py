@@ -146,8 +146,15 @@ def build_app(args: dict[str, Any] | None = None):
     from ray import serve
 
     settings = AppSettings.from_args(args)
+    if (args or {}).get("serve", {}).get("redis_password") is not None:
+        raise config.SettingsError(
+            "redis_password cannot be a build_app argument (Ray would store it in the "
+            "deployment config): set MEDGEMMA_REDIS_PASSWORD on the replicas (a Secret)"
+        )
     replica = serve.deployment(serve.ingress()(MedGemmaReplica))
-    return replica.options(**deployment_options(settings)).bind(settings.serve.model_dump(mode="json"))
+    # Secrets stay out of Ray's deployment config: each replica reads them from its environment.
+    serve_args = settings.serve.model_dump(mode="json", exclude={"redis_password"})
+    return replica.options(**deployment_options(settings)).bind(serve_args)
 
 
 class MedGemmaReplica:

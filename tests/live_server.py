@@ -117,7 +117,7 @@ def pid_namespace_prefix() -> list[str]:
     return ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
 
 
-def launch(root: Path, keys_file: Path, keys: dict[str, str], *args: str, dev_model_dir: Path | None = None,
+def launch(root: Path, keys_file: Path | None, keys: dict[str, str], *args: str, dev_model_dir: Path | None = None,
            env_extra: dict[str, str] | None = None) -> Server:  # fmt: skip
     """Start ``medgemma-serve serve`` as pid 1 of its own pid namespace, in its own process
     group (no wait)."""
@@ -137,7 +137,8 @@ def launch(root: Path, keys_file: Path, keys: dict[str, str], *args: str, dev_mo
     )
     log_path = root / "server.log"
     process = subprocess.Popen(
-        [*pid_namespace_prefix(), sys.executable, "-m", "serving", "serve", "--keys-file", str(keys_file), *args],
+        [*pid_namespace_prefix(), sys.executable, "-m", "serving", "serve",
+         *(["--keys-file", str(keys_file)] if keys_file is not None else []), *args],  # fmt: skip
         stdout=log_path.open("w"),
         stderr=subprocess.STDOUT,
         env=env,

@@ -234,8 +234,11 @@ class RedisLedger:
             )  # fmt: skip
 
 
-def connect(url: str, timeout_s: float = 1.0):
-    """A Redis client that fails fast: a dead Redis must not stall the request path."""
+def connect(url: str, timeout_s: float = 1.0, *, password: str | None = None, tls_ca_file=None):
+    """A Redis client that fails fast: a dead Redis must not stall the request path.
+
+    ``password`` (AUTH) is used unless the URL carries one; ``tls_ca_file`` verifies a
+    ``rediss://`` server's certificate."""
     import redis.asyncio as redis
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
@@ -243,8 +246,14 @@ def connect(url: str, timeout_s: float = 1.0):
 
     # One immediate retry on a broken connection (a pooled socket after a Redis restart);
     # none on a timeout, which would double the stall.
+    options = {}
+    if password is not None:
+        options["password"] = password
+    if tls_ca_file is not None:
+        options["ssl_ca_certs"] = str(tls_ca_file)
     return redis.Redis.from_url(
         url,
+        **options,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),

@@ -155,3 +155,32 @@ def test_nvidia_smi_parsing():
     assert gpu == hardware.Gpu(name="NVIDIA L4", memory_gib=22.5, count=2)
     assert hardware.parse_nvidia_smi("") is None
     assert hardware.parse_nvidia_smi("garbage") is None
+
+
+def test_describe_never_shows_a_secret(monkeypatch):
+    monkeypatch.setenv("MEDGEMMA_REDIS_PASSWORD", "env-secret")
+    s = load_settings({"redis_url": "redis://user:url-secret@redis:6379/0",
+                       "vllm_args": ["--seed", "1", "--api-key", "k1", "k2", "--hf-token=hf-secret"]})  # fmt: skip
+    assert s.redis_password.get_secret_value() == "env-secret"
+    text = config.describe(s)
+    for secret in ("env-secret", "url-secret", "k1", "k2", "hf-secret"):
+        assert secret not in text
+    assert "redis://user:***@redis:6379/0" in text and '"--seed", "1"' in text
+
+
+def test_redis_password_is_no_flag_and_tls_ca_needs_rediss(tmp_path):
+    from serving.cli import _build_parser
+
+    assert _build_parser().parse_args(["serve", "--redis-url", "redis://r:6379/0"]).redis_url
+    with pytest.raises(SystemExit):  # a password on the command line would show in ps
+        _build_parser().parse_args(["serve", "--redis-password", "x"])
+    with pytest.raises(SettingsError, match="rediss://"):
+        load_settings({"redis_url": "redis://r:6379/0", "redis_tls_ca_file": str(tmp_path / "ca.pem")})
+    assert load_settings({"redis_url": "rediss://r:6380/0", "redis_tls_ca_file": "/ca.pem"}).redis_tls_ca_file
+
+
+def test_vllm_api_key_beside_a_keys_file_is_refused_without_echoing_it(tmp_path):
+    with pytest.raises(SettingsError, match="--api-key cannot be combined") as info:
+        load_settings({"keys_file": str(tmp_path / "keys.yaml"), "vllm_args": ["--api-key=top-secret"]})
+    assert "top-secret" not in str(info.value)
+    assert load_settings({"vllm_args": ["--api-key", "x"]}).vllm_args == ["--api-key", "x"]  # open mode
