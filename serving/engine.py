@@ -192,6 +192,9 @@ class EngineSettings:
 
 
 REFUSED_DTYPES = {"float16", "half", "fp16"}
+# An allow-list entry no URL can match (.invalid is reserved, RFC 2606): what vLLM gets
+# when remote images are off, so its fetcher refuses every http(s) URL on its own too.
+NO_MEDIA_DOMAIN = "remote-images-disabled.invalid"
 
 
 def validate(settings: EngineSettings) -> Profile:
@@ -266,9 +269,9 @@ def engine_args(settings: EngineSettings) -> list[str]:
         args += ["--host", settings.host]
     if settings.port is not None:
         args += ["--port", str(settings.port)]
-    if settings.remote_image_hosts:
-        # Defence in depth: the request guard already refuses other hosts.
-        args += ["--allowed-media-domains", *settings.remote_image_hosts]
+    # Defence in depth: the request guard already refuses other hosts. vLLM reads an empty
+    # list as "any host", so with remote images off it gets one that can never match.
+    args += ["--allowed-media-domains", *(settings.remote_image_hosts or (NO_MEDIA_DOMAIN,))]
     return args + list(settings.extra_args)
 
 

@@ -7,6 +7,13 @@ Guarantees (each refusal is an ``AdmissionError`` whose outcome maps to HTTP in 
   ``request_timeout``.
 - A body that is not a JSON object (malformed, too deeply nested, an array) gets 400
   ``invalid_json``; vLLM never parses it.
+- Media parts are found the way vLLM 0.32's chat parser finds them: by their ``type`` and
+  by their keys, whatever the ``type`` says (vLLM reads ``{"image_url": ...}`` with no type,
+  or with any type when a ``uuid`` is present, as an image). The keys come from vLLM's own
+  parser table (``media_part_keys``). Only images are served: a part that carries audio,
+  video, embeddings, a PIL image or a file is refused with 400 ``unsupported_media``.
+- More image parts than ``max_images`` are refused (400 ``too_many_images``) before any is
+  decoded; the rest are checked one by one, each bounded (a 48 KiB header read).
 - Image parts: a ``data:`` URL must say ``image/...``; its declared width x height (read
   from the image header without decoding pixels) must be at most ``max_image_pixels``
   (400 ``image_too_large``: decompression bombs never reach the decoder). Any other URL
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import functools
 import io
 import ipaddress
 import socket
@@ -32,7 +40,9 @@ import msgspec
 
 from serving.admission.outcomes import AdmissionError, Outcome
 
-IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image"})
+# Part types and keys that carry an image by URL (vLLM: "image_url", and the Responses
+# API's "input_image" whose "image_url" is a string).
+IMAGE_PART_TYPES = frozenset({"image_url", "input_image"})
 HUGE = (2**31, 2**31)  # what _declared_size reports for a header PIL refuses to open
 HEADER_PREFIX_CHARS = 65536  # base64 characters decoded to read an image header (48 KiB)
 
@@ -44,6 +54,7 @@ class GuardSettings:
     max_image_pixels: int = 50_000_000
     remote_image_hosts: frozenset[str] = frozenset()  # empty: remote image URLs are refused
     remote_image_private_networks: bool = False  # allow hosts resolving to private addresses
+    max_images: int = 4  # image parts per request (vLLM's --limit-mm-per-prompt)
 
 
 class RequestGuard:
@@ -102,11 +113,32 @@ class RequestGuard:
     # --- images -----------------------------------------------------------------------
 
     async def check_images(self, body: dict) -> None:
-        for url in image_urls(body):
+        """Refuse media we do not serve, too many images, then check each image's source."""
+        images = []
+        for part, kinds in media_parts(body):
+            unsupported = kinds - IMAGE_PART_TYPES
+            if unsupported:
+                raise AdmissionError(
+                    Outcome.REJECTED_UNSUPPORTED_MEDIA,
+                    f"Content parts carrying {', '.join(sorted(unsupported))} are not accepted: "
+                    "this model takes images only, as image_url parts (base64 data URLs).",
+                )
+            images.append(part)
+        if len(images) > self.settings.max_images:
+            raise AdmissionError(
+                Outcome.REJECTED_TOO_MANY_IMAGES,
+                f"At most {self.settings.max_images} images are allowed in one request; "
+                f"this one has {len(images)}.",
+            )
+        for part in images:
+            url = image_url(part)
+            if url is None:
+                continue  # no URL string: vLLM refuses the part (400) without fetching
             if url.startswith("data:"):
                 self._check_data_url(url)
             else:
                 await self._check_remote_url(url)
+            await asyncio.sleep(0)  # each header read is bounded; others run between them
 
     def _check_data_url(self, url: str) -> None:
         header, _, payload = url.partition(",")
@@ -167,14 +199,37 @@ def iter_content_parts(body: dict) -> Iterator[dict]:
                     yield part
 
 
-def image_urls(body: dict) -> Iterator[str]:
+@functools.cache
+def media_part_keys() -> frozenset[str]:
+    """Part types and keys that make vLLM 0.32's chat parser treat a part as media: its
+    parser table's entries less the text ones, plus OpenAI's ``file`` part."""
+    from vllm.renderers.chat_utils import MM_PARSER_MAP, TEXT_PART_TYPES
+
+    return frozenset(MM_PARSER_MAP) - TEXT_PART_TYPES - {"tool_reference"} | {"file"}
+
+
+def media_parts(body: dict) -> Iterator[tuple[dict, frozenset[str]]]:
+    """Each content part that carries media, with what it carries (its media keys, and its
+    type when that is a media type): a part's type does not stop vLLM reading its keys."""
+    media = media_part_keys()
     for part in iter_content_parts(body):
-        if part.get("type") not in IMAGE_PART_TYPES:
-            continue
-        image = part.get("image_url")
-        url = image.get("url") if isinstance(image, dict) else image
-        if isinstance(url, str):
-            yield url
+        kinds = {key for key in part if key in media}
+        kind = part.get("type")
+        if isinstance(kind, str) and kind in media:
+            kinds.add(kind)
+        if kinds:
+            yield part, frozenset(kinds)
+
+
+def image_url(part: dict) -> str | None:
+    """The URL an image part makes vLLM load (``image_url`` as a string or ``{"url": ...}``)."""
+    image = part.get("image_url")
+    url = image.get("url") if isinstance(image, dict) else image
+    return url if isinstance(url, str) else None
+
+
+def count_images(body: dict) -> int:
+    return sum(1 for _, kinds in media_parts(body) if kinds & IMAGE_PART_TYPES)
 
 
 def _content_length(scope) -> int | None:

@@ -29,6 +29,8 @@ class Outcome(str, Enum):
     REJECTED_INVALID_IMAGE = "rejected_invalid_image"
     REJECTED_IMAGE_TOO_LARGE = "rejected_image_too_large"
     REJECTED_IMAGE_URL = "rejected_image_url"
+    REJECTED_UNSUPPORTED_MEDIA = "rejected_unsupported_media"
+    REJECTED_TOO_MANY_IMAGES = "rejected_too_many_images"
     REJECTED_NOT_FOUND = "rejected_not_found"
     REJECTED_ENGINE_FAILED = "rejected_engine_failed"
     EVICTED_QUEUE_TIMEOUT = "evicted_queue_timeout"
@@ -59,6 +61,8 @@ HTTP_ERRORS: dict[Outcome, HttpError] = {
     Outcome.REJECTED_INVALID_IMAGE: HttpError(400, "invalid_image", "invalid_request_error", False),
     Outcome.REJECTED_IMAGE_TOO_LARGE: HttpError(400, "image_too_large", "invalid_request_error", False),
     Outcome.REJECTED_IMAGE_URL: HttpError(400, "image_url_not_allowed", "invalid_request_error", False),
+    Outcome.REJECTED_UNSUPPORTED_MEDIA: HttpError(400, "unsupported_media", "invalid_request_error", False),
+    Outcome.REJECTED_TOO_MANY_IMAGES: HttpError(400, "too_many_images", "invalid_request_error", False),
     Outcome.REJECTED_NOT_FOUND: HttpError(404, "not_found", "invalid_request_error", False),
     Outcome.REJECTED_ENGINE_FAILED: HttpError(503, "engine_unavailable", "service_unavailable", True),
     Outcome.EVICTED_ENGINE_FAILED: HttpError(503, "engine_unavailable", "service_unavailable", True),

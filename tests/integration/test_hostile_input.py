@@ -10,6 +10,7 @@ import io
 import json
 import re
 import struct
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -41,6 +42,10 @@ def data_url(data: bytes, mime="image/png") -> str:
 
 def with_image(url: str, text="What does this show?") -> list[dict]:
     return [{"role": "user", "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]}]
+
+
+def with_part(part: dict) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": "What does this show?"}, part]}]
 
 
 @dataclass
@@ -89,7 +94,8 @@ CATALOGUE = [
     Case("malformed tools", {"messages": HI, "tools": [{"type": "function"}]}, 400, "invalid_request"),
     Case("NUL characters in text", {"messages": [{"role": "user", "content": "a\u0000b"}]}, 200, None),
     # Images.
-    Case("too many images", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image())}}] * 6}]}, 400, "invalid_request"),
+    Case("too many images", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image())}}] * 6}]}, 400, "too_many_images"),
+    Case("2,000 tiny images", {"messages": [{"role": "user", "content": [{"image_url": data_url(image(1, 1))}] * 2000}]}, 400, "too_many_images"),
     Case("corrupt image", {"messages": with_image(data_url(b"\x89PNG\r\n\x1a\nGARBAGE"))}, 400, "invalid_request"),
     Case("truncated image", {"messages": with_image(data_url(image(200, 200)[:300]))}, 400, "invalid_request"),
     Case("decompression bomb", {"messages": with_image(data_url(bomb_png()))}, 400, "image_too_large"),
@@ -101,7 +107,21 @@ CATALOGUE = [
     Case("remote URL (cloud metadata)", {"messages": with_image("http://169.254.169.254/latest/meta-data")}, 400, "image_url_not_allowed"),
     Case("remote URL (public host)", {"messages": with_image("https://example.org/x.png")}, 400, "image_url_not_allowed"),
     Case("file URL", {"messages": with_image("file:///etc/passwd")}, 400, "image_url_not_allowed"),
+    # Media parts as vLLM's parser reads them: by their keys, whatever the type says.
+    Case("typeless part, link-local URL", {"messages": with_part({"image_url": "http://169.254.169.254/latest/meta-data"})}, 400, "image_url_not_allowed"),
+    Case("typeless part, public URL", {"messages": with_part({"image_url": {"url": "https://example.org/x.png"}})}, 400, "image_url_not_allowed"),
+    Case("typeless part, bomb PNG", {"messages": with_part({"image_url": data_url(bomb_png())})}, 400, "image_too_large"),
+    Case("text part with a uuid and an image URL", {"messages": with_part({"type": "text", "text": "x", "uuid": "u", "image_url": "http://127.0.0.1:9/x.png"})}, 400, "image_url_not_allowed"),
+    Case("input_image part, loopback URL", {"messages": with_part({"type": "input_image", "image_url": "http://127.0.0.1:9/x.png"})}, 400, "image_url_not_allowed"),
+    Case("image_embeds part", {"messages": with_part({"type": "image_embeds", "image_embeds": "AAAA"})}, 400, "unsupported_media"),
+    Case("typeless image_embeds", {"messages": with_part({"image_embeds": {"image_embeds": "AAAA"}})}, 400, "unsupported_media"),
+    Case("input_audio part", {"messages": with_part({"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}})}, 400, "unsupported_media"),
+    Case("typeless audio_url", {"messages": with_part({"audio_url": "http://127.0.0.1:9/a.wav"})}, 400, "unsupported_media"),
+    Case("video_url part", {"messages": with_part({"type": "video_url", "video_url": {"url": "http://127.0.0.1:9/v.mp4"}})}, 400, "unsupported_media"),
+    Case("file part", {"messages": with_part({"type": "file", "file": {"file_data": "AAAA", "filename": "a.pdf"}})}, 400, "unsupported_media"),
+    Case("prompt_embeds part", {"messages": with_part({"type": "prompt_embeds", "data": "AAAA"})}, 400, "unsupported_media"),
     Case("1x1 image", {"messages": with_image(data_url(image(1, 1)))}, 200, None),
+    Case("1x1 image in a typeless part", {"messages": with_part({"image_url": data_url(image(1, 1))})}, 200, None),
     Case("grayscale image", {"messages": with_image(data_url(image(64, 64, mode="L")))}, 200, None),
     Case("CMYK JPEG", {"messages": with_image(data_url(image(64, 64, "JPEG", "CMYK"), "image/jpeg"))}, 200, None),
     # Routes around the budget.
@@ -165,3 +185,46 @@ def test_after_the_catalogue_the_server_is_healthy_and_holds_no_units(server, cl
     assert all(value == 0 for value in inflight_units(server).values()), inflight_units(server)
     reply = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=3)
     assert reply.choices[0].message.content is not None
+
+
+def test_no_media_part_shape_makes_the_server_connect_anywhere(server):
+    """A listener on loopback counts connections while every URL-carrying part shape points
+    at it: the guard refuses each, and vLLM (with its never-matching allow-list) would too."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.settimeout(0.2)
+    connections, stop = [], threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            try:
+                connections.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}/x"
+    parts = [
+        {"image_url": url}, {"image_url": {"url": url}}, {"type": "image_url", "image_url": {"url": url}},
+        {"type": "text", "text": "x", "uuid": "u", "image_url": url}, {"type": "input_image", "image_url": url},
+        {"audio_url": url}, {"type": "audio_url", "audio_url": {"url": url}}, {"video_url": {"url": url}},
+        {"type": "video_url", "video_url": {"url": url}}, {"uuid": "u", "video_url": url},
+        {"image_url": f"http://localhost:{port}/x"}, {"image_url": f"http://[::1]:{port}/x"},
+    ]  # fmt: skip
+    try:
+        for part in parts:
+            response = send(server, Case("", {"messages": with_part(part)}, 400, None), server.keys["main"])
+            assert 400 <= response.status_code < 500, (part, response.status_code, response.text[:300])
+            assert response.json()["error"]["code"] in ("image_url_not_allowed", "unsupported_media"), part
+        time.sleep(0.5)
+        assert connections == [], f"the server connected to the loopback listener {len(connections)} times"
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+        for conn in connections:
+            conn.close()

@@ -26,7 +26,8 @@ def test_engine_args_prints_the_resolved_vllm_arguments(capsys):
     assert cli.main(["engine-args", "--profile", "l4", "--json", "--", "--seed", "5"]) == 0
     argv = json.loads(capsys.readouterr().out)
     assert argv[argv.index("--attention-backend") + 1] == "TRITON_ATTN"
-    assert argv[-6:] == ["--host", "127.0.0.1", "--port", "8000", "--seed", "5"]
+    assert argv[-8:-2] == ["--host", "127.0.0.1", "--port", "8000", "--allowed-media-domains", engine.NO_MEDIA_DOMAIN]
+    assert argv[-2:] == ["--seed", "5"]
 
 
 def test_profiles_table(capsys):

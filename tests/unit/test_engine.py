@@ -40,7 +40,8 @@ def test_fp16_through_passthrough_arguments_is_refused(extra):
 
 def test_host_and_port_come_before_passthrough_arguments():
     args = engine.engine_args(settings("l4", host="0.0.0.0", port=9000, extra_args=("--port", "9001")))
-    assert args[-6:] == ["--host", "0.0.0.0", "--port", "9000", "--port", "9001"]
+    assert args[-8:] == ["--host", "0.0.0.0", "--port", "9000", "--allowed-media-domains", engine.NO_MEDIA_DOMAIN,
+                         "--port", "9001"]
 
 
 def test_other_dtypes_are_refused_and_bf16_is_always_emitted():
@@ -119,3 +120,10 @@ def test_profile_table_rows():
     assert rows["h100"]["max_num_seqs"] == 256
     assert rows["l4"]["full_context_seqs"] >= 10
     assert rows["cpu-dev"]["full_context_seqs"] is None
+
+
+def test_vllm_always_gets_a_media_allow_list():
+    args = engine.engine_args(settings("cpu-dev"))
+    assert args[args.index("--allowed-media-domains") + 1] == engine.NO_MEDIA_DOMAIN  # matches no URL
+    args = engine.engine_args(settings("cpu-dev", remote_image_hosts=("pacs.example.org",)))
+    assert args[args.index("--allowed-media-domains") + 1:][:1] == ["pacs.example.org"]

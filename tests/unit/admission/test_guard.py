@@ -156,3 +156,111 @@ def test_remote_urls_need_an_allowed_host_that_resolves_to_public_addresses():
         GuardSettings(remote_image_hosts=hosts, remote_image_private_networks=True), resolve=resolver(table)
     )
     run(private_ok.check_images(chat_with("http://internal.example.org/x.png")))
+
+
+# --- media parts as vLLM 0.32 reads them, derived from its own content-part types --------
+
+LOOPBACK = "http://127.0.0.1:9/x.png"
+
+
+def vllm_content_part_types() -> list[type]:
+    """Every TypedDict in vLLM's ChatCompletionContentPartParam union."""
+    import types as pytypes
+    from typing import Union, get_args, get_origin
+
+    from vllm.renderers.chat_utils import ChatCompletionContentPartParam
+
+    found, stack = [], [ChatCompletionContentPartParam]
+    while stack:
+        node = stack.pop()
+        if get_origin(node) in (Union, pytypes.UnionType):
+            stack.extend(get_args(node))
+        elif hasattr(node, "__required_keys__"):
+            found.append(node)
+    return found
+
+
+def literal_type(cls) -> str | None:
+    import re
+
+    annotation = cls.__annotations__.get("type")
+    match = re.search(r"Literal\[['\"]([a-z_]+)['\"]\]", str(annotation))
+    return match.group(1) if match else None
+
+
+def sample_value(key: str, cls_name: str):
+    if key.endswith("_url"):  # image_url, audio_url, video_url: a URL or {"url": ...}
+        return LOOPBACK if "Simple" in cls_name or cls_name == "ResponseInputImageParam" else {"url": LOOPBACK}
+    return {
+        "input_audio": {"data": "UklGRg==", "format": "wav"}, "image_embeds": "AAAA", "audio_embeds": "AAAA",
+        "video_embeds": "AAAA", "image_pil": "AAAA", "data": "AAAA", "file": {"file_data": "AAAA"},
+        "text": "hi", "refusal": "no", "thinking": "hm", "name": "tool", "closed": True,
+        "uuid": "u1", "prompt_cache_breakpoint": None,
+    }.get(key, "x")  # fmt: skip
+
+
+def part_variants():
+    """Each vLLM content-part type as a typed part, without its type, and with a uuid (which
+    sends even a typed part down vLLM's key-based path)."""
+    media = set(guard_module().media_part_keys())
+    for cls in vllm_content_part_types():
+        keys = cls.__required_keys__ | cls.__optional_keys__
+        kind = literal_type(cls)
+        part = {k: sample_value(k, cls.__name__) for k in sorted(keys - {"type", "uuid", "prompt_cache_breakpoint"})}
+
+        def expected(carried):
+            return Outcome.REJECTED_IMAGE_URL if carried <= {"image_url", "input_image"} else Outcome.REJECTED_UNSUPPORTED_MEDIA
+
+        by_type = (keys & media) | ({kind} & media)
+        if kind and by_type:
+            yield f"{cls.__name__}-typed", {"type": kind, **part}, expected(by_type)
+        by_keys = set(part) & media  # what vLLM's key-based path sees
+        if by_keys:
+            yield f"{cls.__name__}-typeless", part, expected(by_keys)
+            yield f"{cls.__name__}-uuid", {"type": "text", "uuid": "u1", **part}, expected(by_keys)
+
+
+def guard_module():
+    import serving.admission.guard as module
+
+    return module
+
+
+PARTS = list(part_variants())
+
+
+def test_the_derived_media_parts_cover_every_kind_vllm_fetches_or_decodes():
+    names = {name.rsplit("-", 1)[0] for name, _, _ in PARTS}
+    for expected in ("ChatCompletionContentPartImageParam", "CustomChatCompletionContentSimpleImageParam",
+                     "ChatCompletionContentPartAudioParam", "ChatCompletionContentPartInputAudioParam",
+                     "ChatCompletionContentPartVideoParam", "ChatCompletionContentPartImageEmbedsParam",
+                     "CustomChatCompletionContentPILImageParam", "ChatCompletionContentPartPromptEmbedsParam",
+                     "File"):  # fmt: skip
+        assert expected in names, names
+    assert len(PARTS) >= 30
+
+
+@pytest.mark.parametrize("name, part, expected", PARTS, ids=[p[0] for p in PARTS])
+def test_every_media_part_shape_is_checked_whatever_its_type(name, part, expected):
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, part]}]}
+    assert outcome_of(lambda: RequestGuard().check_images(body)) is expected
+
+
+def test_typeless_and_uuid_image_parts_get_the_pixel_check():
+    bomb = data_url(png_header_only(100_000, 100_000))
+    for part in ({"image_url": bomb}, {"image_url": {"url": bomb}}, {"type": "text", "uuid": "u", "image_url": bomb},
+                 {"type": "input_image", "image_url": bomb}):  # fmt: skip
+        body = {"messages": [{"role": "user", "content": [part]}]}
+        assert outcome_of(lambda b=body: RequestGuard().check_images(b)) is Outcome.REJECTED_IMAGE_TOO_LARGE, part
+
+
+def test_too_many_images_are_refused_before_any_is_decoded(monkeypatch):
+    decoded = []
+    monkeypatch.setattr(guard_module(), "_declared_size", lambda payload: decoded.append(1) or (1, 1))
+    tiny = data_url(image_bytes(1, 1))
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": tiny}}] * 2000}]}
+    assert outcome_of(lambda: RequestGuard(GuardSettings(max_images=4)).check_images(body)) is Outcome.REJECTED_TOO_MANY_IMAGES
+    assert decoded == []
+    four = {"messages": [{"role": "user", "content": [{"image_url": tiny}] * 4}]}
+    run(RequestGuard(GuardSettings(max_images=4)).check_images(four))
+    assert len(decoded) == 4

@@ -19,6 +19,8 @@ EXPECTED = {
     Outcome.REJECTED_INVALID_IMAGE: (400, "invalid_image", False),
     Outcome.REJECTED_IMAGE_TOO_LARGE: (400, "image_too_large", False),
     Outcome.REJECTED_IMAGE_URL: (400, "image_url_not_allowed", False),
+    Outcome.REJECTED_UNSUPPORTED_MEDIA: (400, "unsupported_media", False),
+    Outcome.REJECTED_TOO_MANY_IMAGES: (400, "too_many_images", False),
     Outcome.REJECTED_NOT_FOUND: (404, "not_found", False),
     Outcome.REJECTED_ENGINE_FAILED: (503, "engine_unavailable", True),
     Outcome.EVICTED_ENGINE_FAILED: (503, "engine_unavailable", True),
