@@ -33,6 +33,7 @@ from tests.redis_server import free_port
 TEST_PLANS = {"big": {"concurrency": 64}, "two": {"concurrency": 2}, "one": {"concurrency": 1}}
 TEST_ACCOUNTS = {
     "main": "big", "pair": "two", "pair-disconnect": "two", "loadtest": "big", "loadtest-small": "one",
+    "batch-one": "one", "batch-two": "two",
 }  # fmt: skip
 START_TIMEOUT_S = float(os.environ.get("MEDGEMMA_TEST_START_TIMEOUT_S", "300"))
 
@@ -45,6 +46,7 @@ class Server:
     dev_model_dir: Path
     keys: dict[str, str]  # account -> API key
     namespaced: bool = False  # pid 1 of a pid namespace of its own (unshare)
+    keys_file: Path | None = None
     ready_history: list[int] = field(default_factory=list)
     # What the port answered while the engine was still loading (first 503 from /ready).
     while_loading: dict[str, httpx.Response] = field(default_factory=dict)
@@ -144,7 +146,8 @@ def launch(root: Path, keys_file: Path | None, keys: dict[str, str], *args: str,
         env=env,
         start_new_session=True,
     )
-    return Server(f"http://127.0.0.1:{port}", process, log_path, dev_model_dir, keys, namespaced=True)
+    return Server(f"http://127.0.0.1:{port}", process, log_path, dev_model_dir, keys, namespaced=True,
+                  keys_file=keys_file)  # fmt: skip
 
 
 def stop(server: Server, sig: int = signal.SIGTERM) -> None:

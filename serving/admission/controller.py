@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from serving.admission.clock import Clock, MonotonicClock
+from serving.admission.estimate import RequestShape
 from serving.admission.keys import Account, KeyStore
 from serving.admission.ledger import BudgetLedger, Grant, Lease, LedgerUnavailable
 from serving.admission.outcomes import AdmissionError, Outcome
@@ -66,16 +67,6 @@ def retry_after_s(work_ahead: float, rate_per_s: float) -> int:
 
 
 ENGINE_FAILED_MESSAGE = "The model engine on this replica failed; retry, another replica will serve it."
-
-
-@dataclass
-class RequestShape:
-    """What admission needs to know of a request (from the middleware's read of the body)."""
-
-    model: str | None
-    prompt_tokens: int  # estimate: text tokens + image tokens
-    max_tokens: int | None
-    sequences: int = 1  # n: completions generated at once, each holding the model's cost
 
 
 @dataclass
@@ -211,21 +202,23 @@ class AdmissionController:
     def _check(self, shape: RequestShape, account: Account) -> tuple[int, int]:
         """Refusals that hold nothing (draining, plan, context); returns (units, KV tokens).
 
-        A request costs its model's cost once per sequence it generates (``n``); one that
-        needs more units than its plan has could never run, so it gets a 400, not a 429."""
+        A request costs its model's cost once per engine sequence it creates (``n`` per
+        prompt, and a batched completion has several prompts); one that needs more units
+        than its plan has could never run, so it gets a 400, not a 429."""
         if self.draining:
             raise self._reject(
                 Outcome.REJECTED_DRAINING, "The server is shutting down.", retry_after=5
             )
         if self.engine_failed or self.engine_dead():
             raise self._reject(Outcome.REJECTED_ENGINE_FAILED, ENGINE_FAILED_MESSAGE, retry_after=10)
-        units = self.cost(shape.model) * shape.sequences
+        units = self.cost(shape.model) * shape.engine_requests
         if units > account.plan.concurrency:
+            batch = f"{shape.prompts} prompts x " if shape.prompts > 1 else ""
             raise self._reject(
                 Outcome.REJECTED_EXCEEDS_PLAN,
-                f"This request needs {units} concurrency units (n={shape.sequences} x model "
-                f"cost {self.cost(shape.model)}); the account's plan allows "
-                f"{account.plan.concurrency}. Lower n.",
+                f"This request needs {units} concurrency units ({batch}n={shape.sequences} x "
+                f"model cost {self.cost(shape.model)}); the account's plan allows "
+                f"{account.plan.concurrency}. Lower n or send fewer prompts at once.",
             )
         max_tokens = shape.max_tokens
         if max_tokens is None:
@@ -237,7 +230,8 @@ class AdmissionController:
                 f"request needs at least {shape.prompt_tokens} prompt tokens plus max_tokens "
                 f"{max_tokens}. Shorten the prompt or lower max_tokens.",
             )
-        return units, shape.prompt_tokens + max_tokens * shape.sequences
+        total_prompt = shape.total_prompt_tokens if shape.total_prompt_tokens is not None else shape.prompt_tokens
+        return units, total_prompt + max_tokens * shape.engine_requests
 
     async def _acquire_budget(self, account: Account, units: int) -> Grant:
         budget = account.plan.concurrency

@@ -19,7 +19,8 @@ from serving.admission.guard import GuardSettings, RequestGuard
 from serving.admission.keyreload import KeyReloader
 from serving.admission.keys import KeyStore
 from serving.admission.ledger import BudgetLedger, InProcessLedger
-from serving.admission.middleware import AdmissionMiddleware, PromptEstimator, tokenizer_counter
+from serving.admission.estimate import PromptEstimator, tokenizer_counter
+from serving.admission.middleware import AdmissionMiddleware
 from serving.admission.queue import Capacity, FairQueue
 from serving.metrics import ServingMetrics
 
@@ -62,6 +63,20 @@ def engine_capacity(vllm_config, headroom: float = 0.25) -> Capacity:
     if not tokens:
         tokens = (cache.num_gpu_blocks or 0) * cache.block_size
     return Capacity(max_requests=max_requests, max_tokens=int(tokens) or 1)
+
+
+def engine_aborter(engine_client):
+    """``abort(ids)`` for the middleware: aborts the given external request ids and every
+    one vLLM derived from the first (``<id>-<i>``, ``<id>_<i>``, beam search's
+    ``<id>-<uuid>-beam-<i>``), so no sub-request of a batch keeps running."""
+
+    async def abort(ids: list[str]) -> None:
+        base = ids[0]
+        known = getattr(getattr(engine_client, "output_processor", None), "external_req_ids", {})
+        derived = [rid for rid in list(known) if rid.startswith((base + "-", base + "_"))]
+        await engine_client.abort(list(dict.fromkeys([*ids, *derived])))
+
+    return abort
 
 
 def build_ledger(app, settings: AdmissionSettings, metrics: ServingMetrics) -> BudgetLedger:
@@ -109,13 +124,15 @@ def install(app, engine_client, settings: AdmissionSettings, metrics: ServingMet
     )
     # A lower bound per image: its soft tokens (256 for MedGemma), not the wrapper tokens.
     image_tokens = getattr(vllm_config.model_config.hf_config, "mm_tokens_per_image", 256)
-    estimator = PromptEstimator(tokenizer_counter(engine_client.get_tokenizer()), image_tokens)
+    estimator = PromptEstimator(
+        tokenizer_counter(engine_client.get_tokenizer()), image_tokens, vllm_config.model_config.max_model_len
+    )
     # vLLM's app has already built its middleware stack (add_middleware is refused then):
     # wrap the built stack, so admission runs first on every request, in-process.
     if app.middleware_stack is None:
         app.middleware_stack = app.build_middleware_stack()
     middleware = AdmissionMiddleware(
-        app.middleware_stack, controller, estimator, RequestGuard(settings.guard), abort=engine_client.abort
+        app.middleware_stack, controller, estimator, RequestGuard(settings.guard), abort=engine_aborter(engine_client)
     )
     app.middleware_stack = middleware
     app.state.admission = controller

@@ -34,8 +34,9 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 
-from serving.admission.controller import AdmissionController, RequestShape, Ticket
-from serving.admission.guard import IMAGE_PART_TYPES, RequestGuard
+from serving.admission.controller import AdmissionController, Ticket
+from serving.admission.estimate import PromptEstimator, RequestShape
+from serving.admission.guard import RequestGuard
 from serving.admission.keys import Account
 from serving.admission.outcomes import (
     AdmissionError,
@@ -47,81 +48,13 @@ from serving.logs import request_id_var
 
 logger = logging.getLogger(__name__)
 
+ABORT_TIMEOUT_S = 2.0  # a forced end never waits longer on the engine than this
 MODEL_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/v1/models", "/version", "/openapi.json"})
 REQUEST_ID_HEADER = b"x-request-id"
 REQUEST_ID_PATTERN = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 LIMIT_HEADER = b"x-ratelimit-limit-concurrency"
 REMAINING_HEADER = b"x-ratelimit-remaining-concurrency"
-MESSAGE_OVERHEAD_TOKENS = 3  # <start_of_turn>role\n ... <end_of_turn>: a lower bound
-
-
-class PromptEstimator:
-    """Estimates prompt tokens from a request body: text tokens + image tokens (a lower bound)."""
-
-    def __init__(self, count_text_tokens: Callable[[list[str]], int], image_tokens: int):
-        self.count_text_tokens = count_text_tokens
-        self.image_tokens = image_tokens
-
-    def shape(self, path: str, body: dict) -> RequestShape:
-        texts: list[str] = []
-        images = 0
-        prompt_ids = 0
-        if path == "/v1/chat/completions":
-            messages = body.get("messages") or []
-            for message in messages if isinstance(messages, list) else []:
-                content = message.get("content") if isinstance(message, dict) else None
-                if isinstance(content, str):
-                    texts.append(content)
-                elif isinstance(content, list):
-                    for part in content:
-                        if not isinstance(part, dict):
-                            continue
-                        kind = part.get("type")
-                        if kind == "text" and isinstance(part.get("text"), str):
-                            texts.append(part["text"])
-                        elif kind in IMAGE_PART_TYPES:
-                            images += 1
-            overhead = MESSAGE_OVERHEAD_TOKENS * len(messages) if isinstance(messages, list) else 0
-        else:
-            prompt = body.get("prompt")
-            overhead = 0
-            if isinstance(prompt, str):
-                texts.append(prompt)
-            elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-                prompt_ids = len(prompt)
-            elif isinstance(prompt, list):
-                texts.extend(p for p in prompt if isinstance(p, str))
-        text_tokens = self.count_text_tokens(texts) if texts else 0
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
-            max_tokens = None  # vLLM validates and answers a bad value itself
-        model = body.get("model") if isinstance(body.get("model"), str) else None
-        n = body.get("n")
-        sequences = n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1
-        return RequestShape(
-            model=model,
-            prompt_tokens=text_tokens + prompt_ids + overhead + images * self.image_tokens,
-            max_tokens=max_tokens,
-            sequences=sequences,
-        )
-
-
-def tokenizer_counter(tokenizer) -> Callable[[list[str]], int]:
-    """A fast text-token counter over a Hugging Face tokenizer (Rust backend when present).
-
-    It counts with its own copy of the Rust tokenizer, so admission never shares a
-    tokenizer object (its locks, its padding/truncation state) with vLLM's renderer."""
-    backend = getattr(tokenizer, "_tokenizer", None) or getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and hasattr(backend, "encode") and hasattr(backend, "to_str"):
-        from tokenizers import Tokenizer
-
-        own = Tokenizer.from_str(backend.to_str())
-        own.no_truncation()
-        own.no_padding()
-        # One encode per text: encode_batch hands even a single text to the Rayon pool.
-        return lambda texts: sum(len(own.encode(t, add_special_tokens=False).ids) for t in texts)
-    return lambda texts: sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
 
 
 def _bearer(scope) -> str | None:
@@ -146,15 +79,19 @@ def request_id(scope) -> bytes:
     return uuid.uuid4().hex.encode()
 
 
-def engine_request_id(scope, rid: bytes) -> str:
+def engine_request_ids(scope, rid: bytes, prompts: int = 1) -> list[str]:
     """Gives vLLM a request id of our own making (``<rid>.<random>``: unique even when
-    clients reuse theirs) through the header vLLM reads; returns vLLM's external id for it,
-    which ``abort`` takes."""
+    clients reuse theirs) through the header vLLM reads; returns vLLM's external ids for it,
+    which ``abort`` takes: the request's own id first, then one per prompt of a batched
+    completion (vLLM 0.32 names them ``cmpl-<id>-<i>``). ``abort`` also looks for any other
+    id vLLM derived from the first (beam search's, a chat with several prompts)."""
     own = rid + b"." + uuid.uuid4().hex[:12].encode()
     scope["headers"] = [(k, v) for k, v in scope["headers"] if k != REQUEST_ID_HEADER]
     scope["headers"].append((REQUEST_ID_HEADER, own))
-    prefix = "chatcmpl-" if scope["path"] == "/v1/chat/completions" else "cmpl-"
-    return prefix + own.decode()
+    if scope["path"] == "/v1/chat/completions":
+        return ["chatcmpl-" + own.decode()]
+    base = "cmpl-" + own.decode()
+    return [base, *(f"{base}-{i}" for i in range(prompts))]
 
 
 class AdmissionMiddleware:
@@ -170,8 +107,7 @@ class AdmissionMiddleware:
         self.controller = controller
         self.estimator = estimator
         self.guard = guard or RequestGuard()
-        self.abort = abort  # aborts an engine request by vLLM's external request id
-        self.last_progress = time.monotonic()  # when any admitted request last sent data
+        self.abort = abort  # aborts engine requests by vLLM's external request ids
         self._serving: set[_Serving] = set()
 
     async def __call__(self, scope, receive, send) -> None:
@@ -208,11 +144,11 @@ class AdmissionMiddleware:
             remaining = max(0, limit - await self.controller.ledger.inflight(account.name))
             await _send_error(send, error, _ratelimit_headers(limit, remaining))
             return
-        shape = self.estimator.shape(path, parsed)
+        shape = await self.estimator.shape(path, parsed)
         ticket = await self._admit(account, shape, receive, send)
         if ticket is None:
             return
-        await self._serve(scope, body, receive, send, ticket, arrived)
+        await self._serve(scope, body, receive, send, ticket, arrived, shape.prompts)
 
     async def _admit(self, account: Account, shape: RequestShape, receive, send) -> Ticket | None:
         try:
@@ -246,14 +182,15 @@ class AdmissionMiddleware:
         logger.info("client left while queued")
         return None
 
-    async def _serve(self, scope, body: bytes, receive, send, ticket: Ticket, arrived: float | None = None) -> None:
+    async def _serve(self, scope, body: bytes, receive, send, ticket: Ticket, arrived: float | None = None,
+                     prompts: int = 1) -> None:  # fmt: skip
         receive_wrapper = _replay(body, receive, on_disconnect=ticket.release)
         headers = [
             (LIMIT_HEADER, str(ticket.limit).encode()),
             (REMAINING_HEADER, str(ticket.remaining).encode()),
         ]
         serving = _Serving()
-        serving.engine_request_id = engine_request_id(scope, request_id_var.get().encode())
+        serving.engine_request_ids = engine_request_ids(scope, request_id_var.get().encode(), prompts)
 
         async def send_wrapper(message):
             if serving.ended_by_server:
@@ -276,7 +213,6 @@ class AdmissionMiddleware:
             if serving.streaming and message.get("body", b"").startswith(SSE_ERROR_PREFIX):
                 message = {**message, "body": _normalised_sse_error(message["body"])}
             serving.send_since = time.monotonic()  # cleared once the client took it
-            self.last_progress = serving.send_since
             if message["type"] == "http.response.body" and message.get("body"):
                 serving.body_sent(serving.send_since)
             await send(message)
@@ -303,7 +239,7 @@ class AdmissionMiddleware:
             # Log the type only: exception messages and tracebacks can quote request content.
             failure = exc
             logger.error("request failed inside vLLM: %s (engine request %s)", type(exc).__name__,
-                         serving.engine_request_id)  # fmt: skip
+                         serving.engine_request_ids[0])  # fmt: skip
         finally:
             if serving.error_start is not None or (failure is not None and not serving.started):
                 await _send_held_error(send, serving, headers, failure)
@@ -334,13 +270,6 @@ class AdmissionMiddleware:
     def serving_count(self) -> int:
         return len(self._serving)
 
-    def stuck_s(self, now: float | None = None) -> float:
-        """Seconds since any running request last sent data; 0 while none is running."""
-        if not self._serving:
-            return 0.0
-        started = min(s.began for s in self._serving)
-        return (time.monotonic() if now is None else now) - max(self.last_progress, started)
-
     async def end_all(self, message: str, outcome: Outcome = Outcome.REJECTED_DRAINING) -> None:
         """End every running request now (drain's grace period is over, or the engine
         failed): its engine request is aborted, the client gets a clear error (``outcome``'s
@@ -353,12 +282,14 @@ class AdmissionMiddleware:
             await asyncio.sleep(0.01)
 
     async def _abort(self, serving: _Serving) -> None:
-        if self.abort is None or serving.engine_request_id is None:
+        if self.abort is None or not serving.engine_request_ids:
             return
+        if serving.ended_outcome is Outcome.EVICTED_ENGINE_FAILED:
+            return  # nothing to abort in a dead or hung engine, and it would not answer
         try:
-            await self.abort(serving.engine_request_id)
+            await asyncio.wait_for(self.abort(serving.engine_request_ids), ABORT_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - the engine may be gone already
-            logger.warning("could not abort engine request %s", serving.engine_request_id, exc_info=True)
+            logger.warning("could not abort engine request %s", serving.engine_request_ids[0], exc_info=True)
 
     def end_stalled(self, stall_timeout_s: float, now: float | None = None) -> int:
         """End requests whose client has not taken a response chunk for ``stall_timeout_s``
@@ -395,7 +326,7 @@ class _Serving:
         self.streaming = False
         self.finished = False
         self.ended_by_server: str | None = None
-        self.engine_request_id: str | None = None  # vLLM's external id, for abort
+        self.engine_request_ids: list[str] = []  # vLLM's external ids, for abort
         self.ended_outcome = Outcome.REJECTED_DRAINING
         self.stalled = False  # ended because the client stopped reading: send it nothing
         self.send_since: float | None = None  # when the pending send began

@@ -11,7 +11,8 @@ from serving.admission.clock import FakeClock
 from serving.admission.controller import AdmissionController
 from serving.admission.keys import KeyStore, hash_key
 from serving.admission.ledger import InProcessLedger
-from serving.admission.middleware import AdmissionMiddleware, PromptEstimator
+from serving.admission.estimate import PromptEstimator
+from serving.admission.middleware import AdmissionMiddleware
 from serving.admission.queue import Capacity, FairQueue
 from serving.metrics import ServingMetrics
 
@@ -49,7 +50,7 @@ def build(app, max_requests=8, max_model_len=1000):
         ServingMetrics(CollectorRegistry()), max_model_len=max_model_len,
         model_costs={"medgemma-4b-it": 1}, queue_timeout_s=30, clock=clock,
     )  # fmt: skip
-    estimator = PromptEstimator(lambda texts: sum(len(t.split()) for t in texts), image_tokens=256)
+    estimator = PromptEstimator(lambda text: len(text.split()), image_tokens=256, max_model_len=max_model_len)
     return AdmissionMiddleware(app, controller, estimator), controller, ledger
 
 
@@ -301,39 +302,6 @@ def test_n_costs_units_per_sequence_and_more_than_the_plan_is_a_400():
     asyncio.run(scenario())
 
 
-def test_prompt_estimate_counts_text_images_and_prompt_ids():
-    estimator = PromptEstimator(lambda texts: sum(len(t.split()) for t in texts), image_tokens=256)
-    chat = estimator.shape("/v1/chat/completions", {
-        "model": "m", "max_completion_tokens": 7,
-        "messages": [{"role": "system", "content": "a b"}, {"role": "user", "content": [
-            {"type": "text", "text": "c d e"}, {"type": "image_url", "image_url": {"url": "u"}},
-            {"type": "image_url", "image_url": {"url": "u"}}]}],
-    })  # fmt: skip
-    assert chat.prompt_tokens == 2 + 3 + 2 * 256 + 2 * 3 and chat.max_tokens == 7
-    completion = estimator.shape("/v1/completions", {"prompt": [1, 2, 3, 4], "max_tokens": "x"})
-    assert completion.prompt_tokens == 4 and completion.max_tokens is None
-
-
-def test_token_counter_matches_the_tokenizer_with_its_own_copy():
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from serving.admission.middleware import tokenizer_counter
-
-    raw = Tokenizer(models.BPE(unk_token="[UNK]"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    raw.train_from_iterator(["chest x-ray shows bilateral opacity"] * 20,
-                            trainers.BpeTrainer(vocab_size=60, special_tokens=["[UNK]"]))  # fmt: skip
-    fast = PreTrainedTokenizerFast(tokenizer_object=raw)
-    fast._tokenizer.enable_truncation(max_length=2)  # state on vLLM's object must not leak in
-    count = tokenizer_counter(fast)
-    texts = ["chest x-ray shows bilateral opacity", "opacity opacity"]
-    fast._tokenizer.no_truncation()
-    expected = sum(len(fast(t, add_special_tokens=False)["input_ids"]) for t in texts)
-    fast._tokenizer.enable_truncation(max_length=2)
-    assert count(texts) == expected > 4
-
-
 def test_end_all_ends_a_stream_with_an_error_event_and_releases_its_units():
     async def scenario():
         app = FakeEngineApp(chunks=3)
@@ -410,8 +378,32 @@ def test_a_client_that_stops_reading_is_ended_and_its_units_released():
         # vLLM got an id of our making (unique even if clients reuse theirs), and that
         # engine request was aborted by it.
         sent_id = dict(scope["headers"])[b"x-request-id"].decode()
-        assert sent_id.startswith("client-7.") and aborted == ["chatcmpl-" + sent_id]
+        assert sent_id.startswith("client-7.") and aborted == [["chatcmpl-" + sent_id]]
     asyncio.run(scenario())
+
+
+def test_abort_reaches_every_engine_request_of_a_batched_completion():
+    from serving.admission.install import engine_aborter
+    from serving.admission.middleware import engine_request_ids
+
+    scope = {"path": "/v1/completions", "headers": []}
+    ids = engine_request_ids(scope, b"rid", prompts=3)
+    base = ids[0]
+    assert ids == [base, f"{base}-0", f"{base}-1", f"{base}-2"] and base.startswith("cmpl-rid.")
+
+    class Engine:
+        class output_processor:  # noqa: N801 - vLLM's attribute name
+            external_req_ids = {f"{base}-0": [], f"{base}-5": [], f"{base}-x-beam-0": [], "cmpl-other-0": []}
+
+        aborted: list = []
+
+        async def abort(self, request_ids):
+            self.aborted.extend(request_ids)
+
+    engine = Engine()
+    asyncio.run(engine_aborter(engine)(ids))
+    assert set(engine.aborted) == {*ids, f"{base}-5", f"{base}-x-beam-0"}  # never another request's
+    assert engine_request_ids({"path": "/v1/chat/completions", "headers": []}, b"r")[0].startswith("chatcmpl-r.")
 
 
 class CrashingApp:
