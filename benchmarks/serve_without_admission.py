@@ -27,9 +27,6 @@ class _NoController:
 class _NoMiddleware:
     serving_count = 0
 
-    def stuck_s(self) -> float:
-        return 0.0
-
     async def end_all(self, message, outcome=None) -> None:
         return None
 

@@ -1,13 +1,18 @@
 """Watches the vLLM engine; when it dies or hangs, fails fast and exits non-zero.
 
-Guarantees, from the moment the engine is seen failed (vLLM reports it errored, or
-requests are running and none has produced a byte for ``hang_timeout_s``):
+A hang is measured from the engine's own progress (``EngineProgress``): the engine has
+requests and has handed this process no output for ``hang_timeout_s``. Response bytes are
+no measure: a non-streaming request sends nothing until it ends, however long it runs.
+
+Guarantees, from the moment the engine is seen failed (vLLM reports it errored, or it has
+requests and has produced nothing for ``hang_timeout_s``):
 - ``/ready`` and ``/health`` answer 503 (vLLM's own checks for a dead engine; ours for a hung
   one), new model requests get 503 ``engine_unavailable`` with Retry-After, and queued
   requests are evicted with the same error - none is dropped silently.
-- Requests still running get ``grace_s`` to receive vLLM's own error, then are ended by the
-  admission middleware (an SSE error event with code ``engine_unavailable`` for a stream);
-  their units are released.
+- Requests still running are ended at once by the admission middleware (an SSE error
+  event with code ``engine_unavailable`` then ``[DONE]`` for a stream, a 503 for a request
+  that has sent nothing yet); their units are released. A dead engine sends nothing more,
+  so there is nothing to wait for.
 - The process then shuts down and exits 1, so the orchestrator restarts it.
 """
 
@@ -17,11 +22,46 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
 
 from serving.admission.outcomes import Outcome
 
 logger = logging.getLogger(__name__)
+
+
+class EngineProgress:
+    """When vLLM's engine last handed this process any output, and for how long it has had
+    requests without doing so.
+
+    It wraps the engine client's ``get_output_async`` (the one call through which every
+    engine output reaches vLLM's output handler) on the instance; vLLM's files are not
+    touched. Unfinished requests are the output processor's own count."""
+
+    def __init__(self, engine_client, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.last_output_at = clock()
+        self._busy_since: float | None = None
+        self._unfinished = engine_client.output_processor.get_num_unfinished_requests
+        core = engine_client.engine_core
+        receive = core.get_output_async
+
+        async def get_output_async():
+            outputs = await receive()
+            self.last_output_at = self.clock()
+            return outputs
+
+        core.get_output_async = get_output_async
+
+    def stuck_s(self, now: float | None = None) -> float:
+        """Seconds the engine has had requests and produced nothing; 0 while it has none."""
+        now = self.clock() if now is None else now
+        if not self._unfinished():
+            self._busy_since = None
+            return 0.0
+        if self._busy_since is None:
+            self._busy_since = now
+        return now - max(self.last_output_at, self._busy_since)
 
 
 class EngineWatch:
@@ -31,20 +71,20 @@ class EngineWatch:
         errored: Callable[[], bool],
         controller,
         middleware,
+        progress,
         on_failed: Callable[[], None],
         stopping: Callable[[], bool] = lambda: False,
         hang_timeout_s: float = 120.0,
-        grace_s: float = 2.0,
         interval_s: float = 0.5,
         shutdown: Callable[[], None] | None = None,
     ):
         self.errored = errored
         self.controller = controller
         self.middleware = middleware
+        self.progress = progress  # EngineProgress: stuck_s()
         self.on_failed = on_failed
         self.stopping = stopping  # an orderly shutdown has begun: the engine stops on purpose
         self.hang_timeout_s = hang_timeout_s
-        self.grace_s = grace_s
         self.interval_s = interval_s
         self.shutdown = shutdown or (lambda: os.kill(os.getpid(), signal.SIGINT))
         self.failed: str | None = None
@@ -56,7 +96,7 @@ class EngineWatch:
             return None
         if self.errored():
             return "died"
-        if self.middleware.stuck_s() > self.hang_timeout_s:
+        if self.progress.stuck_s() > self.hang_timeout_s:
             return "hung"
         return None
 
@@ -77,9 +117,6 @@ class EngineWatch:
             evicted,
             self.middleware.serving_count,
         )
-        deadline = asyncio.get_running_loop().time() + self.grace_s
-        while self.middleware.serving_count and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
         await self.middleware.end_all(
             "The model engine failed while this request ran; retry it.", Outcome.EVICTED_ENGINE_FAILED
         )

@@ -31,9 +31,10 @@ from serving.admission.install import AdmissionSettings, install
 from serving.admission.middleware import MODEL_PATHS, PUBLIC_PATHS
 from serving.cpuaffinity import colocate_engine_core
 from serving.drain import Drainer
-from serving.enginewatch import EngineWatch
+from serving.enginewatch import EngineProgress, EngineWatch
 from serving.engine import REFUSED_DTYPES
 from serving.metrics import ServingMetrics
+from serving.sockets import limit_unsent
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ def context_from_settings(settings, resolved, keys) -> ServerContext:
                 max_image_pixels=settings.max_image_pixels,
                 remote_image_hosts=frozenset(h.lower() for h in settings.remote_image_hosts),
                 remote_image_private_networks=settings.remote_image_private_networks,
+                max_images=settings.max_images_per_prompt,
             ),
         ),
         drain_timeout_s=settings.drain_timeout_s,
@@ -290,6 +292,7 @@ async def build_served_app(
         errored=lambda: engine_client.errored,
         controller=app.state.admission,
         middleware=app.state.admission_middleware,
+        progress=EngineProgress(engine_client),
         on_failed=lambda: setattr(context, "failed", True),
         stopping=lambda: context.stopping,
         hang_timeout_s=context.engine_hang_timeout_s,
@@ -311,6 +314,7 @@ async def run_server(args, context: ServerContext) -> None:
 
     signal.signal(signal.SIGTERM, interrupt_init)
     listen_address, sock = setup_server(args, reuse_port=False)
+    limit_unsent(sock)  # a client that stops reading blocks our send within 64 KiB
     responder = LoadingResponder(sock)
     responder.start()
     logger.info("listening on %s; /ready turns 200 once the engine has loaded", listen_address)

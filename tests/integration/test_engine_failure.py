@@ -69,6 +69,30 @@ def victim(tmp_path, server):
                 (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
+def test_a_non_streaming_request_longer_than_the_hang_timeout_is_no_hang(victim):
+    """The openai client's default: nothing is sent until the request ends. The engine keeps
+    producing, so it is not hung, however long the response takes."""
+    from openai import OpenAI
+
+    srv = victim
+    client = OpenAI(base_url=srv.base_url, api_key=srv.keys["main"], max_retries=0, timeout=600)
+    messages = [{"role": "user", "content": "Describe a chest film."}]
+    began = time.monotonic()
+    client.chat.completions.create(model="medgemma-4b-it", messages=messages, max_tokens=300,
+                                   extra_body={"min_tokens": 300})  # fmt: skip
+    per_token_s = (time.monotonic() - began) / 300
+    tokens = min(30000, int(3.5 * HANG_TIMEOUT_S / per_token_s))  # about 3.5 hang timeouts long
+    began = time.monotonic()
+    reply = client.chat.completions.create(model="medgemma-4b-it", messages=messages, max_tokens=tokens,
+                                           extra_body={"min_tokens": tokens})  # fmt: skip
+    took = time.monotonic() - began
+    assert reply.usage.completion_tokens == tokens
+    assert took > 3 * HANG_TIMEOUT_S, f"{took:.1f}s: too short to show anything ({tokens} tokens)"
+    srv.assert_alive()
+    assert httpx.get(srv.url + "/ready", timeout=10).status_code == 200
+    assert "engine hung" not in srv.log()
+
+
 # One rerun with a fresh server for this VM's multi-second stalls (see test_drain); a
 # second failure is a real one.
 @pytest.mark.flaky(reruns=1, reruns_delay=10)

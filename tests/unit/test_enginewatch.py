@@ -6,23 +6,20 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from serving.admission.clock import FakeClock
-from serving.admission.controller import AdmissionController, RequestShape
+from serving.admission.controller import AdmissionController
+from serving.admission.estimate import RequestShape
 from serving.admission.keys import KeyStore
 from serving.admission.ledger import InProcessLedger
 from serving.admission.outcomes import AdmissionError, Outcome
 from serving.admission.queue import Capacity, FairQueue
-from serving.enginewatch import EngineWatch
+from serving.enginewatch import EngineProgress, EngineWatch
 from serving.metrics import ServingMetrics
 
 
 class FakeMiddleware:
     def __init__(self):
         self.serving_count = 0
-        self.stuck = 0.0
         self.ended = []
-
-    def stuck_s(self):
-        return self.stuck
 
     async def end_all(self, message, outcome):
         self.ended.append(outcome)
@@ -38,10 +35,17 @@ def controller_with_one_slot():
     )  # fmt: skip
 
 
-def watch_for(controller, middleware, errored, events):
+class FakeProgress:
+    stuck = 0.0
+
+    def stuck_s(self):
+        return self.stuck
+
+
+def watch_for(controller, middleware, errored, events, progress=None):
     return EngineWatch(
         errored=lambda: errored[0], controller=controller, middleware=middleware,
-        on_failed=lambda: events.append("failed"), hang_timeout_s=10, grace_s=0.05,
+        progress=progress or FakeProgress(), on_failed=lambda: events.append("failed"), hang_timeout_s=10,
         interval_s=0.01, shutdown=lambda: events.append("shutdown"),
     )  # fmt: skip
 
@@ -58,14 +62,15 @@ def test_a_failed_engine_evicts_the_queue_ends_running_requests_and_shuts_down(h
         assert controller.queue.depth == 1
         middleware, events, errored = FakeMiddleware(), [], [False]
         middleware.serving_count = 1
-        watch = watch_for(controller, middleware, errored, events)
+        progress = FakeProgress()
+        watch = watch_for(controller, middleware, errored, events, progress)
         task = asyncio.ensure_future(watch.run())
         await asyncio.sleep(0.05)
         assert events == [] and watch.check() is None  # healthy so far
         if how == "died":
             errored[0] = True
         else:
-            middleware.stuck = 11
+            progress.stuck = 11
         await asyncio.wait_for(task, 2)
         assert watch.failed == how and events == ["failed", "shutdown"]
         with pytest.raises(AdmissionError) as caught:
@@ -85,7 +90,7 @@ def test_an_engine_stopped_on_purpose_is_not_a_failure():
         events, errored, stopping = [], [True], [True]
         watch = EngineWatch(
             errored=lambda: errored[0], controller=controller_with_one_slot(), middleware=FakeMiddleware(),
-            on_failed=lambda: events.append("failed"), stopping=lambda: stopping[0], interval_s=0.01,
+            progress=FakeProgress(), on_failed=lambda: events.append("failed"), stopping=lambda: stopping[0], interval_s=0.01,
             shutdown=lambda: events.append("shutdown"),
         )  # fmt: skip
         await asyncio.wait_for(watch.run(), 1)  # returns: nothing to watch any more
@@ -111,4 +116,44 @@ def test_a_dead_engine_refuses_requests_before_the_watch_has_looked():
             await controller.admit(account, shape)
         assert refused.value.outcome is Outcome.REJECTED_ENGINE_FAILED
         assert controller.ledger.total_inflight() == 0
+    asyncio.run(scenario())
+
+
+class FakeEngineClient:
+    """The two things EngineProgress reads of vLLM's AsyncLLM."""
+
+    def __init__(self):
+        self.unfinished = 0
+        self.outputs: asyncio.Queue = asyncio.Queue()
+        client = self
+
+        class Core:
+            async def get_output_async(self):
+                return await client.outputs.get()
+
+        class Processor:
+            def get_num_unfinished_requests(self):
+                return client.unfinished
+
+        self.engine_core, self.output_processor = Core(), Processor()
+
+
+def test_progress_is_the_engines_output_not_response_bytes():
+    async def scenario():
+        now = [100.0]
+        engine = FakeEngineClient()
+        progress = EngineProgress(engine, clock=lambda: now[0])
+        assert progress.stuck_s() == 0.0  # idle: never stuck, however long since the last output
+        now[0] += 1000
+        engine.unfinished = 1  # a long non-streaming request: no response bytes until its end
+        assert progress.stuck_s() == 0.0  # busy from now on
+        for _ in range(5):  # ... but the engine keeps producing tokens for it
+            now[0] += 30
+            engine.outputs.put_nowait("outputs")
+            assert await engine.engine_core.get_output_async() == "outputs"  # vLLM's call, wrapped
+            assert progress.stuck_s() == 0.0
+        now[0] += 30  # the engine stops producing (SIGSTOP): stuck counts from its last output
+        assert progress.stuck_s() == 30.0
+        engine.unfinished = 0
+        assert progress.stuck_s() == 0.0
     asyncio.run(scenario())
