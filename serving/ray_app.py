@@ -191,7 +191,19 @@ class MedGemmaReplica:
     def __serve_build_asgi_app__(self):
         return self.served_app
 
+    def _limit_unsent(self) -> None:
+        """Ray Serve binds the replica's port after ``__init__``: cap its unsent bytes on
+        the first look that finds it (``serving.sockets``), so stalled readers are seen."""
+        if getattr(self, "_unsent_limited", False):
+            return
+        from ray.serve._private import constants
+        from serving.sockets import limit_unsent_listeners
+
+        ports = range(constants.RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, constants.RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT + 1)
+        self._unsent_limited = limit_unsent_listeners(ports)
+
     def record_autoscaling_stats(self) -> dict[str, float]:
+        self._limit_unsent()
         controller = self.served_app.state.admission
         return {DEMAND: float(controller.demand_units()), CAPACITY: float(controller.capacity_units)}
 

@@ -10,6 +10,7 @@ import json
 import re
 import signal
 import socket
+import subprocess
 import threading
 import time
 
@@ -130,12 +131,23 @@ def test_a_trickling_body_gets_408_after_the_body_timeout(limits_server):
     srv.assert_alive()
 
 
+def server_send_queue(server_port: int, client_port: int) -> int:
+    """Bytes the server's socket holds for one client (ss's Send-Q: unsent + unacknowledged)."""
+    out = subprocess.run(["ss", "-tnH", "state", "established", f"( sport = :{server_port} and dport = :{client_port} )"],
+                         capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    return int(out[1]) if out else 0
+
+
 def test_a_client_that_never_reads_is_ended_and_its_unit_released(limits_server):
+    """What the client has not read counts, not what the kernel accepted: the server's
+    socket never holds megabytes for it (it held up to 4 MiB, ~20,000 events, before the
+    stall timeout could even start), and its unit is released about a stall timeout after
+    it stopped reading."""
     srv = limits_server
     host, port = srv.url.removeprefix("http://").split(":")
     body = json.dumps({
         "model": "medgemma-4b-it", "messages": [{"role": "user", "content": "Describe it."}],
-        "max_tokens": 20000, "min_tokens": 20000, "stream": True,
+        "max_tokens": 30000, "min_tokens": 30000, "stream": True,
     }).encode()  # fmt: skip
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
@@ -146,11 +158,47 @@ def test_a_client_that_never_reads_is_ended_and_its_unit_released(limits_server)
             b"Authorization: Bearer " + srv.keys["main"].encode() + b"\r\nContent-Length: "
             + str(len(body)).encode() + b"\r\n\r\n" + body
         )
+        began = time.monotonic()
         assert wait_for(lambda: metric(srv, r'^medgemma_inflight_units\{plan="big"\}') == 1, 30)
-        # Never read: the server's buffers fill, its send blocks, the stall timeout ends it.
-        assert wait_for(lambda: metric(srv, r'^medgemma_inflight_units\{plan="big"\}') == 0, 90)
+        # Never read. The server's send blocks within its unsent limit, the stall timeout runs.
+        held = []
+        deadline = time.monotonic() + STALL_TIMEOUT_S + 60
+        while metric(srv, r'^medgemma_inflight_units\{plan="big"\}') != 0 and time.monotonic() < deadline:
+            held.append(server_send_queue(int(port), sock.getsockname()[1]))
+            time.sleep(0.2)
+        released_after = time.monotonic() - began
+        assert metric(srv, r'^medgemma_inflight_units\{plan="big"\}') == 0, (released_after, max(held, default=0))
+        assert max(held, default=0) < 2**20, f"the server's socket held {max(held)} bytes for a client that reads nothing"
+        assert released_after < STALL_TIMEOUT_S + 30, released_after  # wide: this VM stalls processes
         assert wait_for(lambda: metric(srv, r"^vllm:num_requests_running\{[^}]*\}") == 0, 30)
         assert "stopped reading" in srv.log()
+    finally:
+        sock.close()
+    srv.assert_alive()
+
+
+def test_a_batch_whose_client_never_reads_has_every_engine_request_aborted(limits_server):
+    """The stall path aborts by id (vLLM's generator may sit suspended in our blocked send):
+    the abort must reach each prompt's engine request, which vLLM names <id>-<i>."""
+    srv = limits_server
+    host, port = srv.url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "medgemma-4b-it", "prompt": [f"Report {i}:" for i in range(8)],
+                       "max_tokens": 30000, "min_tokens": 30000, "stream": True}).encode()  # fmt: skip
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    try:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + srv.keys["main"].encode() + b"\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        assert wait_for(lambda: metric(srv, r"^vllm:num_requests_running\{[^}]*\}") == 8, 60)
+        assert metric(srv, r'^medgemma_inflight_units\{plan="big"\}') == 8
+        # Never read: ended as a stall, then every one of the 8 engine requests is aborted.
+        assert wait_for(lambda: metric(srv, r'^medgemma_inflight_units\{plan="big"\}') == 0, STALL_TIMEOUT_S + 60)
+        assert wait_for(lambda: metric(srv, r"^vllm:num_requests_running\{[^}]*\}") == 0, 10), \
+            metric(srv, r"^vllm:num_requests_running\{[^}]*\}")  # fmt: skip
     finally:
         sock.close()
     srv.assert_alive()
