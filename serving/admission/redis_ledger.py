@@ -8,20 +8,29 @@ Guarantees:
   replica's live leases every ``lease_ttl_s / 3``. A replica that dies without releasing
   loses its leases within the TTL: nothing leaks.
 - If Redis becomes unreachable (any command fails or times out), the documented policy
-  applies. ``share`` (default): each replica enforces ceil(budget / live replicas) on its
-  own, logs it, and sets ``medgemma_ledger_fallback`` to 1 until Redis answers again.
-  ``refuse``: requests get 503 ``ledger_unavailable``. Leases taken during the outage are
-  local and are released locally; leases held in Redis before it expire by TTL.
+  applies until a heartbeat reaches it again; ``medgemma_ledger_fallback`` is 1 meanwhile.
+  ``refuse``: requests get 503 ``ledger_unavailable``.
+  ``share`` (default): the budget is split exactly among the replicas the last heartbeat
+  saw (``share_of``: floor(budget / R) each, the remainder to R' of them chosen by the
+  account's hash, so the shares sum to the budget). A replica admits a new request only
+  while its own units for the account - leases it held before the outage plus those it
+  granted during it - stay within its share. Nothing running is ended, so an account's
+  total during an outage is at most the sum over replicas of max(share, units held at the
+  outage start): exactly the budget when every replica was within its share then.
+- Right after Redis answers again, the heartbeat puts every live lease of this replica
+  into Redis (those granted during the outage, and any Redis lost), without a budget check:
+  they are running. New requests then see the true total and are refused until it is under
+  the budget again, so budgets are exact once the requests admitted during the outage end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import socket
 import uuid
+import zlib
 from dataclasses import dataclass
 
 from serving.admission.ledger import Grant, InProcessLedger, Lease, LedgerUnavailable, new_lease_id
@@ -61,7 +70,7 @@ return 1
 
 # KEYS: the replicas set, then one account set per lease; ARGV: ttl_ms, replica id, members.
 # Renews only leases Redis still has (a lease released meanwhile must not come back) and
-# returns the replica count and the indexes of held leases Redis has lost (a restart).
+# returns the live replica ids, then the indexes of held leases Redis has lost (a restart).
 HEARTBEAT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -69,7 +78,7 @@ local ttl = tonumber(ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ttl * 2)
-local result = {redis.call('ZCARD', KEYS[1])}
+local result = {redis.call('ZRANGE', KEYS[1], 0, -1)}
 for i = 2, #KEYS do
   if redis.call('ZSCORE', KEYS[i], ARGV[i + 1]) then
     redis.call('ZADD', KEYS[i], 'XX', now + ttl, ARGV[i + 1])
@@ -124,8 +133,10 @@ class RedisLedger:
         self.on_fallback = on_fallback or (lambda active: None)
         self.fallback = False
         self.replicas = 1
+        self.rank = 0  # this replica's place among the live replicas' sorted ids
         self._local = InProcessLedger()
         self._held: dict[str, _RedisLease] = {}
+        self._held_units: dict[str, int] = {}  # account -> units of this replica's Redis leases
         self._acquire = client.register_script(ACQUIRE)
         self._release = client.register_script(RELEASE)
         self._inflight = client.register_script(INFLIGHT)
@@ -150,17 +161,41 @@ class RedisLedger:
                 if not granted:
                     return Grant(None, int(used))
                 lease = Lease(lease_id, account, units)
-                self._held[lease_id] = _RedisLease(key, f"{lease_id}|{units}")
+                self._hold(lease, _RedisLease(key, f"{lease_id}|{units}"))
                 return Grant(lease, int(used))
         if self.policy == "refuse":
             raise LedgerUnavailable("the Redis budget ledger is unreachable")
-        share = math.ceil(budget / max(1, self.replicas))
-        return self._local.acquire_now(account, units, share)
+        # Our share, less what we still hold in Redis from before the outage.
+        held = self._held_units.get(account, 0)
+        grant = self._local.acquire_now(account, units, self.share_of(account, budget) - held)
+        return Grant(grant.lease, grant.inflight + held)
+
+    def share_of(self, account: str, budget: int) -> int:
+        """This replica's part of ``budget`` while Redis is down: the parts of all live
+        replicas sum to exactly ``budget``."""
+        replicas = max(1, self.replicas)
+        base, extra = divmod(budget, replicas)
+        offset = zlib.crc32(account.encode()) % replicas  # spread the remainders over replicas
+        return base + (1 if (self.rank - offset) % replicas < extra else 0)
+
+    def _hold(self, lease: Lease, held: _RedisLease) -> None:
+        self._held[lease.lease_id] = held
+        self._held_units[lease.account] = self._held_units.get(lease.account, 0) + lease.units
+
+    def _unhold(self, lease: Lease) -> _RedisLease | None:
+        held = self._held.pop(lease.lease_id, None)
+        if held is not None:
+            left = self._held_units[lease.account] - lease.units
+            if left:
+                self._held_units[lease.account] = left
+            else:
+                del self._held_units[lease.account]
+        return held
 
     async def release(self, lease: Lease) -> None:
         if self._local.release_now(lease):
             return
-        held = self._held.pop(lease.lease_id, None)
+        held = self._unhold(lease)
         if held is None:
             return
         try:
@@ -169,12 +204,13 @@ class RedisLedger:
             self._enter_fallback(exc)
 
     async def inflight(self, account: str) -> int:
-        if self.fallback:
-            return await self._local.inflight(account)
-        try:
-            return int(await self._inflight(keys=[self._account_key(account)]))
-        except Exception:  # noqa: BLE001 - only feeds a header
-            return await self._local.inflight(account)
+        """The account's units in use: all replicas' (Redis), or this replica's in an outage."""
+        if not self.fallback:
+            try:
+                return int(await self._inflight(keys=[self._account_key(account)]))
+            except Exception:  # noqa: BLE001 - only feeds a header
+                pass
+        return await self._local.inflight(account) + self._held_units.get(account, 0)
 
     # --- liveness --------------------------------------------------------------------------
     async def heartbeat(self) -> None:
@@ -185,15 +221,15 @@ class RedisLedger:
         args = [self.ttl_ms, self.replica_id] + [h.member for h in held]
         try:
             result = await self._heartbeat(keys=keys, args=args)
-            self.replicas = max(1, int(result[0]))
+            replicas = sorted(r.decode() if isinstance(r, bytes) else str(r) for r in result[0])
+            self.replicas = max(1, len(replicas))
+            self.rank = replicas.index(self.replica_id) if self.replica_id in replicas else 0
             lost = [ids[int(i) - 1] for i in result[1:]]
             if self.fallback:
                 # Leases granted locally during the outage move into Redis, so the shared
                 # budget counts them until they end.
                 for lease in self._local.take_all():
-                    self._held[lease.lease_id] = _RedisLease(
-                        self._account_key(lease.account), f"{lease.lease_id}|{lease.units}"
-                    )
+                    self._hold(lease, _RedisLease(self._account_key(lease.account), f"{lease.lease_id}|{lease.units}"))
                     lost.append(lease.lease_id)
             # Still held here but gone from Redis (it restarted, or heartbeats stalled past
             # the TTL): count them again. Ones released meanwhile stay released.
@@ -223,9 +259,9 @@ class RedisLedger:
         self.on_fallback(True)
         if self.policy == "share":
             logger.warning(
-                "budget ledger: Redis unreachable (%s); each of %d replica(s) now enforces "
-                "ceil(budget / %d) on its own until it is back",
-                type(exc).__name__, self.replicas, self.replicas,
+                "budget ledger: Redis unreachable (%s); each of %d replica(s) now enforces its "
+                "share of every budget (they sum to the budget) until it is back",
+                type(exc).__name__, self.replicas,
             )  # fmt: skip
         else:
             logger.warning(

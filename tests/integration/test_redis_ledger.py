@@ -79,28 +79,43 @@ def test_redis_down_then_back_share_policy(redis_server):
         events = []
         a = ledger(redis_server, lease_ttl_s=3, on_fallback=events.append)
         b = ledger(redis_server, lease_ttl_s=3)
-        await a.heartbeat()
-        await b.heartbeat()
-        await a.heartbeat()
-        assert a.replicas == 2
-        held = await a.acquire("acme", 1, 4)
+        for replica in (a, b, a, b):
+            await replica.heartbeat()
+        assert a.replicas == b.replicas == 2 and {a.rank, b.rank} == {0, 1}
+        assert a.share_of("acme", 4) + b.share_of("acme", 4) == 4
+        held = await a.acquire("acme", 1, 4)  # in Redis, from before the outage
         redis_server.stop()
-        # Each replica enforces ceil(4 / 2) = 2 on its own.
+        # A's share of 4 is 2, and it still holds 1 from before: one more, not two.
         g1 = await a.acquire("acme", 1, 4)
-        g2 = await a.acquire("acme", 1, 4)
-        g3 = await a.acquire("acme", 1, 4)
         assert a.fallback and events == [True]
-        assert (g1.lease is not None, g2.lease is not None, g3.lease is None) == (True, True, True)
-        await a.release(held.lease)  # Redis down: it expires there by TTL
+        assert g1.lease is not None and g1.inflight == 2
+        g2 = await a.acquire("acme", 1, 4)
+        assert g2.lease is None and g2.inflight == 2
+        assert await a.inflight("acme") == 2
+        await a.release(held.lease)  # Redis down: it expires there by TTL; locally it is free
+        g3 = await a.acquire("acme", 1, 4)
+        assert g3.lease is not None
         await a.release(g1.lease)
         redis_server.start()  # restarted empty
         await a.heartbeat()
         assert not a.fallback and events == [True, False]
         # The lease granted locally during the outage now counts in Redis.
         assert await b.inflight("acme") == 1
-        await a.release(g2.lease)
+        await a.release(g3.lease)
         assert await b.inflight("acme") == 0
     asyncio.run(scenario())
+
+
+def test_outage_shares_split_every_budget_exactly_across_replicas():
+    for replicas in (1, 2, 3, 5):
+        for budget in (1, 2, 3, 7, 64):
+            for account in ("acme", "st-marys", "a", "radiology-42"):
+                parts = []
+                for rank in range(replicas):
+                    led = RedisLedger.__new__(RedisLedger)
+                    led.replicas, led.rank = replicas, rank
+                    parts.append(led.share_of(account, budget))
+                assert sum(parts) == budget and max(parts) - min(parts) <= 1, (replicas, budget, parts)
 
 
 def test_redis_down_refuse_policy(redis_server):

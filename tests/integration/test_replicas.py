@@ -12,6 +12,7 @@ import pytest
 import redis as redis_sync
 
 from tests.live_server import launch, stop, wait_ready, write_keys
+from tests.metrics_text import Sampler, metric
 from tests.redis_server import RedisServer
 
 LEASE_TTL_S = 6.0  # heartbeats every 2 s: a loaded 2-core machine can stall an event loop ~2 s
@@ -171,3 +172,112 @@ def test_kill_9_of_a_replica_frees_its_units_within_the_ttl(replicas):
                 pass
     # Leases expire TTL after their last renewal; allow for the poll and a loaded machine.
     assert freed_after <= LEASE_TTL_S + 2.5, freed_after
+
+
+def stream_loop(url: str, key: str, max_tokens: int, stop, results) -> None:
+    """One client that keeps a stream running against a replica (429: retry soon). Runs in a
+    process of its own: stream threads in the test process starve its samplers of the GIL."""
+    body = {**chat(max_tokens, True), "min_tokens": max_tokens}
+    statuses = []
+    with httpx.Client(timeout=120) as client:
+        while not stop.is_set():
+            status = 0
+            try:
+                with client.stream("POST", url + "/v1/chat/completions", json=body,
+                                   headers={"Authorization": f"Bearer {key}"}) as response:  # fmt: skip
+                    status = response.status_code
+                    for _ in response.iter_lines():
+                        if stop.is_set():
+                            break
+            except httpx.HTTPError:
+                pass
+            statuses.append(status)
+            if status != 200:
+                stop.wait(0.2)
+    results.put(statuses)
+
+
+def wait_until(condition, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+def test_a_redis_outage_under_load_keeps_each_replica_within_its_share(replicas, spawn_client):
+    """Documented bound (serving/admission/redis_ledger.py): during an outage each replica
+    admits only while its own units (held before + granted during) fit its share, and the
+    shares sum to the budget; after recovery every live lease is back in Redis and the
+    budget is exact again."""
+    (a, b), redis = replicas
+    key = a.keys["shared"]  # plan "two": a share of 1 on each of two replicas
+    units = "medgemma_inflight_units"
+    probe = redis_sync.Redis.from_url(redis.url)
+    stop, results = spawn_client.context.Event(), spawn_client.context.Queue()
+    clients = [spawn_client(stream_loop, url, key, 300, stop, results) for url in (a.url, a.url, b.url, b.url)]
+    with Sampler(a.url, units, "medgemma_ledger_fallback", interval_s=0.1) as on_a, \
+            Sampler(b.url, units, "medgemma_ledger_fallback", interval_s=0.1) as on_b:  # fmt: skip
+        time.sleep(12)  # the client processes start (seconds), then load both replicas
+        killed_at = time.monotonic()
+        redis.process.kill()
+        redis.process.wait()
+        time.sleep(0.3)
+        # What each replica held when Redis went away (a grant just before the kill included).
+        held = {"a": on_a.highest(units, killed_at - 1, killed_at + 0.2),
+                "b": on_b.highest(units, killed_at - 1, killed_at + 0.2)}  # fmt: skip
+        try:
+            assert wait_until(lambda: on_a.latest("medgemma_ledger_fallback") == on_b.latest("medgemma_ledger_fallback") == 1,
+                              15), ("fallback never flipped", on_a.errors[-3:], on_b.errors[-3:])  # fmt: skip
+            time.sleep(20)
+        finally:
+            redis.start()  # empty: the heartbeats put the live leases back
+        back_at = time.monotonic()
+        assert wait_until(lambda: on_a.latest("medgemma_ledger_fallback") == on_b.latest("medgemma_ledger_fallback") == 0,
+                          20), "fallback never cleared"  # fmt: skip
+        recovered_at = time.monotonic()
+        redis_totals = []
+        while time.monotonic() < recovered_at + 15:
+            members = probe.zrange("medgemma:leases:{shared}", 0, -1)
+            redis_totals.append(sum(int(m.rsplit(b"|", 1)[1]) for m in members))
+            time.sleep(0.1)
+        stop.set()
+        statuses = [status for _ in clients for status in results.get(timeout=120)]
+    # During the outage: never above max(share, held at the outage start) on either replica.
+    for name, sampler in (("a", on_a), ("b", on_b)):
+        during = sampler.highest(units, killed_at, back_at)
+        assert during <= max(1, held[name]), (name, during, held)
+        # Once what ran before the outage ended, within the share itself.
+        assert sampler.highest(units, killed_at + 12, back_at) <= 1, name
+    # After recovery, as soon as what was admitted during the outage ended: the budget, exactly.
+    assert max(redis_totals[len(redis_totals) // 2:]) <= 2, redis_totals
+    assert 200 in statuses and 429 in statuses, statuses
+    assert wait_until(lambda: not probe.zrange("medgemma:leases:{shared}", 0, -1), 20)
+    assert wait_until(lambda: metric(a.url, units) == metric(b.url, units) == 0, 20)
+    # Exact again: two long streams take the whole budget, a third is refused.
+    test_replicas_that_share_a_pid_hold_distinct_leases_and_one_exact_budget(replicas)
+
+
+def test_refuse_mode_answers_503_ledger_unavailable_while_redis_is_down(replicas, tmp_path):
+    (a, _), redis = replicas
+    refusing = launch(tmp_path / "refuse", a.keys_file, a.keys, "--redis-url", redis.url, "--ledger-fallback",
+                      "refuse", "--redis-timeout-s", "5", dev_model_dir=a.dev_model_dir)  # fmt: skip
+    try:
+        wait_ready(refusing)
+        headers = {"Authorization": f"Bearer {a.keys['shared']}"}
+        url = refusing.base_url + "/chat/completions"
+        assert httpx.post(url, json=chat(2, False), headers=headers, timeout=60).status_code == 200
+        redis.process.kill()
+        redis.process.wait()
+        try:
+            refused = httpx.post(url, json=chat(2, False), headers=headers, timeout=60)
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "ledger_unavailable"
+            assert int(refused.headers["retry-after"]) >= 1
+            assert metric(refusing.url, "medgemma_ledger_fallback") == 1
+        finally:
+            redis.start()
+        assert wait_until(lambda: httpx.post(url, json=chat(2, False), headers=headers, timeout=60).status_code == 200, 20)
+    finally:
+        stop(refusing)
