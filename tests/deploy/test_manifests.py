@@ -76,7 +76,8 @@ def validate(obj: dict) -> None:
 def test_every_object_validates(rendered):
     overlay, objects = rendered
     kinds = sorted(o["kind"] for o in objects)
-    assert kinds == ["Deployment", "Namespace", "PodMonitor", "PrometheusRule", "RayService", "Service", "Service"], kinds
+    assert kinds == ["Deployment", "Namespace", "NetworkPolicy", "NetworkPolicy", "NetworkPolicy", "PodMonitor",
+                     "PrometheusRule", "RayService", "Service", "Service"], kinds
     for obj in objects:
         validate(obj)
         if obj["kind"] != "Namespace":
