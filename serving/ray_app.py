@@ -10,8 +10,13 @@ Guarantees:
   same code ``medgemma-serve serve`` runs. Budgets are global through the Redis ledger.
 - Replicas answer HTTP on their own port (Ray Serve direct ingress: 30000 and up on each
   node), so request bodies and token streams never cross Ray's handle path; Ray Serve does
-  what it is best at: replica lifecycle, health checks (``check_health`` fails once the
-  engine died or hung, and Ray replaces the replica), placement on GPU nodes, autoscaling.
+  what it is best at: replica lifecycle, health checks, placement on GPU nodes, autoscaling.
+- A replica whose engine dies or hangs ends its running requests at once (an SSE error
+  event ``engine_unavailable``, or a 503), then exits with its engine
+  (``exit_failed_replica``), so Ray replaces it within a health-check period. A released
+  port is free again at once (``RAY_SERVE_PORT_QUARANTINE_S=0``: no Ray proxy routes by
+  port here), so the replacement answers where its predecessor did: on Kubernetes each
+  engine pod has exactly one port (30000), on one machine the lowest free one.
 - Autoscaling follows cost units, not request counts (``serving.autoscale``); every replica
   reports its demand and capacity in ``record_autoscaling_stats``.
 - Settings are validated by ``build_app`` before any replica starts (``AppSettings``); the
@@ -157,6 +162,24 @@ def build_app(args: dict[str, Any] | None = None):
     return replica.options(**deployment_options(settings)).bind(serve_args)
 
 
+def exit_failed_replica() -> None:
+    """The engine died or hung and its requests have been ended: stop this replica's
+    process now, engine included, so Ray replaces it at once (not after three failed health
+    checks) and its port and GPU are free for the replacement. A hung (stopped) engine
+    would never exit on its own and would keep the GPU's memory."""
+    import psutil
+
+    logger.error("engine failed: exiting this replica so that Ray replaces it")
+    for handler in logging.getLogger("serving").handlers:
+        handler.flush()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    os._exit(1)
+
+
 class MedGemmaReplica:
     """One engine replica: the product server's app on a Ray Serve replica."""
 
@@ -184,7 +207,7 @@ class MedGemmaReplica:
         self._engine = build_async_engine_client(args)
         self.engine_client = await self._engine.__aenter__()
         self.served_app = await build_served_app(
-            args, self.context, self.engine_client, on_drained=self._drained.set, on_engine_failed=lambda: None
+            args, self.context, self.engine_client, on_drained=self._drained.set, on_engine_failed=exit_failed_replica
         )
         logger.info("replica ready: %s, profile %s", resolved.served_model_name, resolved.profile)
 
@@ -233,6 +256,9 @@ def run(app_args: dict[str, Any], *, address: str | None = None, temp_dir: str |
     # Replicas answer HTTP themselves (no Ray proxy on the token path); every Ray process
     # started from here inherits this.
     os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+    # A replacement takes its predecessor's port at once (Ray holds released ports for a
+    # minute by default, for its HAProxy mode, which this app does not use).
+    os.environ.setdefault("RAY_SERVE_PORT_QUARANTINE_S", "0")
     import ray
     from ray import serve
 

@@ -133,6 +133,15 @@ def test_drain_probes_and_ports_agree_with_the_server(rendered):
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
     assert env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == str(DIRECT_INGRESS_PORT)
+    # Ray allocates from range(min, max): one port per pod, so a replacement takes 30000 too.
+    from ray.serve._private.node_port_manager import PortAllocator
+
+    allocator = PortAllocator(int(env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]),
+                              int(env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]), "HTTP", "node")  # fmt: skip
+    assert allocator.allocate("replica-1") == DIRECT_INGRESS_PORT
+    with pytest.raises(Exception, match="(?i)port"):  # no second port on a pod, ever
+        allocator.allocate("replica-2")
+    assert env["RAY_SERVE_PORT_QUARANTINE_S"] == "0"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["http"] == DIRECT_INGRESS_PORT
     # The API Service and the PodMonitor select exactly the engine pods, by that port's name.

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import yaml
 
 from tests.integration.images import data_url, image
 from tests.live_server import write_keys
+from tests.metrics_text import samples
 from tests.prometheus_server import PrometheusServer
 from tests.redis_server import RedisServer
 
@@ -35,12 +37,17 @@ CAPACITY = 16  # cpu-dev max_num_seqs
 TARGET = 0.5  # 8 units per replica: 16 concurrent streams want 2 replicas
 
 
+RUN_MARKER = "MGTEST_RAY_RUN"  # in the CLI's environment, hence in every process it starts
+
+
 @dataclass
 class RayApp:
     process: subprocess.Popen
     root: Path
     keys: dict[str, str]
     log_path: Path
+    run_id: str
+    redis_url: str
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]
@@ -50,19 +57,11 @@ class RayApp:
         return "".join(p.read_text(errors="replace") for p in logs)
 
 
-def session_processes(app: RayApp) -> list:
-    """Every process the app started (Ray gives workers process groups of their own, all
-    in the CLI's session)."""
+def app_processes(app: RayApp) -> list:
+    """Every process the app started: its CLI's descendants, wherever Ray put them."""
     import psutil
 
-    found = []
-    for proc in psutil.process_iter(["pid", "name"]):
-        try:
-            if proc.pid != app.process.pid and os.getsid(proc.pid) == app.process.pid:
-                found.append(proc)
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            pass
-    return found
+    return [p for p in psutil.process_iter(["pid"]) if p.pid != app.process.pid and started_by(app, p)]
 
 
 def is_engine(proc) -> bool:
@@ -72,15 +71,34 @@ def is_engine(proc) -> bool:
         return False
 
 
-def engines(app: RayApp) -> int:
+def started_by(app: RayApp, proc) -> bool:
+    """Whether ``proc`` descends from this app's CLI, by the marker every process it starts
+    inherits (Ray's process tree and sessions differ between machines: on a fresh one the
+    engines were neither in the CLI's tree nor in its session, and counted 0)."""
+    try:
+        return proc.environ().get(RUN_MARKER) == app.run_id
+    except Exception:  # noqa: BLE001 - gone or unreadable
+        return False
+
+
+def engine_processes(app: RayApp) -> list:
     import psutil
 
-    try:
-        tree = psutil.Process(app.process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        tree = []
-    found = {p.pid: p for p in [*tree, *session_processes(app)] if is_engine(p)}
-    return len(found)
+    return [p for p in psutil.process_iter(["pid", "name"]) if is_engine(p) and started_by(app, p)]
+
+
+def engines(app: RayApp) -> int:
+    return len(engine_processes(app))
+
+
+def replica_pid(port: int) -> int:
+    """The process listening on a replica's port."""
+    import psutil
+
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+            return conn.pid
+    raise AssertionError(f"nothing listens on {port}")
 
 
 def ready(port: int) -> bool:
@@ -103,6 +121,7 @@ def ray_app():
     redis = RedisServer(root / "redis").start()
     keys_file = root / "keys.yaml"
     keys = write_keys(keys_file, {"main": "big"})
+    run_id = uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDGEMMA_", "RAY_"))}
     env.update({
         "MEDGEMMA_DEV_MODEL_DIR": str(root / "devmodel"),
@@ -112,7 +131,7 @@ def ray_app():
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # two replicas must not pin the same core
         "VLLM_CACHE_ROOT": str(root / "vllm-cache"),
         "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
-        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_USAGE_STATS_ENABLED": "0", RUN_MARKER: run_id,
     })  # fmt: skip
     log_path = root / "ray-app.log"
     process = subprocess.Popen(
@@ -126,7 +145,7 @@ def ray_app():
          "--redis-timeout-s", "5"],
         stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True,
     )  # fmt: skip
-    app = RayApp(process, root, keys, log_path)
+    app = RayApp(process, root, keys, log_path, run_id, redis.url)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not ready(PORT_MIN):
@@ -146,9 +165,9 @@ def ray_app():
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         deadline = time.monotonic() + 30  # Ray's own workers exit a few seconds after
-        while (left := session_processes(app)) and time.monotonic() < deadline:
+        while (left := app_processes(app)) and time.monotonic() < deadline:
             time.sleep(1)
-        leaked_engines = [p.pid for p in left if is_engine(p)]
+        leaked_engines = [p.pid for p in engine_processes(app)]
         for proc in left:
             proc.kill()
         redis.stop()
@@ -188,15 +207,24 @@ def test_chat_with_an_image_through_the_ray_app(ray_app):
 
 @dataclass
 class Load:
-    """Streaming chat requests from worker threads, each to a replica that is ready now."""
+    """Streaming chat requests from worker threads, each to a replica that is ready now.
+    Every ended request is an event: (monotonic time, port, "ok" or what went wrong)."""
 
     key: str
     workers: int
-    ok: int = 0
-    failures: list[str] = field(default_factory=list)
+    max_tokens: int = 96
     ports: list[int] = field(default_factory=lambda: [PORT_MIN])
+    events: list[tuple[float, int, str]] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     threads: list[threading.Thread] = field(default_factory=list)
+
+    @property
+    def ok(self) -> int:
+        return sum(1 for _, _, what in self.events if what == "ok")
+
+    @property
+    def failures(self) -> list[str]:
+        return [f"{port}: {what}" for _, port, what in self.events if what != "ok"]
 
     def start(self) -> Load:
         for i in range(self.workers):
@@ -215,15 +243,18 @@ class Load:
                 n += 1
                 try:
                     with client.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions",
-                                       json=chat(96, True), headers=headers) as response:  # fmt: skip
+                                       json=chat(self.max_tokens, True), headers=headers) as response:  # fmt: skip
                         lines = [line for line in response.iter_lines() if line]
                     if response.status_code == 200 and lines and lines[-1] == "data: [DONE]" and \
                             not any('"error"' in line for line in lines):  # fmt: skip
-                        self.ok += 1
+                        what = "ok"
                     else:
-                        self.failures.append(f"{port}: {response.status_code} {lines[-2:]}")
+                        what = f"{response.status_code} {lines[-2:]}"
                 except httpx.HTTPError as exc:
-                    self.failures.append(f"{port}: {type(exc).__name__} {exc}")
+                    what = f"{type(exc).__name__} {exc}"
+                self.events.append((time.monotonic(), port, what))
+                if what != "ok":
+                    time.sleep(0.2)
 
     def finish(self) -> None:
         self.stop.set()
@@ -231,20 +262,33 @@ class Load:
             thread.join(timeout=300)
 
 
+LOG_TIME = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
+
+
+def logged_at(log: str, pattern: str) -> float | None:
+    """Wall-clock time of the first line of a Ray log that matches ``pattern``."""
+    import datetime
+
+    for line in log.splitlines():
+        if re.search(pattern, line) and (stamp := LOG_TIME.search(line)):
+            return datetime.datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return None
+
+
 def test_scales_out_under_load_and_back_with_no_failed_request(ray_app, tmp_path):
     rules = yaml.safe_load((ROOT / "deploy" / "base" / "prometheusrule.yaml").read_text())["spec"]["groups"]
     prometheus = PrometheusServer(tmp_path / "prometheus",
                                   {f"r{i}": f"127.0.0.1:{port}" for i, port in enumerate(PORTS[:2])}, rules).start()  # fmt: skip
-    began = time.monotonic()
-    timeline: dict[str, float] = {}
+    began = time.time()
+    timeline: dict[str, float] = {}  # event -> wall-clock seconds since the load began
+    UP, DOWN = r"Upscaling .*medgemma.* from 1 to 2", r"Downscaling .*medgemma.* from 2 to 1"
 
     def mark(event: str) -> None:
-        timeline.setdefault(event, round(time.monotonic() - began, 1))
+        timeline.setdefault(event, round(time.time() - began, 1))
 
     def decisions() -> tuple[bool, bool]:
         log = ray_app.controller_log()
-        return (re.search(r"Upscaling .*medgemma.* from 1 to 2", log) is not None,
-                re.search(r"Downscaling .*medgemma.* from 2 to 1", log) is not None)  # fmt: skip
+        return re.search(UP, log) is not None, re.search(DOWN, log) is not None
 
     heavy = Load(ray_app.keys["main"], workers=16).start()
     light = None
@@ -254,10 +298,7 @@ def test_scales_out_under_load_and_back_with_no_failed_request(ray_app, tmp_path
         deadline = time.monotonic() + 300
         while len(ports := ready_ports()) < 2:
             assert time.monotonic() < deadline, ("no second replica", timeline, ray_app.controller_log()[-3000:])
-            if decisions()[0]:
-                mark("scale-up decision")
             time.sleep(0.5)
-        mark("scale-up decision")  # seen by now at the latest
         mark("second replica ready")
         heavy.ports = ports
         two_engines = engines(ray_app)
@@ -276,11 +317,8 @@ def test_scales_out_under_load_and_back_with_no_failed_request(ray_app, tmp_path
         while len(ports := ready_ports()) > 1:
             light.ports = ports
             assert time.monotonic() < deadline, ("no scale-in", timeline, ray_app.controller_log()[-3000:])
-            if decisions()[1]:
-                mark("scale-down decision")
             time.sleep(0.25)
         light.ports = ports
-        mark("scale-down decision")
         mark("back to one replica")
         deadline = time.monotonic() + 90  # the stopped replica drains, then its engine exits
         while (running_engines := engines(ray_app)) > 1 and time.monotonic() < deadline:
@@ -293,12 +331,112 @@ def test_scales_out_under_load_and_back_with_no_failed_request(ray_app, tmp_path
         prometheus.stop()
     print("timeline (s since load start):", json.dumps(timeline))
     print(f"requests: {heavy.ok} under load, {light.ok} in the trickle; Prometheus: {signal_seen}")
+    assert decisions() == (True, True)
+    # Ray's controller decided both ways, and when: its log's clock against the test's.
+    log = ray_app.controller_log()
+    up, down = logged_at(log, UP), logged_at(log, DOWN)
+    assert up is not None and down is not None, ("no scaling decisions in the controller log", log[-3000:])
+    timeline["scale-up decision"], timeline["scale-down decision"] = round(up - began, 1), round(down - began, 1)
+    print("with Ray's decisions:", json.dumps(timeline))
     order = ["load start (16 streams)", "scale-up decision", "second replica ready", "load end (1 stream left)",
              "scale-down decision", "back to one replica"]  # fmt: skip
-    assert [timeline[e] for e in order] == sorted(timeline[e] for e in order), timeline
+    slack = 1.5  # a log line's time is stamped just before the test can see its effect
+    for before, after in zip(order, order[1:]):
+        assert timeline[before] <= timeline[after] + slack, (before, after, timeline)
     assert (two_engines, running_engines) == (2, 1), f"engines: {two_engines} for two replicas, {running_engines} for one"
     assert heavy.failures == [] and light.failures == [], (heavy.failures[:5], light.failures[:5])
     assert heavy.ok >= 16 and light.ok >= 1
     # The autoscaling signal, recorded by Prometheus from both replicas' /metrics.
     assert signal_seen.get("medgemma:demand_units", 0) >= 8, signal_seen
     assert signal_seen.get("medgemma:desired_replicas", 0) >= 2, signal_seen
+
+
+LEASE_TTL_S = 15.0  # the app's default --lease-ttl-s
+
+
+def leased_units(app: RayApp) -> int:
+    """Units leased in Redis right now (every replica's)."""
+    import redis as redis_sync
+
+    members = redis_sync.Redis.from_url(app.redis_url).zrange("medgemma:leases:{main}", 0, -1)
+    return sum(int(member.rsplit(b"|", 1)[1]) for member in members)
+
+
+def held_units(port: int) -> float:
+    return float(sum(v for n, _, v in samples(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
+                     if n == "medgemma_inflight_units"))  # fmt: skip
+
+
+def two_replicas_under(load: Load) -> list[int]:
+    deadline = time.monotonic() + 400
+    while len(ports := ready_ports()) < 2:
+        assert time.monotonic() < deadline, "no second replica"
+        time.sleep(0.5)
+    load.ports = ports
+    return ports
+
+
+def replaced_on(port: int, old_pid: int, timeout_s: float = 400) -> float:
+    """Seconds until a new replica process is ready on ``port``."""
+    began = time.monotonic()
+    while time.monotonic() - began < timeout_s:
+        try:
+            if ready(port) and replica_pid(port) != old_pid:
+                return time.monotonic() - began
+        except AssertionError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"no replacement replica on port {port} after {timeout_s}s")
+
+
+def test_a_replica_whose_engine_or_process_dies_is_replaced_on_its_port(ray_app, tmp_path):
+    """Two replicas under load on one Redis. kill -9 of one replica's engine, then of the
+    other replica's whole process: its clients get a clear error within seconds, the other
+    replica keeps serving, its leases are free within the lease TTL, the autoscaling signal
+    stops counting it, and Ray replaces it on the same port (where the Service looks)."""
+    rules = yaml.safe_load((ROOT / "deploy" / "base" / "prometheusrule.yaml").read_text())["spec"]["groups"]
+    prometheus = PrometheusServer(tmp_path / "prometheus",
+                                  {f"r{i}": f"127.0.0.1:{port}" for i, port in enumerate(PORTS[:2])}, rules).start()  # fmt: skip
+    load = Load(ray_app.keys["main"], workers=16, max_tokens=400).start()
+    report = {}
+    try:
+        for fault in ("engine", "replica"):
+            ports = two_replicas_under(load)
+            victim_port, other_port = (ports[1], ports[0]) if fault == "engine" else (ports[0], ports[1])
+            victim = replica_pid(victim_port)
+            time.sleep(5)  # both replicas are streaming
+            victim_units = held_units(victim_port)
+            assert victim_units >= 2, victim_units
+            import psutil
+
+            if fault == "engine":
+                (engine,) = [p for p in psutil.Process(victim).children(recursive=True) if is_engine(p)]
+                engine.kill()
+            else:
+                psutil.Process(victim).kill()
+            killed_at = time.monotonic()
+            load.ports = [other_port]  # what the Service does once the pod is unready
+            time.sleep(LEASE_TTL_S + 5)
+            # Its clients got a clear error at once; nobody else failed.
+            hit = [(t - killed_at, what) for t, port, what in load.events if port == victim_port and t >= killed_at]
+            assert hit, f"{fault}: no request of the victim ended after the kill"
+            assert max(t for t, _ in hit) < 10, (fault, hit)
+            if fault == "engine":
+                assert all("engine_unavailable" in what for _, what in hit), (fault, hit)
+            others = [what for t, port, what in load.events if port == other_port and t >= killed_at]
+            assert others and all(what == "ok" for what in others), (fault, others[:5])
+            # Its leases are gone (released, or expired within the TTL): what Redis holds is
+            # what the other replica holds (read around it: its requests come and go).
+            other_before = held_units(other_port)
+            leased = leased_units(ray_app)
+            other_after = held_units(other_port)
+            assert leased <= max(other_before, other_after) + 1, (fault, leased, other_before, other_after, victim_units)
+            # The autoscaling signal (our recording rules on Prometheus) counts one replica.
+            assert prometheus.query("count(medgemma_capacity_units)")[0]["value"][1] == "1", fault
+            report[fault] = {"replaced_after_s": round(replaced_on(victim_port, victim), 1),
+                             "errors_within_s": round(max(t for t, _ in hit), 2)}  # fmt: skip
+            load.ports = [other_port, victim_port]
+    finally:
+        load.finish()
+        prometheus.stop()
+    print("replica failures:", json.dumps(report))
