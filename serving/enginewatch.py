@@ -13,7 +13,8 @@ requests and has produced nothing for ``hang_timeout_s``):
   event with code ``engine_unavailable`` then ``[DONE]`` for a stream, a 503 for a request
   that has sent nothing yet); their units are released. A dead engine sends nothing more,
   so there is nothing to wait for.
-- The process then shuts down and exits 1, so the orchestrator restarts it.
+- The process then lingers ``exit_delay_s`` (1 s: the error events reach their clients,
+  probes see the 503s), shuts down and exits 1, so the orchestrator restarts it.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class EngineWatch:
         stopping: Callable[[], bool] = lambda: False,
         hang_timeout_s: float = 120.0,
         interval_s: float = 0.5,
+        exit_delay_s: float = 1.0,
         shutdown: Callable[[], None] | None = None,
     ):
         self.errored = errored
@@ -85,6 +87,7 @@ class EngineWatch:
         self.on_failed = on_failed
         self.stopping = stopping  # an orderly shutdown has begun: the engine stops on purpose
         self.hang_timeout_s = hang_timeout_s
+        self.exit_delay_s = exit_delay_s
         self.interval_s = interval_s
         self.shutdown = shutdown or (lambda: os.kill(os.getpid(), signal.SIGINT))
         self.failed: str | None = None
@@ -120,4 +123,5 @@ class EngineWatch:
         await self.middleware.end_all(
             "The model engine failed while this request ran; retry it.", Outcome.EVICTED_ENGINE_FAILED
         )
+        await asyncio.sleep(self.exit_delay_s)
         self.shutdown()

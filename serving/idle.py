@@ -21,13 +21,16 @@ BUSY_METRICS = ("medgemma_inflight_units", "medgemma_queue_depth")
 
 
 def busy_requests(metrics_text: str) -> float:
-    """Units held plus requests queued, from Prometheus exposition text."""
-    total = 0.0
-    for line in metrics_text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in BUSY_METRICS:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    """Units held plus requests queued, from Prometheus exposition text (parsed by
+    prometheus_client's own parser)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(metrics_text)
+        for sample in family.samples
+        if sample.name in BUSY_METRICS
+    )
 
 
 def wait_idle(url: str, timeout_s: float, *, poll_s: float = POLL_S) -> int:

@@ -232,10 +232,14 @@ def attach(app, context: ServerContext) -> None:
 
 def _mark_shutdown(engine_client, context: ServerContext) -> None:
     """Note when vLLM's shutdown stops the engine on purpose, so EngineWatch does not take
-    the stopped engine for a failed one (and exit 1 after a clean drain)."""
+    the stopped engine for a failed one (and exit 1 after a clean drain). An engine that had
+    already died when the shutdown began did fail: vLLM's own watchdog may stop the server
+    before EngineWatch looks, and the process must still exit 1."""
     shutdown = engine_client.shutdown
 
     def shutdown_on_purpose(*args, **kwargs):
+        if not context.stopping and engine_client.errored:
+            context.failed = True
         context.stopping = True
         return shutdown(*args, **kwargs)
 

@@ -30,10 +30,14 @@ from tests.redis_server import free_port
 
 # Plans of the session server: "main" for the API tests, "pair" (2 units) for budget tests,
 # "loadtest"/"loadtest-small" for the load-test harness's multi-key run.
-TEST_PLANS = {"big": {"concurrency": 64}, "two": {"concurrency": 2}, "one": {"concurrency": 1}}
+TEST_PLANS = {
+    "big": {"concurrency": 64}, "two": {"concurrency": 2}, "one": {"concurrency": 1},
+    # one account each, so units by plan are units by account (test_properties_live)
+    "prop1": {"concurrency": 1}, "prop2": {"concurrency": 2}, "prop3": {"concurrency": 3},
+}  # fmt: skip
 TEST_ACCOUNTS = {
     "main": "big", "pair": "two", "pair-disconnect": "two", "loadtest": "big", "loadtest-small": "one",
-    "batch-one": "one", "batch-two": "two",
+    "batch-one": "one", "batch-two": "two", "prop-a": "prop1", "prop-b": "prop2", "prop-c": "prop3",
 }  # fmt: skip
 START_TIMEOUT_S = float(os.environ.get("MEDGEMMA_TEST_START_TIMEOUT_S", "300"))
 

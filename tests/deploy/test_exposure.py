@@ -42,11 +42,14 @@ def allowed(policies: list[dict], source: Pod, target: Pod, port: int) -> bool:
     """NetworkPolicy ingress semantics: a pod no policy selects takes everything; a selected
     pod takes what at least one rule of one selecting policy admits."""
     selecting = [p for p in policies if p["metadata"]["namespace"] == target.namespace
-                 and matches(p["spec"]["podSelector"], target.labels)]  # fmt: skip
+                 and matches(p["spec"]["podSelector"], target.labels)
+                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]  # fmt: skip
     if not selecting:
         return True
     for policy in selecting:
         for rule in policy["spec"].get("ingress") or []:
+            for spec in rule.get("ports") or []:  # what this evaluator does not model fails loudly
+                assert isinstance(spec["port"], int) and "endPort" not in spec, f"unmodelled port {spec}"
             ports = [p["port"] for p in rule.get("ports") or []]
             if ports and port not in ports:
                 continue
@@ -54,6 +57,9 @@ def allowed(policies: list[dict], source: Pod, target: Pod, port: int) -> bool:
             if not peers:
                 return True
             for peer in peers:
+                assert set(peer) <= {"namespaceSelector", "podSelector", "ipBlock"}, f"unmodelled peer {peer}"
+                if "ipBlock" in peer:
+                    return True  # an address range admits pods of any namespace, ours too
                 if "namespaceSelector" in peer:
                     ns_ok = matches(peer["namespaceSelector"], source.namespace_labels)
                 else:
@@ -121,6 +127,8 @@ def test_the_evaluator_sees_an_open_policy_as_open(objects):
     pods = our_pods(objects)
     opened = [{**p, "spec": {**p["spec"], "ingress": [{}]}} for p in policies]
     assert allowed(opened, OUTSIDERS["stranger"], pods["redis"], 6379)  # the test can fail
+    cidr = [{**p, "spec": {**p["spec"], "ingress": [{"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}]}} for p in policies]
+    assert allowed(cidr, OUTSIDERS["stranger"], pods["redis"], 6379)
 
 
 def test_redis_requires_the_password_the_ledger_is_given(objects):

@@ -1,11 +1,12 @@
 """Admission on the real server: budgets, headers, release on end and on disconnect."""
 
 import asyncio
-import re
 import time
 
 import httpx
 import pytest
+
+from tests.metrics_text import metric
 
 MODEL = "medgemma-4b-it"
 
@@ -20,15 +21,7 @@ def body(max_tokens: int, stream: bool = True) -> dict:
 
 
 def running_requests(server) -> float:
-    text = httpx.get(server.url + "/metrics").text
-    match = re.search(r'^vllm:num_requests_running\{[^}]*\} ([0-9.]+)$', text, re.MULTILINE)
-    return float(match.group(1))
-
-
-def metric(server, name: str) -> float:
-    text = httpx.get(server.url + "/metrics").text
-    match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    return metric(server.url, "vllm:num_requests_running")
 
 
 async def stream_all(client, url, key, max_tokens):
@@ -39,18 +32,11 @@ async def stream_all(client, url, key, max_tokens):
         return response, data
 
 
-def both_units_free(server, key: str, wait_s: float = 5.0) -> bool:
-    """True once two concurrent requests of a budget-2 account are both admitted."""
-    url = server.base_url + "/chat/completions"
-
-    async def two():
-        async with httpx.AsyncClient(timeout=60) as client:
-            results = await asyncio.gather(*[stream_all(client, url, key, 2) for _ in range(2)])
-        return [response.status_code for response, _ in results]
-
+def units_free(server, plan: str = "two", wait_s: float = 5.0) -> bool:
+    """True once the server holds no unit for ``plan`` (what medgemma_inflight_units says)."""
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        if asyncio.run(two()) == [200, 200]:
+        if metric(server.url, "medgemma_inflight_units", plan=plan) == 0:
             return True
         time.sleep(0.05)
     return False
@@ -124,8 +110,9 @@ def test_disconnect_mid_stream_frees_the_unit_and_stops_the_engine(server):
             next(lines)
         text = httpx.get(server.url + "/metrics").text
         assert running_requests(server) >= 1, [l for l in text.splitlines() if "num_requests" in l]
+        assert metric(server.url, "medgemma_inflight_units", plan="two") == 1  # held while it streams
     # The connection is closed: the unit comes back at once ...
-    assert both_units_free(server, key)
+    assert units_free(server)
     # ... and vLLM stopped generating for it.
     deadline = time.monotonic() + 10
     while running_requests(server) > 0 and time.monotonic() < deadline:
@@ -148,9 +135,31 @@ def test_disconnect_of_a_non_streaming_request_frees_the_unit_and_stops_the_engi
     url = server.base_url + "/chat/completions"
     headers = {"Authorization": f"Bearer {server.keys['pair-disconnect']}"}
     client = httpx.Client(timeout=httpx.Timeout(60, read=1.0))
-    with client, pytest.raises(httpx.ReadTimeout):  # gives up and closes the connection
+    import threading
+
+    seen_held = []
+
+    def watch() -> None:  # while the request runs: it holds its unit
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not seen_held:
+            if metric(server.url, "medgemma_inflight_units", plan="two") == 1:
+                seen_held.append(True)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    with client, pytest.raises(httpx.ReadTimeout):  # gives up (after 1 s of silence), closes the connection
+        watcher.start()
         client.post(url, json=body(20000, stream=False), headers=headers)
-    assert both_units_free(server, server.keys["pair-disconnect"])
+    watcher.join()
+    assert seen_held == [True]
+    assert units_free(server)
+    # ... really free in the ledger: the account's two units admit two requests at once.
+    async def two() -> list[int]:
+        async with httpx.AsyncClient(timeout=60) as http:
+            pair = [stream_all(http, url, server.keys["pair-disconnect"], 2) for _ in range(2)]
+            return [response.status_code for response, _ in await asyncio.gather(*pair)]
+
+    assert asyncio.run(two()) == [200, 200]
     deadline = time.monotonic() + 10
     while running_requests(server) > 0 and time.monotonic() < deadline:
         time.sleep(0.1)

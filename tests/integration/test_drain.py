@@ -2,7 +2,6 @@
 the ones still running at the end of the grace period end with a clear error, exit 0."""
 
 import json
-import re
 import signal
 import subprocess
 import time
@@ -11,6 +10,7 @@ import httpx
 import pytest
 
 from tests.live_server import launch, stop, wait_ready, write_keys
+from tests.metrics_text import metric
 
 # This machine (a VM) sometimes stalls one process for up to ~50 s under load, so every
 # window here is wide: the short stream runs ~30-60 s (surely still running at SIGTERM),
@@ -48,9 +48,7 @@ def get_while_draining(srv, path: str) -> httpx.Response:
 
 
 def inflight_units(srv) -> float:
-    text = httpx.get(srv.url + "/metrics", timeout=10).text
-    match = re.search(r'^medgemma_inflight_units\{plan="big"\} ([0-9.]+)$', text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    return metric(srv.url, "medgemma_inflight_units", plan="big")
 
 
 def stream_events(url: str, key: str, max_tokens: int, started, go, results) -> None:

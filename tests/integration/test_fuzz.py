@@ -6,13 +6,13 @@ extreme max_tokens values are in the hostile-input catalogue."""
 
 from __future__ import annotations
 
-import re
 
 import httpx
-import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
+
+from tests.metrics_text import samples, scrape
 
 MAX_GENERATED_TOKENS = 16
 EXAMPLES = 40  # per operation
@@ -55,6 +55,5 @@ def test_fuzzed_requests_never_get_a_5xx(server):
 
 def test_after_fuzzing_the_server_is_healthy_and_holds_no_units(server):
     server.assert_alive()
-    text = httpx.get(server.url + "/metrics", timeout=10).text
-    held = re.findall(r"^medgemma_inflight_units\{[^}]*\} (\S+)$", text, re.M)
-    assert held and all(float(v) == 0 for v in held)
+    held = [value for name, _, value in samples(scrape(server.url)) if name == "medgemma_inflight_units"]
+    assert held and all(value == 0 for value in held), held

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import re
 import struct
 import time
 import zlib
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from PIL import Image
+
+from tests.metrics_text import samples, scrape
 
 MODEL = "medgemma-4b-it"
 HI = [{"role": "user", "content": "hi"}]
@@ -143,8 +144,11 @@ def send(server, case: Case, key: str) -> httpx.Response:
 
 
 def inflight_units(server) -> dict[str, float]:
-    text = httpx.get(server.url + "/metrics", timeout=10).text
-    return {m[0]: float(m[1]) for m in re.findall(r'^medgemma_inflight_units\{plan="([^"]+)"\} (\S+)$', text, re.M)}
+    """medgemma_inflight_units by plan; an error if the server does not expose it."""
+    units = {labels["plan"]: value for name, labels, value in samples(scrape(server.url))
+             if name == "medgemma_inflight_units"}  # fmt: skip
+    assert "big" in units, f"no medgemma_inflight_units for the test's plan: {units}"
+    return units
 
 
 def test_the_catalogue_is_large_enough():
@@ -188,32 +192,35 @@ def test_after_the_catalogue_the_server_is_healthy_and_holds_no_units(server, cl
 
 
 def test_no_media_part_shape_makes_the_server_connect_anywhere(server):
-    """A listener on loopback counts connections while every URL-carrying part shape points
-    at it: the guard refuses each, and vLLM (with its never-matching allow-list) would too."""
+    """A listener on loopback (IPv4 and IPv6) counts connections while every URL-carrying
+    part shape points at it: each is refused and nothing connects. (vLLM's never-matching
+    allow-list, the second line of defence, is checked in tests/unit/test_engine.py.)"""
     import socket
     import threading
 
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    listener.settimeout(0.2)
+    listeners = [socket.create_server(("127.0.0.1", 0)), socket.create_server(("::1", 0), family=socket.AF_INET6)]
     connections, stop = [], threading.Event()
 
-    def accept():
+    def accept(listener):
+        listener.settimeout(0.2)
         while not stop.is_set():
             try:
                 connections.append(listener.accept()[0])
             except TimeoutError:
                 continue
 
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
+    threads = [threading.Thread(target=accept, args=(listener,), daemon=True) for listener in listeners]
+    for thread in threads:
+        thread.start()
+    port, port6 = (listener.getsockname()[1] for listener in listeners)
     url = f"http://127.0.0.1:{port}/x"
     parts = [
         {"image_url": url}, {"image_url": {"url": url}}, {"type": "image_url", "image_url": {"url": url}},
         {"type": "text", "text": "x", "uuid": "u", "image_url": url}, {"type": "input_image", "image_url": url},
         {"audio_url": url}, {"type": "audio_url", "audio_url": {"url": url}}, {"video_url": {"url": url}},
         {"type": "video_url", "video_url": {"url": url}}, {"uuid": "u", "video_url": url},
-        {"image_url": f"http://localhost:{port}/x"}, {"image_url": f"http://[::1]:{port}/x"},
+        {"image_url": f"http://localhost:{port}/x"}, {"image_url": f"http://[::1]:{port6}/x"},
+        {"image_url": {"url": f"http://[::1]:{port6}/x"}, "uuid": "u"},
     ]  # fmt: skip
     try:
         for part in parts:
@@ -224,7 +231,8 @@ def test_no_media_part_shape_makes_the_server_connect_anywhere(server):
         assert connections == [], f"the server connected to the loopback listener {len(connections)} times"
     finally:
         stop.set()
-        thread.join(5)
-        listener.close()
+        for thread, listener in zip(threads, listeners):
+            thread.join(5)
+            listener.close()
         for conn in connections:
             conn.close()

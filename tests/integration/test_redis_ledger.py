@@ -145,3 +145,32 @@ def test_held_leases_are_counted_again_after_a_redis_restart(redis_server):
         await a.heartbeat()
         assert await b.inflight("acme") == 0
     asyncio.run(scenario())
+
+
+def test_the_password_setting_authenticates_against_a_redis_that_requires_one(tmp_path, monkeypatch):
+    """The production wiring: a URL without a password, MEDGEMMA_REDIS_PASSWORD from a Secret
+    -> ServeSettings -> the server context -> the ledger's client -> a Redis with requirepass."""
+    from serving import config
+    from serving.admission.keys import KeyStore
+    from serving.launcher import context_from_settings
+
+    server = RedisServer(tmp_path / "redis", password="s3cret-from-a-secret").start()
+    try:
+        monkeypatch.setenv("MEDGEMMA_REDIS_PASSWORD", "s3cret-from-a-secret")
+        settings = config.load_settings({"redis_url": server.url, "profile": "cpu-dev"})
+        resolved = config.resolve(settings, None)
+        admission = context_from_settings(settings, resolved, KeyStore.open(2)).admission
+        assert admission.redis_url == server.url and "s3cret" not in repr(admission)
+
+        async def scenario():
+            authed = RedisLedger(connect(admission.redis_url, password=admission.redis_password))
+            grant = await authed.acquire("acme", 1, 2)
+            assert grant.lease is not None and not authed.fallback
+            await authed.release(grant.lease)
+            anonymous = RedisLedger(connect(admission.redis_url), fallback_policy="refuse")
+            with pytest.raises(LedgerUnavailable):  # without it Redis refuses (NOAUTH)
+                await anonymous.acquire("acme", 1, 2)
+
+        asyncio.run(scenario())
+    finally:
+        server.stop()

@@ -46,7 +46,7 @@ def watch_for(controller, middleware, errored, events, progress=None):
     return EngineWatch(
         errored=lambda: errored[0], controller=controller, middleware=middleware,
         progress=progress or FakeProgress(), on_failed=lambda: events.append("failed"), hang_timeout_s=10,
-        interval_s=0.01, shutdown=lambda: events.append("shutdown"),
+        interval_s=0.01, exit_delay_s=0.01, shutdown=lambda: events.append("shutdown"),
     )  # fmt: skip
 
 

@@ -37,3 +37,24 @@ def test_model_endpoints_get_an_openai_error_with_retry_after():
     assert headers[b"retry-after"] == str(LOADING_RETRY_AFTER_S).encode()
     assert body["error"]["code"] == "model_loading"
     assert set(body["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_shutdown_after_the_engine_died_is_a_failure_and_a_clean_one_is_not():
+    from serving.launcher import ServerContext, _mark_shutdown
+
+    class Engine:
+        errored = False
+        stopped = 0
+
+        def shutdown(self, timeout=None):
+            self.stopped += 1
+
+    for errored, failed in ((False, False), (True, True)):
+        engine, context = Engine(), ServerContext("cpu-dev", "m", "m", metrics=None, admission=None)
+        _mark_shutdown(engine, context)
+        engine.errored = errored  # vLLM's watchdog stops the server on a dead engine
+        engine.shutdown(timeout=0)
+        assert (context.stopping, context.failed, engine.stopped) == (True, failed, 1)
+        engine.errored = True  # a clean shutdown stops the engine: that is not a failure
+        engine.shutdown()
+        assert context.failed is failed

@@ -199,10 +199,30 @@ def sample_value(key: str, cls_name: str):
     }.get(key, "x")  # fmt: skip
 
 
+# Keys of vLLM's content-part TypedDicts that carry no media; every other key does. Derived
+# here from the types, independently of the guard's own table (which comes from vLLM's
+# parser map), so a media kind the guard misses still gets a case, and fails.
+NOT_MEDIA_KEYS = {"type", "uuid", "text", "refusal", "thinking", "closed", "name", "prompt_cache_breakpoint", "data"}
+
+
+def media_keys_of_the_types() -> set[str]:
+    keys = set()
+    for cls in vllm_content_part_types():
+        keys |= (cls.__required_keys__ | cls.__optional_keys__) - NOT_MEDIA_KEYS
+        kind = literal_type(cls)
+        if kind and kind not in {"text", "refusal", "thinking", "tool_reference"}:
+            keys.add(kind)
+    return keys
+
+
+def test_the_guards_media_keys_cover_every_media_key_of_vllms_types():
+    assert media_keys_of_the_types() <= set(guard_module().media_part_keys())
+
+
 def part_variants():
     """Each vLLM content-part type as a typed part, without its type, and with a uuid (which
     sends even a typed part down vLLM's key-based path)."""
-    media = set(guard_module().media_part_keys())
+    media = media_keys_of_the_types()
     for cls in vllm_content_part_types():
         keys = cls.__required_keys__ | cls.__optional_keys__
         kind = literal_type(cls)
