@@ -162,6 +162,13 @@ def build_app(args: dict[str, Any] | None = None):
     return replica.options(**deployment_options(settings)).bind(serve_args)
 
 
+def direct_ingress_ports() -> range:
+    """The ports Ray Serve may give this node's replicas (it allocates from range(min, max))."""
+    from ray.serve._private import constants
+
+    return range(constants.RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, constants.RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT)
+
+
 def exit_failed_replica() -> None:
     """The engine died or hung and its requests have been ended: stop this replica's
     process now, engine included, so Ray replaces it at once (not after three failed health
@@ -209,6 +216,9 @@ class MedGemmaReplica:
         self.served_app = await build_served_app(
             args, self.context, self.engine_client, on_drained=self._drained.set, on_engine_failed=exit_failed_replica
         )
+        from serving.sockets import wait_for_ports
+
+        await wait_for_ports(settings.host, direct_ingress_ports())  # the predecessor's port too
         logger.info("replica ready: %s, profile %s", resolved.served_model_name, resolved.profile)
 
     def __serve_build_asgi_app__(self):
@@ -219,11 +229,9 @@ class MedGemmaReplica:
         the first look that finds it (``serving.sockets``), so stalled readers are seen."""
         if getattr(self, "_unsent_limited", False):
             return
-        from ray.serve._private import constants
         from serving.sockets import limit_unsent_listeners
 
-        ports = range(constants.RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, constants.RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT + 1)
-        self._unsent_limited = limit_unsent_listeners(ports)
+        self._unsent_limited = limit_unsent_listeners(direct_ingress_ports())
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         self._limit_unsent()

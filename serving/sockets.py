@@ -10,7 +10,8 @@ within the stall timeout. Accepted sockets inherit the option from their listene
 
 Guarantee: ``limit_unsent`` sets it on a listening socket; ``limit_unsent_listeners``
 finds this process's own listening sockets (Ray Serve binds the replica's) and sets it
-on each, once. Both are no-ops where the platform has no such option.
+on each, once. Both are no-ops where the platform has no such option. ``wait_for_ports``
+lets a Ray replacement replica take its predecessor's port (see there).
 """
 
 from __future__ import annotations
@@ -65,3 +66,50 @@ def limit_unsent_listeners(ports: range | int, limit_bytes: int = UNSENT_LIMIT_B
             _done_ports.add(port)
             logger.info("port %d: at most %d unsent bytes per client (a stalled reader is seen)", port, limit_bytes)
     return found
+
+
+def port_busy(host: str, port: int) -> bool:
+    """True when nobody listens on ``port`` yet it cannot be bound: the closed connections
+    of a previous listener linger in TIME_WAIT (up to 60 s on Linux)."""
+    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        probe.bind((host, port))
+        return False
+    except OSError:
+        return True
+    finally:
+        probe.close()
+
+
+def listening_ports() -> set[int]:
+    import psutil
+
+    try:
+        return {c.laddr.port for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN and c.laddr}
+    except psutil.Error:  # not allowed to look: the bind probes still tell TIME_WAIT apart
+        return set()
+
+
+async def wait_for_ports(host: str, ports: range, timeout_s: float = 75.0) -> float:
+    """Wait until every port of ``ports`` that nobody listens on can be bound, and, where
+    the range is a single port (one replica per Kubernetes pod), until that port is free;
+    returns the seconds waited (at most ``timeout_s``).
+
+    Ray Serve binds a replica's direct-ingress socket without SO_REUSEADDR, so a port whose
+    previous replica was killed with connections open fails to bind until their TIME_WAIT
+    ends, and Ray then blocks that port for good: on a one-port pod the replacement could
+    never serve. Called at the end of the replica's constructor, just before Ray binds."""
+    import asyncio
+    import time
+
+    began = time.monotonic()
+    while time.monotonic() - began < timeout_s:
+        listening = listening_ports()
+        busy = [p for p in ports if p not in listening and port_busy(host, p)]
+        if not busy and not (len(ports) == 1 and ports[0] in listening):
+            break
+        await asyncio.sleep(1.0)
+    waited = time.monotonic() - began
+    if waited >= 1:
+        logger.info("waited %.0fs for the direct-ingress ports to be free", waited)
+    return waited

@@ -41,3 +41,25 @@ def test_this_processs_listeners_are_found_by_port():
         assert limit_unsent_listeners(port)
         assert bytes_accepted_before_blocking(listener) <= 4 * UNSENT_LIMIT_BYTES
     assert not limit_unsent_listeners(1)  # nothing of ours listens there
+
+
+def test_a_port_in_time_wait_is_waited_for_and_a_free_one_is_not():
+    import asyncio
+    import time
+
+    from serving.sockets import port_busy, wait_for_ports
+
+    listener = socket.create_server(("127.0.0.1", 0))  # no SO_REUSEADDR, like Ray's
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = listener.accept()
+    accepted.close()  # the server closes first: its side stays in TIME_WAIT
+    client.close()
+    listener.close()
+    time.sleep(0.1)
+    assert port_busy("127.0.0.1", port)  # nobody listens, yet it cannot be bound
+    waited = asyncio.run(wait_for_ports("127.0.0.1", range(port, port + 1), timeout_s=2.5))
+    assert waited >= 2  # it waited (TIME_WAIT lasts a minute)
+    with socket.create_server(("127.0.0.1", 0)) as free:
+        other = free.getsockname()[1]
+    assert asyncio.run(wait_for_ports("127.0.0.1", range(other, other + 1), timeout_s=5)) < 1
