@@ -83,6 +83,35 @@ class Server:
         assert httpx.get(self.url + "/health", timeout=10).status_code == 200
 
 
+def wait_for(condition, timeout_s: float, poll_s: float = 0.1) -> bool:
+    """Poll ``condition`` until it holds or ``timeout_s`` passes; its last answer."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(poll_s)
+    return bool(condition())
+
+
+def raw_post(server: Server, path: str, key: str, body: dict, rcvbuf: int | None = None):
+    """A POST on a socket of the test's own, returned open: a client that can stop reading
+    (``rcvbuf``: a small receive window, set before connecting) or just leave (close it)."""
+    import json
+    import socket
+
+    payload = json.dumps(body).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect((host, int(port)))
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {key}\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload
+    )
+    return sock
+
+
 def wait_ready(server: Server) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:

@@ -3,27 +3,17 @@ charged as one, and ending a batch (its client leaves) ends every one of its req
 
 from __future__ import annotations
 
-import json
-import socket
 import time
 
 import httpx
 import openai
 import pytest
 
+from tests.live_server import raw_post, wait_for
 from tests.metrics_text import Sampler, metric
 
 MODEL = "medgemma-4b-it"
 PROMPTS = [f"Report {i}: chest film, no acute findings." for i in range(16)]
-
-
-def wait_for(condition, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
 
 
 def idle(server) -> bool:
@@ -66,16 +56,9 @@ def test_a_batch_holds_one_unit_per_prompt(server):
 
 @pytest.mark.parametrize("stream", [False, True], ids=["non-streaming", "streaming"])
 def test_a_client_leaving_mid_batch_ends_every_engine_request_of_it(server, stream):
-    body = json.dumps({"model": MODEL, "prompt": PROMPTS, "max_tokens": 20000, "min_tokens": 20000,
-                       "stream": stream}).encode()  # fmt: skip
+    body = {"model": MODEL, "prompt": PROMPTS, "max_tokens": 20000, "min_tokens": 20000, "stream": stream}
     assert wait_for(lambda: idle(server), 30)
-    host, port = server.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as sock:  # a client that can just leave
-        sock.sendall(
-            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Authorization: Bearer " + server.keys["main"].encode() + b"\r\n"
-            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-        )
+    with raw_post(server, "/v1/completions", server.keys["main"], body):  # a client that can just leave
         assert wait_for(lambda: metric(server.url, "vllm:num_requests_running") == 16, 60)
         assert metric(server.url, "medgemma_inflight_units", plan="big") == 16
     left_at = time.monotonic()  # the client left mid-batch

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from serving.admission.keys import add_key
-from tests.live_server import launch, stop, wait_ready, write_keys
+from tests.live_server import launch, raw_post, stop, wait_for, wait_ready, write_keys
 from tests.metrics_text import metric as metric_of
 
 BODY_TIMEOUT_S = 3
@@ -93,15 +93,6 @@ def metric(srv, name: str, **labels: str) -> float:
     return metric_of(srv.url, name, **labels)
 
 
-def wait_for(condition, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return condition()
-
-
 def test_a_trickling_body_gets_408_after_the_body_timeout(limits_server):
     srv = limits_server
     host, port = srv.url.removeprefix("http://").split(":")
@@ -152,27 +143,18 @@ def test_a_client_that_never_reads_is_ended_and_its_unit_released(limits_server)
     stall timeout could even start), and its unit is released about a stall timeout after
     it stopped reading."""
     srv = limits_server
-    host, port = srv.url.removeprefix("http://").split(":")
-    body = json.dumps({
-        "model": "medgemma-4b-it", "messages": [{"role": "user", "content": "Describe it."}],
-        "max_tokens": 30000, "min_tokens": 30000, "stream": True,
-    }).encode()  # fmt: skip
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
-    sock.connect((host, int(port)))
+    port = int(srv.url.rsplit(":", 1)[1])
+    body = {"model": "medgemma-4b-it", "messages": [{"role": "user", "content": "Describe it."}],
+            "max_tokens": 30000, "min_tokens": 30000, "stream": True}  # fmt: skip
+    sock = raw_post(srv, "/v1/chat/completions", srv.keys["main"], body, rcvbuf=4096)  # a small window
     try:
-        sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Authorization: Bearer " + srv.keys["main"].encode() + b"\r\nContent-Length: "
-            + str(len(body)).encode() + b"\r\n\r\n" + body
-        )
         began = time.monotonic()
         assert wait_for(lambda: metric(srv, "medgemma_inflight_units", plan="big") == 1, 30)
         # Never read. The server's send blocks within its unsent limit, the stall timeout runs.
         held = []
         deadline = time.monotonic() + STALL_TIMEOUT_S + 60
         while metric(srv, "medgemma_inflight_units", plan="big") != 0 and time.monotonic() < deadline:
-            held.append(server_send_queue(int(port), sock.getsockname()[1]))
+            held.append(server_send_queue(port, sock.getsockname()[1]))
             time.sleep(0.2)
         released_after = time.monotonic() - began
         assert metric(srv, "medgemma_inflight_units", plan="big") == 0, (released_after, max(held, default=0))
@@ -190,18 +172,10 @@ def test_a_batch_whose_client_never_reads_has_every_engine_request_aborted(limit
     """The stall path aborts by id (vLLM's generator may sit suspended in our blocked send):
     the abort must reach each prompt's engine request, which vLLM names <id>-<i>."""
     srv = limits_server
-    host, port = srv.url.removeprefix("http://").split(":")
-    body = json.dumps({"model": "medgemma-4b-it", "prompt": [f"Report {i}:" for i in range(8)],
-                       "max_tokens": 30000, "min_tokens": 30000, "stream": True}).encode()  # fmt: skip
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect((host, int(port)))
+    body = {"model": "medgemma-4b-it", "prompt": [f"Report {i}:" for i in range(8)],
+            "max_tokens": 30000, "min_tokens": 30000, "stream": True}  # fmt: skip
+    sock = raw_post(srv, "/v1/completions", srv.keys["main"], body, rcvbuf=4096)
     try:
-        sock.sendall(
-            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Authorization: Bearer " + srv.keys["main"].encode() + b"\r\nContent-Length: "
-            + str(len(body)).encode() + b"\r\n\r\n" + body
-        )
         assert wait_for(lambda: metric(srv, "vllm:num_requests_running") == 8, 60)
         assert metric(srv, "medgemma_inflight_units", plan="big") == 8
         # Never read: ended as a stall, then every one of the 8 engine requests is aborted.

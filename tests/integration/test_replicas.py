@@ -11,7 +11,7 @@ import psutil
 import pytest
 import redis as redis_sync
 
-from tests.live_server import launch, stop, wait_ready, write_keys
+from tests.live_server import launch, stop, wait_for, wait_ready, write_keys
 from tests.metrics_text import Sampler, metric
 from tests.redis_server import RedisServer
 
@@ -151,15 +151,6 @@ def stream_loop(url: str, key: str, max_tokens: int, stop, results) -> None:
     results.put(statuses)
 
 
-def wait_until(condition, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
-
-
 def test_a_redis_outage_under_load_keeps_each_replica_within_its_share(replicas, spawn_client):
     """Documented bound (serving/admission/redis_ledger.py): during an outage each replica
     admits only while its own units (held before + granted during) fit its share, and the
@@ -182,13 +173,13 @@ def test_a_redis_outage_under_load_keeps_each_replica_within_its_share(replicas,
             # What each replica held when Redis went away (a grant just before the kill included).
             held = {"a": on_a.highest(units, killed_at - 1, killed_at + 0.2),
                     "b": on_b.highest(units, killed_at - 1, killed_at + 0.2)}  # fmt: skip
-            assert wait_until(lambda: on_a.latest("medgemma_ledger_fallback") == on_b.latest("medgemma_ledger_fallback") == 1,
+            assert wait_for(lambda: on_a.latest("medgemma_ledger_fallback") == on_b.latest("medgemma_ledger_fallback") == 1,
                               15), ("fallback never flipped", on_a.errors[-3:], on_b.errors[-3:])  # fmt: skip
             time.sleep(20)
         finally:
             redis.start()  # empty: the heartbeats put the live leases back
         back_at = time.monotonic()
-        assert wait_until(lambda: on_a.latest("medgemma_ledger_fallback") == on_b.latest("medgemma_ledger_fallback") == 0,
+        assert wait_for(lambda: on_a.latest("medgemma_ledger_fallback") == on_b.latest("medgemma_ledger_fallback") == 0,
                           20), "fallback never cleared"  # fmt: skip
         recovered_at = time.monotonic()
         redis_totals = []
@@ -208,8 +199,8 @@ def test_a_redis_outage_under_load_keeps_each_replica_within_its_share(replicas,
     # After recovery, as soon as what was admitted during the outage ended: the budget, exactly.
     assert max(redis_totals[len(redis_totals) // 2:]) <= 2, redis_totals
     assert 200 in statuses and 429 in statuses, statuses
-    assert wait_until(lambda: not probe.zrange("medgemma:leases:{shared}", 0, -1), 20)
-    assert wait_until(lambda: metric(a.url, units) == metric(b.url, units) == 0, 20)
+    assert wait_for(lambda: not probe.zrange("medgemma:leases:{shared}", 0, -1), 20)
+    assert wait_for(lambda: metric(a.url, units) == metric(b.url, units) == 0, 20)
     # Exact again: two long streams take the whole budget, a third is refused.
     test_replicas_that_share_a_pid_hold_distinct_leases_and_one_exact_budget(replicas)
 
@@ -233,7 +224,7 @@ def test_refuse_mode_answers_503_ledger_unavailable_while_redis_is_down(replicas
             assert metric(refusing.url, "medgemma_ledger_fallback") == 1
         finally:
             redis.start()
-        assert wait_until(lambda: httpx.post(url, json=chat(2, False), headers=headers, timeout=60).status_code == 200, 20)
+        assert wait_for(lambda: httpx.post(url, json=chat(2, False), headers=headers, timeout=60).status_code == 200, 20)
     finally:
         stop(refusing)
 
