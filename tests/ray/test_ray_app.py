@@ -87,8 +87,25 @@ def engine_processes(app: RayApp) -> list:
     return [p for p in psutil.process_iter(["pid", "name"]) if is_engine(p) and started_by(app, p)]
 
 
-def engines(app: RayApp) -> int:
-    return len(engine_processes(app))
+def replica_engines(ports: list[int]) -> dict[int, list[int]]:
+    """The engine processes under each port's replica process (by the process tree, which
+    is the replica's own: a marker in the environment proved machine-dependent)."""
+    import psutil
+
+    return {port: [p.pid for p in psutil.Process(replica_pid(port)).children(recursive=True) if is_engine(p)]
+            for port in ports}  # fmt: skip
+
+
+def alive(pids: list[int]) -> list[int]:
+    import psutil
+
+    def running(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    return [pid for pid in pids if running(pid)]
 
 
 def replica_pid(port: int) -> int:
@@ -301,7 +318,8 @@ def test_scales_out_under_load_and_back_with_no_failed_request(ray_app, tmp_path
             time.sleep(0.5)
         mark("second replica ready")
         heavy.ports = ports
-        two_engines = engines(ray_app)
+        per_replica = replica_engines(ports)
+        two_engines = sorted(pid for pids in per_replica.values() for pid in pids)
         time.sleep(20)  # both replicas serve; Prometheus scrapes both
         # The highest value each rule recorded since the load started: a scrape of a busy
         # replica can miss its 2 s timeout, so one instant may count one replica only.
@@ -321,8 +339,9 @@ def test_scales_out_under_load_and_back_with_no_failed_request(ray_app, tmp_path
         light.ports = ports
         mark("back to one replica")
         deadline = time.monotonic() + 90  # the stopped replica drains, then its engine exits
-        while (running_engines := engines(ray_app)) > 1 and time.monotonic() < deadline:
+        while len(running_engines := alive(two_engines)) > 1 and time.monotonic() < deadline:
             time.sleep(1)
+        remaining = replica_engines(ports)
         mark("its engine stopped")
     finally:
         heavy.finish()
@@ -343,7 +362,10 @@ def test_scales_out_under_load_and_back_with_no_failed_request(ray_app, tmp_path
     slack = 1.5  # a log line's time is stamped just before the test can see its effect
     for before, after in zip(order, order[1:]):
         assert timeline[before] <= timeline[after] + slack, (before, after, timeline)
-    assert (two_engines, running_engines) == (2, 1), f"engines: {two_engines} for two replicas, {running_engines} for one"
+    # One engine under each of the two replicas; after the scale-in, only the remaining
+    # replica's engine runs (the stopped one's exited with it).
+    assert all(len(pids) == 1 for pids in per_replica.values()) and len(two_engines) == 2, per_replica
+    assert running_engines == [pid for pids in remaining.values() for pid in pids], (running_engines, remaining)
     assert heavy.failures == [] and light.failures == [], (heavy.failures[:5], light.failures[:5])
     assert heavy.ok >= 16 and light.ok >= 1
     # The autoscaling signal, recorded by Prometheus from both replicas' /metrics.
@@ -355,16 +377,21 @@ LEASE_TTL_S = 15.0  # the app's default --lease-ttl-s
 
 
 def leased_units(app: RayApp) -> int:
-    """Units leased in Redis right now (every replica's)."""
+    """Units leased in Redis right now (every replica's live leases)."""
     import redis as redis_sync
 
-    members = redis_sync.Redis.from_url(app.redis_url).zrange("medgemma:leases:{main}", 0, -1)
+    client = redis_sync.Redis.from_url(app.redis_url)
+    seconds, micros = client.time()  # live: what the ledger counts (an expired lease is
+    now_ms = seconds * 1000 + micros // 1000  # dropped only by the next acquire)
+    members = client.zrangebyscore("medgemma:leases:{main}", f"({now_ms}", "+inf")
     return sum(int(member.rsplit(b"|", 1)[1]) for member in members)
 
 
 def held_units(port: int) -> float:
+    """Units a replica holds in the ledger: its running requests' and those queued for an
+    engine slot (they took their lease first; cost 1 each here)."""
     return float(sum(v for n, _, v in samples(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
-                     if n == "medgemma_inflight_units"))  # fmt: skip
+                     if n in ("medgemma_inflight_units", "medgemma_queue_depth")))  # fmt: skip
 
 
 def two_replicas_under(load: Load) -> list[int]:
