@@ -109,13 +109,38 @@ def alive(pids: list[int]) -> list[int]:
 
 
 def replica_pid(port: int) -> int:
-    """The process listening on a replica's port."""
+    """The replica process listening on a replica's port: Ray's actor (``ray::ServeReplica``),
+    not a process that inherited the listening socket from it."""
     import psutil
 
-    for conn in psutil.net_connections(kind="tcp"):
-        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
-            return conn.pid
-    raise AssertionError(f"nothing listens on {port}")
+    holders = {conn.pid for conn in psutil.net_connections(kind="tcp")
+               if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid}  # fmt: skip
+    if not holders:
+        raise AssertionError(f"nothing listens on {port}")
+    for pid in sorted(holders):
+        try:
+            if psutil.Process(pid).name().startswith("ray::ServeReplica"):
+                return pid
+        except psutil.NoSuchProcess:
+            continue
+    return min(holders, key=lambda pid: len(psutil.Process(pid).parents()))  # the topmost holder
+
+
+def process_report() -> str:
+    """Every replica and engine process with its parents, for a failure message."""
+    import psutil
+
+    lines = []
+    for proc in psutil.process_iter(["pid", "name"]):
+        name = proc.info["name"] or ""
+        if name.startswith("ray::ServeReplica") or "EngineCor" in name:
+            try:
+                chain = [f"{p.pid}:{p.name()}" for p in proc.parents()[:3]]
+                listens = sorted({c.laddr.port for c in proc.net_connections() if c.status == psutil.CONN_LISTEN})
+            except psutil.Error:
+                chain, listens = ["?"], []
+            lines.append(f"{proc.pid}:{name} listens {listens} <- {' <- '.join(chain)}")
+    return "; ".join(lines)
 
 
 def ready(port: int) -> bool:
@@ -320,6 +345,7 @@ def test_scales_out_under_load_and_back_with_no_failed_request(ray_app, tmp_path
         heavy.ports = ports
         per_replica = replica_engines(ports)
         two_engines = sorted(pid for pids in per_replica.values() for pid in pids)
+        report = process_report()
         time.sleep(20)  # both replicas serve; Prometheus scrapes both
         # The highest value each rule recorded since the load started: a scrape of a busy
         # replica can miss its 2 s timeout, so one instant may count one replica only.
@@ -364,7 +390,7 @@ def test_scales_out_under_load_and_back_with_no_failed_request(ray_app, tmp_path
         assert timeline[before] <= timeline[after] + slack, (before, after, timeline)
     # One engine under each of the two replicas; after the scale-in, only the remaining
     # replica's engine runs (the stopped one's exited with it).
-    assert all(len(pids) == 1 for pids in per_replica.values()) and len(two_engines) == 2, per_replica
+    assert all(len(pids) == 1 for pids in per_replica.values()) and len(two_engines) == 2, (per_replica, report)
     assert running_engines == [pid for pids in remaining.values() for pid in pids], (running_engines, remaining)
     assert heavy.failures == [] and light.failures == [], (heavy.failures[:5], light.failures[:5])
     assert heavy.ok >= 16 and light.ok >= 1
@@ -439,8 +465,9 @@ def test_a_replica_whose_engine_or_process_dies_is_replaced_on_its_port(ray_app,
             import psutil
 
             if fault == "engine":
-                (engine,) = [p for p in psutil.Process(victim).children(recursive=True) if is_engine(p)]
-                engine.kill()
+                engines_of_victim = [p for p in psutil.Process(victim).children(recursive=True) if is_engine(p)]
+                assert len(engines_of_victim) == 1, (victim_port, victim, process_report())
+                engines_of_victim[0].kill()
             else:
                 psutil.Process(victim).kill()
             killed_at = time.monotonic()
