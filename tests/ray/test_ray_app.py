@@ -96,6 +96,17 @@ def replica_engines(ports: list[int]) -> dict[int, list[int]]:
             for port in ports}  # fmt: skip
 
 
+def engines_under(ports: list[int], timeout_s: float = 60) -> dict[int, list[int]]:
+    """``replica_engines`` once every replica shows its one engine (a process tree read
+    under load can lag the replica's readiness), or as it is after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = replica_engines(ports)
+        if all(len(pids) == 1 for pids in found.values()) or time.monotonic() > deadline:
+            return found
+        time.sleep(1)
+
+
 def alive(pids: list[int]) -> list[int]:
     import psutil
 
@@ -343,7 +354,7 @@ def test_scales_out_under_load_and_back_with_no_failed_request(ray_app, tmp_path
             time.sleep(0.5)
         mark("second replica ready")
         heavy.ports = ports
-        per_replica = replica_engines(ports)
+        per_replica = engines_under(ports)
         two_engines = sorted(pid for pids in per_replica.values() for pid in pids)
         report = process_report()
         time.sleep(20)  # both replicas serve; Prometheus scrapes both
@@ -390,7 +401,7 @@ def test_scales_out_under_load_and_back_with_no_failed_request(ray_app, tmp_path
         assert timeline[before] <= timeline[after] + slack, (before, after, timeline)
     # One engine under each of the two replicas; after the scale-in, only the remaining
     # replica's engine runs (the stopped one's exited with it).
-    assert all(len(pids) == 1 for pids in per_replica.values()) and len(two_engines) == 2, (per_replica, report)
+    assert all(len(pids) == 1 for pids in per_replica.values()) and len(two_engines) == 2, f"{per_replica}: {report}"
     assert running_engines == [pid for pids in remaining.values() for pid in pids], (running_engines, remaining)
     assert heavy.failures == [] and light.failures == [], (heavy.failures[:5], light.failures[:5])
     assert heavy.ok >= 16 and light.ok >= 1
@@ -456,7 +467,12 @@ def test_a_replica_whose_engine_or_process_dies_is_replaced_on_its_port(ray_app,
     try:
         for fault in ("engine", "replica"):
             ports = two_replicas_under(load)
-            victim_port, other_port = (ports[1], ports[0]) if fault == "engine" else (ports[0], ports[1])
+            if fault == "engine":  # the newer replica's engine, once its tree shows it
+                found = engines_under(ports)
+                victim_port = ports[1] if found[ports[1]] else ports[0]
+            else:
+                victim_port = ports[0]
+            other_port = next(port for port in ports if port != victim_port)
             victim = replica_pid(victim_port)
             deadline = time.monotonic() + 120  # both replicas are streaming, the victim several
             while (victim_units := held_units(victim_port)) < 3 and time.monotonic() < deadline:
@@ -466,7 +482,7 @@ def test_a_replica_whose_engine_or_process_dies_is_replaced_on_its_port(ray_app,
 
             if fault == "engine":
                 engines_of_victim = [p for p in psutil.Process(victim).children(recursive=True) if is_engine(p)]
-                assert len(engines_of_victim) == 1, (victim_port, victim, process_report())
+                assert len(engines_of_victim) == 1, f"{victim_port} {victim}: {process_report()}"
                 engines_of_victim[0].kill()
             else:
                 psutil.Process(victim).kill()
