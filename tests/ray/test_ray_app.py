@@ -65,8 +65,13 @@ def app_processes(app: RayApp) -> list:
 
 
 def is_engine(proc) -> bool:
-    try:  # the kernel keeps 15 characters of a title: "VLLM::EngineCor"
-        return "EngineCor" in (proc.name() or "") or "EngineCor" in " ".join(proc.cmdline()[:1])
+    """A vLLM engine core: titled ``VLLM::EngineCore`` once it runs (the kernel keeps 15
+    characters: "VLLM::EngineCor"), and before its title is set (or where setting it
+    failed) the process ``multiprocessing`` spawned for it (``spawn_main``). A replica
+    spawns nothing else that way: its resource tracker runs ``resource_tracker``."""
+    try:
+        command = " ".join(proc.cmdline())
+        return "EngineCor" in (proc.name() or "") or "EngineCor" in command or "spawn_main" in command
     except Exception:  # noqa: BLE001 - gone or unreadable: not a running engine
         return False
 
@@ -138,7 +143,8 @@ def replica_pid(port: int) -> int:
 
 
 def process_report() -> str:
-    """Every replica and engine process with its parents, for a failure message."""
+    """Every replica and engine process with its parents, and each replica's descendants,
+    for a failure message."""
     import psutil
 
     lines = []
@@ -148,9 +154,12 @@ def process_report() -> str:
             try:
                 chain = [f"{p.pid}:{p.name()}" for p in proc.parents()[:3]]
                 listens = sorted({c.laddr.port for c in proc.net_connections() if c.status == psutil.CONN_LISTEN})
+                below = [f"{c.pid}:{c.name()}[{c.status()}] {' '.join(c.cmdline())[:80]!r}"
+                         for c in proc.children(recursive=True)] if name.startswith("ray::") else []  # fmt: skip
             except psutil.Error:
-                chain, listens = ["?"], []
-            lines.append(f"{proc.pid}:{name} listens {listens} <- {' <- '.join(chain)}")
+                chain, listens, below = ["?"], [], []
+            lines.append(f"{proc.pid}:{name} listens {listens} <- {' <- '.join(chain)}"
+                         + (f" -> {below}" if below else ""))  # fmt: skip
     return "; ".join(lines)
 
 
