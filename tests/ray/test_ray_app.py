@@ -97,8 +97,18 @@ def replica_engines(ports: list[int]) -> dict[int, list[int]]:
     is the replica's own: a marker in the environment proved machine-dependent)."""
     import psutil
 
-    return {port: [p.pid for p in psutil.Process(replica_pid(port)).children(recursive=True) if is_engine(p)]
-            for port in ports}  # fmt: skip
+    def engines(root) -> list[int]:  # an engine's own worker (spawned by it, also untitled at times) is not one
+        below = root.children(recursive=True)
+        return [p.pid for p in below if is_engine(p) and not _parent_is_engine(p)]
+
+    return {port: engines(psutil.Process(replica_pid(port))) for port in ports}
+
+
+def _parent_is_engine(proc) -> bool:
+    try:
+        return is_engine(proc.parent())
+    except Exception:  # noqa: BLE001 - gone
+        return False
 
 
 def engines_under(ports: list[int], timeout_s: float = 60) -> dict[int, list[int]]:
