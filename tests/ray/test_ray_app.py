@@ -65,10 +65,10 @@ def app_processes(app: RayApp) -> list:
 
 
 def is_engine(proc) -> bool:
-    """A vLLM engine core: titled ``VLLM::EngineCore`` once it runs (the kernel keeps 15
-    characters: "VLLM::EngineCor"), and before its title is set (or where setting it
-    failed) the process ``multiprocessing`` spawned for it (``spawn_main``). A replica
-    spawns nothing else that way: its resource tracker runs ``resource_tracker``."""
+    """A vLLM process: titled ``VLLM::EngineCore`` once it runs (the kernel keeps 15
+    characters: "VLLM::EngineCor"), or, before its title is set (or where setting it failed),
+    a process ``multiprocessing`` spawned (``spawn_main``): the engine, or the worker the
+    engine spawned below itself. A replica's resource tracker runs ``resource_tracker``."""
     try:
         command = " ".join(proc.cmdline())
         return "EngineCor" in (proc.name() or "") or "EngineCor" in command or "spawn_main" in command
@@ -97,18 +97,13 @@ def replica_engines(ports: list[int]) -> dict[int, list[int]]:
     is the replica's own: a marker in the environment proved machine-dependent)."""
     import psutil
 
-    def engines(root) -> list[int]:  # an engine's own worker (spawned by it, also untitled at times) is not one
-        below = root.children(recursive=True)
-        return [p.pid for p in below if is_engine(p) and not _parent_is_engine(p)]
-
-    return {port: engines(psutil.Process(replica_pid(port))) for port in ports}
+    return {port: [p.pid for p in engines_of(psutil.Process(replica_pid(port)))] for port in ports}
 
 
-def _parent_is_engine(proc) -> bool:
-    try:
-        return is_engine(proc.parent())
-    except Exception:  # noqa: BLE001 - gone
-        return False
+def engines_of(replica) -> list:
+    """The replica's engine processes: its direct children that are vLLM processes (an
+    engine's own worker, untitled at times, is the engine's child, not the replica's)."""
+    return [p for p in replica.children() if is_engine(p)]
 
 
 def engines_under(ports: list[int], timeout_s: float = 60) -> dict[int, list[int]]:
@@ -500,7 +495,7 @@ def test_a_replica_whose_engine_or_process_dies_is_replaced_on_its_port(ray_app,
             import psutil
 
             if fault == "engine":
-                engines_of_victim = [p for p in psutil.Process(victim).children(recursive=True) if is_engine(p)]
+                engines_of_victim = engines_of(psutil.Process(victim))
                 assert len(engines_of_victim) == 1, f"{victim_port} {victim}: {process_report()}"
                 engines_of_victim[0].kill()
             else:
