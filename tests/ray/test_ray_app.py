@@ -134,17 +134,20 @@ def replica_pid(port: int) -> int:
     not a process that inherited the listening socket from it."""
     import psutil
 
-    holders = {conn.pid for conn in psutil.net_connections(kind="tcp")
-               if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid}  # fmt: skip
-    if not holders:
-        raise AssertionError(f"nothing listens on {port}")
-    for pid in sorted(holders):
+    listeners = {conn.pid for conn in psutil.net_connections(kind="tcp")
+                 if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid}  # fmt: skip
+    depth = {}  # the holders still alive (a killed replica's may vanish while we look), by depth
+    for pid in sorted(listeners):
         try:
-            if psutil.Process(pid).name().startswith("ray::ServeReplica"):
+            process = psutil.Process(pid)
+            if process.name().startswith("ray::ServeReplica"):
                 return pid
+            depth[pid] = len(process.parents())
         except psutil.NoSuchProcess:
             continue
-    return min(holders, key=lambda pid: len(psutil.Process(pid).parents()))  # the topmost holder
+    if not depth:
+        raise AssertionError(f"nothing listens on {port}")
+    return min(depth, key=depth.get)  # the topmost holder
 
 
 def process_report() -> str:
