@@ -105,7 +105,7 @@ def test_every_sampled_token_decodes_to_visible_text(checkpoint):
 
     tok = AutoTokenizer.from_pretrained(checkpoint)
     model = Gemma3ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.bfloat16)
-    visible = set(devmodel._visible_token_ids(tok.get_vocab()))
+    visible = set(devmodel.visible_token_ids(tok.get_vocab()))
     generator = torch.Generator().manual_seed(0)
     prompts = [
         "<bos><start_of_turn>user\nHello<end_of_turn>\n<start_of_turn>model\n",
