@@ -32,6 +32,7 @@ from serving.admission.guard import RequestGuard  # noqa: E402
 from serving.admission.keys import KeyStore, hash_key  # noqa: E402
 from serving.admission.ledger import InProcessLedger  # noqa: E402
 from serving.admission.middleware import AdmissionMiddleware  # noqa: E402
+from serving.admission.outcomes import Outcome  # noqa: E402
 from serving.admission.queue import Capacity, FairQueue  # noqa: E402
 from serving.metrics import ServingMetrics  # noqa: E402
 
@@ -115,13 +116,13 @@ async def main(args) -> None:
     async def estimate():
         await estimator.shape("/v1/chat/completions", parsed)
 
-    tickets = []
+    admitted = []
 
     async def decide():
-        tickets.append(controller.admit_now(account, shape))
+        admitted.append(controller.decide(account, shape))
 
     async def release():
-        await tickets.pop().release()
+        await admitted.pop().end(Outcome.COMPLETED)
 
     async def through_admission():
         await middleware(scope(), receive_body, sink)

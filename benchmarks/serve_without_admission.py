@@ -1,42 +1,43 @@
 """``medgemma-serve`` with the admission layer left out: the benchmark's control arm.
 
-Everything else is the product's launcher (settings, /ready, /health, metrics, the loading
+Everything else is the product's server (settings, /ready, /health, metrics, the loading
 responder, drain and engine watch), so comparing it with the admission arm isolates the
 layer, and comparing it with vLLM's own server isolates the launcher. Benchmark use only.
 """
 
 import sys
 
-from serving import cli, launcher
+from serving import assembly, cli
+from serving.admission.build import Admission
 
 
-class _NoController:
-    """What the launcher's drain, engine watch and probes read from admission: nothing."""
+class _NoAdmission:
+    """Admission's public surface as the drain, engine watch and probes use it: nothing."""
 
     draining = False
-    engine_failed = False
+    running_count = 0
+
+    def __init__(self, health):
+        self.health = health
+
+    def drain(self) -> None:
+        self.draining = True
 
     def busy(self) -> int:
         return 0
 
-    def fail_engine(self) -> int:
-        self.engine_failed = True
+    def fail_engine(self, why: str = "died") -> int:
+        self.health.declare_failed(why)
         return 0
 
-
-class _NoMiddleware:
-    serving_count = 0
-
-    async def end_all(self, message, outcome=None) -> None:
+    async def end_running(self, outcome, message) -> None:
         return None
 
 
-def _no_admission(app, engine_client, settings, metrics):
-    app.state.admission = _NoController()
-    app.state.admission_middleware = _NoMiddleware()
-    return app.state.admission
+def _no_admission(engine_client, settings, metrics, health) -> Admission:
+    return Admission(_NoAdmission(health), middleware=lambda app: app, tasks=[])
 
 
 if __name__ == "__main__":
-    launcher.install = _no_admission
+    assembly.build_admission = _no_admission
     sys.exit(cli.main())

@@ -18,7 +18,7 @@ from pathlib import Path
 from loadtests import ab, config, report, summary
 from loadtests.runner import Progress, Runner
 from loadtests.workload import Workload
-from serving.config import SettingsError, add_setting_flags
+from serving.layers import SettingsError, add_setting_flags
 
 LIST_SETTINGS = {"key", "key_b"}
 

@@ -18,7 +18,7 @@ from loadtests.distributions import SpecError, parse
 from loadtests.images import FORMATS
 from loadtests.profiles import Stage, parse_values, sweep
 from loadtests.workload import WorkloadSpec, parse_key
-from serving.config import load_layered
+from serving.layers import load_layered
 
 ENV_PREFIX = "MEDGEMMA_LOADTEST_"
 DEFAULT_DURATION_S = 60.0

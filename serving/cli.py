@@ -11,27 +11,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
-from serving import config, devmodel, engine, hardware
+from serving import config, devmodel, engine, hardware, layers
 from serving.logs import configure_logging
 
 logger = logging.getLogger("serving")
-
-DEV_MODEL_BANNER = (
-    "\n" + "!" * 78 + "\n"
-    "!! DEV CHECKPOINT: tiny RANDOM weights (%s).\n"
-    "!! Outputs are RANDOM TEXT, not medical answers. Pass --model for the real model.\n"
-    + "!" * 78
-)
 
 
 FILE_ONLY_SETTINGS = {"vllm_args", "model_costs", "redis_password"}  # lists, maps, secrets: YAML or env only
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    config.add_setting_flags(
+    layers.add_setting_flags(
         parser, config.ServeSettings, skip=FILE_ONLY_SETTINGS, repeated={"remote_image_hosts"}
     )
     parser.add_argument(
@@ -65,7 +57,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_setting_flags(ray_cmd)
     from serving.ray_app import ScalingSettings
 
-    config.add_setting_flags(ray_cmd, ScalingSettings, skip={"replica_resources"})
+    layers.add_setting_flags(ray_cmd, ScalingSettings, skip={"replica_resources"})
     ray_cmd.add_argument("--app-config", default=None,
                          help="YAML of build_app's args ({serve: ..., scaling: ...}); flags win.")  # fmt: skip
     ray_cmd.add_argument("--ray-address", default=None, help="Join this Ray cluster (default: start one).")
@@ -90,7 +82,7 @@ def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
-def resolve_engine_args(ns: argparse.Namespace, passthrough: list[str], serving: bool):
+def resolve_engine_args(ns: argparse.Namespace, passthrough: list[str], for_serving: bool):
     """Settings layers -> validated EngineSettings -> vLLM argv. Raises SettingsError."""
     flags = {
         name: getattr(ns, name)
@@ -100,24 +92,8 @@ def resolve_engine_args(ns: argparse.Namespace, passthrough: list[str], serving:
     settings = config.load_settings(flags, ns.config_file)
     if passthrough:
         settings = settings.model_copy(update={"vllm_args": [*settings.vllm_args, *passthrough]})
-    resolved = config.resolve(settings, hardware.detect_gpu(), serving=serving)
+    resolved = config.resolve(settings, hardware.detect_gpu(), serving=for_serving)
     return settings, resolved
-
-
-def load_keys(settings: config.ServeSettings):
-    from serving.admission.keys import KeysFileError, KeyStore
-
-    if settings.keys_file is None:
-        logger.warning(
-            "no keys file: OPEN MODE, every request shares one anonymous account of %d "
-            "units; pass --keys-file for per-account budgets",
-            settings.open_budget,
-        )
-        return KeyStore.open(settings.open_budget)
-    try:
-        return KeyStore.load(settings.keys_file)
-    except KeysFileError as exc:
-        raise config.SettingsError(str(exc)) from None
 
 
 def _keys_command(ns: argparse.Namespace) -> int:
@@ -133,21 +109,13 @@ def _keys_command(ns: argparse.Namespace) -> int:
     return 0
 
 
-def prepare_model(settings: config.ServeSettings, resolved: engine.EngineSettings) -> None:
-    """Before serving: build the dev checkpoint if needed, or check the model can be loaded."""
-    if config.uses_dev_model(settings, resolved):
-        devmodel.ensure(settings.dev_model_dir)
-    else:
-        config.check_model_access(resolved.model)
-
-
 def _ray_command(ns: argparse.Namespace, passthrough: list[str]) -> int:
     from serving.ray_app import ScalingSettings, run
 
-    app_args = config.read_yaml(ns.app_config) if ns.app_config else {}
+    app_args = layers.read_yaml(ns.app_config) if ns.app_config else {}
     serve_args = dict(app_args.get("serve") or {})
     if ns.config_file:
-        serve_args = {**config.read_yaml(ns.config_file), **serve_args}
+        serve_args = {**layers.read_yaml(ns.config_file), **serve_args}
     serve_args.update({name: getattr(ns, name) for name in config.ServeSettings.model_fields
                        if name not in FILE_ONLY_SETTINGS and getattr(ns, name, None) is not None})  # fmt: skip
     if passthrough:
@@ -184,33 +152,25 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(engine.profile_table(), indent=2))
         return 0
     try:
-        serving = ns.command == "serve"
-        settings, resolved = resolve_engine_args(ns, passthrough, serving)
-        if serving:
-            keys = load_keys(settings)
-            prepare_model(settings, resolved)
+        settings, resolved = resolve_engine_args(ns, passthrough, for_serving=ns.command == "serve")
+        if ns.command == "engine-args":
+            vllm_argv = engine.engine_args(resolved)
+            if ns.json:
+                print(json.dumps(vllm_argv))
+            else:
+                import shlex
+
+                print(shlex.join(vllm_argv))
+            return 0
+        from serving.assembly import prepare_server
+
+        configure_logging(settings.log_level.upper())
+        vllm_argv, context = prepare_server(settings, resolved)
     except config.SettingsError as exc:
         print(f"medgemma-serve: {exc}", file=sys.stderr)
         return 2
-    vllm_argv = engine.engine_args(resolved)
-    if ns.command == "engine-args":
-        if ns.json:
-            print(json.dumps(vllm_argv))
-        else:
-            import shlex
+    from serving.launcher import serve
 
-            print(shlex.join(vllm_argv))
-        return 0
-
-    from serving.launcher import context_from_settings, serve
-
-    configure_logging(settings.log_level.upper())
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", settings.log_level.upper())
-    os.environ.update(engine.media_env(settings.remote_image_timeout_s, settings.remote_image_max_mib))
-    if config.uses_dev_model(settings, resolved):
-        logger.warning(DEV_MODEL_BANNER, resolved.model)
-    logger.info("profile %s, model %s, settings %s", resolved.profile, resolved.model, config.describe(settings))
-    context = context_from_settings(settings, resolved, keys)
     serve(vllm_argv, context)
     return 0
 

@@ -18,21 +18,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from serving import engine, hardware
+from serving.layers import SettingsError, load_layered
 
 logger = logging.getLogger(__name__)
 
 PRODUCTION_MODEL = "google/medgemma-4b-it"
 GATED_MODEL_PREFIXES = ("google/medgemma", "google/gemma")
 ENV_PREFIX = "MEDGEMMA_"
-
-
-class SettingsError(ValueError):
-    """Settings that cannot start a server; the message says what to fix."""
 
 
 def default_cache_dir() -> Path:
@@ -256,46 +252,6 @@ def _dev_model_version() -> int:
     return devmodel.DEV_MODEL_VERSION
 
 
-def add_setting_flags(
-    parser, settings_cls: type[BaseSettings], *, skip=frozenset(), repeated=frozenset()
-) -> None:
-    """One ``--flag`` per settings field, its description as the help text (shared by
-    ``medgemma-serve`` and ``medgemma-loadtest``). ``repeated`` fields take the flag
-    several times; booleans get ``--x/--no-x``; unset flags stay None (lower layers win)."""
-    import argparse
-
-    for name, field in settings_cls.model_fields.items():
-        if name in skip:
-            continue
-        flag = "--" + name.replace("_", "-")
-        annotation = field.annotation
-        if name in repeated:
-            parser.add_argument(flag, dest=name, action="append", default=None, help=field.description)
-            continue
-        if annotation in (bool, bool | None):
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
-                                help=field.description)  # fmt: skip
-            continue
-        kind: Any = str
-        if annotation in (int, int | None):
-            kind = int
-        elif annotation in (float, float | None):
-            kind = float
-        parser.add_argument(flag, dest=name, type=kind, default=None, help=field.description)
-
-
-def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError as exc:
-        raise SettingsError(f"config file {path} does not exist") from exc
-    except yaml.YAMLError as exc:
-        raise SettingsError(f"config file {path} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise SettingsError(f"config file {path} must hold a mapping of setting: value")
-    return {key.replace("-", "_"): value for key, value in data.items()}
-
-
 def load_settings(
     flags: dict[str, Any] | None = None, config_file: str | os.PathLike | None = None
 ) -> ServeSettings:
@@ -313,39 +269,6 @@ def load_settings(
             ", ".join(sorted(env_names)),
         )
     return load_layered(ServeSettings, ENV_PREFIX, flags, config_file)
-
-
-def load_layered(
-    settings_cls: type[BaseSettings],
-    env_prefix: str,
-    flags: dict[str, Any] | None,
-    config_file: str | os.PathLike | None,
-    *,
-    what: str = "settings",
-):
-    """defaults -> YAML file -> environment -> flags, validated field by field (shared by
-    ``medgemma-serve`` and ``medgemma-loadtest``); errors name the flag and variable."""
-    layered: dict[str, Any] = read_yaml(config_file) if config_file else {}
-    for name in settings_cls.model_fields:  # the environment beats the file
-        if f"{env_prefix}{name}".upper() in os.environ:
-            layered.pop(name, None)
-    layered.update({k: v for k, v in (flags or {}).items() if v is not None})
-    try:
-        return settings_cls(**layered)
-    except ValidationError as exc:
-        raise SettingsError(_explain(exc, settings_cls, env_prefix, what)) from None
-
-
-def _explain(exc: ValidationError, settings_cls: type[BaseSettings], env_prefix: str, what: str) -> str:
-    lines = [f"invalid {what}:"]
-    for error in exc.errors():
-        where = ".".join(str(p) for p in error["loc"]) or what
-        field = str(error["loc"][0]) if error["loc"] else ""
-        hint = ""
-        if field in settings_cls.model_fields:
-            hint = f" (flag --{field.replace('_', '-')}, env {env_prefix}{field.upper()})"
-        lines.append(f"  {where}: {error['msg']}{hint}")
-    return "\n".join(lines)
 
 
 def resolve(

@@ -9,9 +9,10 @@ requests and has produced nothing for ``hang_timeout_s``):
 - ``/ready`` and ``/health`` answer 503 (vLLM's own checks for a dead engine; ours for a hung
   one), new model requests get 503 ``engine_unavailable`` with Retry-After, and queued
   requests are evicted with the same error - none is dropped silently.
-- Requests still running are ended at once by the admission middleware (an SSE error
-  event with code ``engine_unavailable`` then ``[DONE]`` for a stream, a 503 for a request
-  that has sent nothing yet); their units are released. A dead engine sends nothing more,
+- Requests still running are ended at once (``AdmissionController.end_running`` with
+  ``evicted_engine_failed``: an SSE error event with code ``engine_unavailable`` then
+  ``[DONE]`` for a stream, a 503 for a request that has sent nothing yet); their units
+  are released. A dead engine sends nothing more,
   so there is nothing to wait for.
 - The process then lingers ``exit_delay_s`` (1 s: the error events reach their clients,
   probes see the 503s), shuts down and exits 1, so the orchestrator restarts it.
@@ -27,8 +28,11 @@ import time
 from collections.abc import Callable
 
 from serving.admission.outcomes import Outcome
+from serving.enginehealth import EngineHealth
 
 logger = logging.getLogger(__name__)
+
+FAILED_MESSAGE = "The model engine failed while this request ran; retry it."
 
 
 class EngineProgress:
@@ -66,62 +70,57 @@ class EngineProgress:
 
 
 class EngineWatch:
+    """Looks at the engine every ``interval_s``; on a failure it tells admission
+    (``fail_engine``, ``end_running``: its public surface) and shuts the process down."""
+
     def __init__(
         self,
         *,
-        errored: Callable[[], bool],
-        controller,
-        middleware,
+        health: EngineHealth,
+        admission,
         progress,
-        on_failed: Callable[[], None],
-        stopping: Callable[[], bool] = lambda: False,
         hang_timeout_s: float = 120.0,
         interval_s: float = 0.5,
         exit_delay_s: float = 1.0,
         shutdown: Callable[[], None] | None = None,
     ):
-        self.errored = errored
-        self.controller = controller
-        self.middleware = middleware
+        self.health = health
+        self.admission = admission  # AdmissionController
         self.progress = progress  # EngineProgress: stuck_s()
-        self.on_failed = on_failed
-        self.stopping = stopping  # an orderly shutdown has begun: the engine stops on purpose
         self.hang_timeout_s = hang_timeout_s
         self.exit_delay_s = exit_delay_s
         self.interval_s = interval_s
         self.shutdown = shutdown or (lambda: os.kill(os.getpid(), signal.SIGINT))
-        self.failed: str | None = None
 
     def check(self) -> str | None:
         """Why the engine is failed ("died"/"hung"), or None while it is healthy (or is
-        being shut down on purpose)."""
-        if self.stopping():
+        being stopped on purpose)."""
+        if self.health.stopping:
             return None
-        if self.errored():
-            return "died"
+        if self.health.failed:
+            return self.health.failure
         if self.progress.stuck_s() > self.hang_timeout_s:
             return "hung"
         return None
 
     async def run(self) -> None:
-        while self.failed is None:
+        while True:
             await asyncio.sleep(self.interval_s)
-            if self.stopping():
+            if self.health.stopping:
                 return
-            self.failed = self.check()
-        await self.fail(self.failed)
+            why = self.check()
+            if why is not None:
+                await self.fail(why)
+                return
 
     async def fail(self, why: str) -> None:
-        self.on_failed()
-        evicted = self.controller.fail_engine()
+        evicted = self.admission.fail_engine(why)
         logger.error(
             "engine %s: refusing new requests, %d queued requests evicted, %d running; exiting",
             why,
             evicted,
-            self.middleware.serving_count,
+            self.admission.running_count,
         )
-        await self.middleware.end_all(
-            "The model engine failed while this request ran; retry it.", Outcome.EVICTED_ENGINE_FAILED
-        )
+        await self.admission.end_running(Outcome.EVICTED_ENGINE_FAILED, FAILED_MESSAGE)
         await asyncio.sleep(self.exit_delay_s)
         self.shutdown()

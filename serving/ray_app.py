@@ -6,7 +6,7 @@ Usable from ``serve run serving.ray_app:build_app``, from a Serve config file (K
 
 Guarantees:
 - Each replica is the whole product: vLLM's engine and OpenAI app with our admission layer,
-  metrics, drain and engine watch attached in-process (``launcher.build_served_app``), the
+  metrics, drain and engine watch attached in-process (``assembly.build_served_app``), the
   same code ``medgemma-serve serve`` runs. Budgets are global through the Redis ledger.
 - Replicas answer HTTP on their own port (Ray Serve direct ingress: 30000 and up on each
   node), so request bodies and token streams never cross Ray's handle path; Ray Serve does
@@ -34,7 +34,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from serving import config
+from serving import config, layers
 from serving.autoscale import CAPACITY, DEMAND
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class AppSettings(BaseModel):
         try:
             scaling = ScalingSettings(**(args.get("scaling") or {}))
         except ValidationError as exc:
-            raise config.SettingsError(config._explain(exc, ScalingSettings, "", "scaling settings")) from None
+            raise config.SettingsError(layers.explain_validation(exc, ScalingSettings, "", "scaling settings")) from None
         return cls(serve=serve_settings, scaling=scaling)
 
 
@@ -192,24 +192,17 @@ class MedGemmaReplica:
 
     async def __init__(self, serve_settings: dict[str, Any]):
         from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
-        from vllm.version import __version__ as vllm_version
 
-        from serving import cli, engine, hardware
-        from serving.launcher import build_served_app, context_from_settings, parse_vllm_args
+        from serving import hardware
+        from serving.assembly import build_served_app, prepare_server
         from serving.logs import configure_logging
+        from serving.vllm_app import parse_vllm_args
 
         settings = config.ServeSettings(**serve_settings)
         configure_logging(settings.log_level.upper())
         resolved = config.resolve(settings, hardware.detect_gpu(), serving=True)
-        keys = cli.load_keys(settings)
-        cli.prepare_model(settings, resolved)
-        os.environ.update(engine.media_env(settings.remote_image_timeout_s, settings.remote_image_max_mib))
-        args = parse_vllm_args(engine.engine_args(resolved))
-        self.context = context_from_settings(settings, resolved, keys)
-        self.context.metrics.set_build(
-            profile=resolved.profile, model=resolved.model,
-            served_model_name=resolved.served_model_name, vllm_version=vllm_version,
-        )  # fmt: skip
+        vllm_argv, self.context = prepare_server(settings, resolved)
+        args = parse_vllm_args(vllm_argv)
         self._drained = asyncio.Event()
         self._engine = build_async_engine_client(args)
         self.engine_client = await self._engine.__aenter__()
@@ -235,20 +228,20 @@ class MedGemmaReplica:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         self._limit_unsent()
-        controller = self.served_app.state.admission
+        controller = self.served_app.state.medgemma.admission.controller
         return {DEMAND: float(controller.demand_units()), CAPACITY: float(controller.capacity_units)}
 
     async def check_health(self) -> None:
-        if self.context.failed or self.engine_client.errored:
+        if self.context.health.failed:
             raise RuntimeError("the engine died or hung; this replica must be replaced")
 
     async def __del__(self):
-        drainer = getattr(getattr(self, "served_app", None), "state", None)
-        drainer = getattr(drainer, "drainer", None)
-        if drainer is not None and not self.context.failed:
-            drainer.begin()
+        served = getattr(getattr(getattr(self, "served_app", None), "state", None), "medgemma", None)
+        if served is not None and not self.context.health.failed:
+            served.drainer.begin()
             await self._drained.wait()
-        self.context.stopping = True
+        if getattr(self, "context", None) is not None:
+            self.context.health.stop()
         if getattr(self, "_engine", None) is not None:
             await self._engine.__aexit__(None, None, None)
 

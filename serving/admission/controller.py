@@ -1,111 +1,43 @@
-"""The admission decision for one request: key -> budget -> context -> engine capacity.
+"""The admission decision (key -> budget -> context -> engine slot) and the requests it admitted.
 
 Guarantees:
 - Order: an unknown key is refused (401) before anything else; a request whose prompt plus
   ``max_tokens`` cannot fit the context is refused (400) before it holds anything; then
   the account's budget (429, or a bounded wait when its plan allows); then the engine's
   capacity (a fair, bounded queue with a deadline: 503 when full or too late).
-- A ``Ticket`` holds the account's units from admission until ``release()``, which is
-  idempotent and frees the ledger lease and the engine slot together. Any failure after
-  the lease was taken releases it before the error leaves.
+- Every admitted request is an ``AdmittedRequest`` that owns its lease and slot until its
+  ``end``; the controller frees them only when that end asks it to (``release``). A
+  refusal after the lease was taken ends the request with the refusal's outcome first.
 - ``Retry-After`` comes from the observed completion rate, not a constant.
 - With an in-process ledger, a request that fits its budget and the engine at once is
-  decided and released without suspending (``admit_now`` / a synchronous release): the
-  common case costs no event-loop round trip.
+  decided and released without suspending (``decide`` and a synchronous ``release``).
+- Public surface: authenticate, decide, wait, release, remaining, drain, fail_engine,
+  end_running, end_stalled, and the read-outs (busy, demand_units, running_count).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import time
+from collections.abc import Awaitable, Callable
 
 from serving.admission.clock import Clock, MonotonicClock
 from serving.admission.estimate import RequestShape
 from serving.admission.keys import Account, KeyStore
-from serving.admission.ledger import BudgetLedger, Grant, Lease, LedgerUnavailable
+from serving.admission.ledger import BudgetLedger, Grant, LedgerUnavailable
 from serving.admission.outcomes import AdmissionError, Outcome
-from serving.admission.queue import FairQueue, Slot, granted
+from serving.admission.planwait import PlanWaiters
+from serving.admission.queue import FairQueue
+from serving.admission.rates import CompletionRates, retry_after_s
+from serving.admission.request import AdmittedRequest
+from serving.enginehealth import EngineHealth
 from serving.metrics import ServingMetrics
 
 logger = logging.getLogger(__name__)
 
-_RELEASING: set[asyncio.Task] = set()  # releases in flight, referenced until done
-
-RETRY_AFTER_MIN_S = 1
-RETRY_AFTER_MAX_S = 60
-
-
-class CompletionRate:
-    """Completions per second over a sliding window."""
-
-    def __init__(self, clock: Clock, window_s: float = 30.0):
-        self.clock = clock
-        self.window_s = window_s
-        self._times: deque[float] = deque()
-        self._since = clock.now()
-
-    def record(self) -> None:
-        self._times.append(self.clock.now())
-
-    def per_second(self) -> float:
-        now = self.clock.now()
-        while self._times and self._times[0] < now - self.window_s:
-            self._times.popleft()
-        span = min(self.window_s, max(now - self._since, 1.0))
-        return len(self._times) / span
-
-
-def retry_after_s(work_ahead: float, rate_per_s: float) -> int:
-    """Seconds until ``work_ahead`` completions are expected at ``rate_per_s``, clamped."""
-    if rate_per_s <= 0:
-        return RETRY_AFTER_MAX_S // 4
-    return max(RETRY_AFTER_MIN_S, min(RETRY_AFTER_MAX_S, math.ceil(work_ahead / rate_per_s)))
-
-
 ENGINE_FAILED_MESSAGE = "The model engine on this replica failed; retry, another replica will serve it."
-
-
-@dataclass
-class Ticket:
-    account: Account
-    lease: Lease
-    slot: Slot | None
-    inflight_after: int
-    controller: AdmissionController = field(repr=False)
-    released: bool = False
-
-    @property
-    def limit(self) -> int:
-        return self.account.plan.concurrency
-
-    @property
-    def remaining(self) -> int:
-        return max(0, self.limit - self.inflight_after)
-
-    async def release(self) -> None:
-        """Free the units. Runs to completion even if the caller is cancelled (Starlette
-        cancels a finished stream's task while the ledger call is in flight)."""
-        if self.released:
-            return
-        self.released = True
-        if self.controller._release_now(self):
-            return
-        task = asyncio.ensure_future(self.controller._release(self))
-        _RELEASING.add(task)
-        task.add_done_callback(_RELEASING.discard)
-        await asyncio.shield(task)
-
-
-@dataclass
-class _PlanWaiter:
-    account: Account  # as it was on arrival: a key reload that removes it does not strand the waiter
-    units: int
-    deadline: float
-    future: asyncio.Future
+STALLED_MESSAGE = "The client stopped reading its response."
 
 
 class AdmissionController:
@@ -121,7 +53,8 @@ class AdmissionController:
         queue_timeout_s: float,
         clock: Clock | None = None,
         engine_units: int | None = None,
-        engine_dead: Callable[[], bool] = lambda: False,
+        health: EngineHealth | None = None,
+        abort: Callable[[list[str]], Awaitable[None]] | None = None,
     ):
         self.keys = keys
         self.ledger = ledger
@@ -132,84 +65,87 @@ class AdmissionController:
         self.default_cost = max(model_costs.values(), default=1)
         self.queue_timeout_s = queue_timeout_s
         self.clock = clock or MonotonicClock()
+        self.health = health or EngineHealth()
+        self.abort = abort  # aborts engine requests by vLLM's external ids
         self.draining = False
-        self.engine_failed = False  # set by fail_engine (EngineWatch)
-        # Read on every request: between the engine dying and EngineWatch's next look, a
-        # request must not reach vLLM (which answers a dead engine with a 500).
-        self.engine_dead = engine_dead
-        self.completions = CompletionRate(self.clock)
-        self._account_completions: dict[str, CompletionRate] = {}
-        self._plan_waiters: dict[str, deque[_PlanWaiter]] = {}
-        self._waiting = asyncio.Event()  # set when a request starts waiting: wakes the ticker
+        self.completions = CompletionRates(self.clock)
         self.capacity_units = engine_units if engine_units is not None else queue.capacity.max_requests
         metrics.capacity_units.set(self.capacity_units)
-        self._running_units = 0  # units of the requests admitted here and not yet finished
+        self._plan_waiters = PlanWaiters()
+        self._waiting = asyncio.Event()  # set when a request starts waiting: wakes the ticker
+        self._running: set[AdmittedRequest] = set()  # admitted, not yet released
+        self._running_units = 0  # units of the requests admitted here and not yet released
         self._waiting_units = 0  # units of the requests waiting here (budget or engine slot)
 
     # --- the decision ------------------------------------------------------------------
     def authenticate(self, api_key: str | None) -> Account:
         account = self.keys.authenticate(api_key)
         if account is None:
-            self._count(Outcome.REJECTED_INVALID_KEY)
-            raise AdmissionError(Outcome.REJECTED_INVALID_KEY, "Invalid or missing API key.")
+            raise self._reject(Outcome.REJECTED_INVALID_KEY, "Invalid or missing API key.")
         return account
+
+    def count(self, outcome: Outcome) -> None:
+        """Count a refusal made before admission (by the request guard)."""
+        self.metrics.admission_total.labels(outcome=outcome.value).inc()
 
     def cost(self, model: str | None) -> int:
         return self.model_costs.get(model or "", self.default_cost)
 
-    def admit_now(self, account: Account, shape: RequestShape) -> Ticket | None:
-        """The same decision as ``admit`` without suspending, or None when it would have to
-        wait (a round-trip ledger, a plan queue, a full engine): then call ``admit``."""
+    def decide(self, account: Account, shape: RequestShape) -> AdmittedRequest | None:
+        """Admit or refuse at once, without suspending; None when the request would have to
+        wait (a round-trip ledger, a plan queue, a full engine): then call ``wait``."""
         if not self.ledger.synchronous:
             return None
-        units, tokens = self._check(shape, account)
-        grant = self.ledger.acquire_now(account.name, units, account.plan.concurrency)
+        request = self._request(account, shape)
+        grant = self.ledger.acquire_now(account.name, request.units, account.plan.concurrency)
         if grant.lease is None:
             if account.plan.queue is not None:
                 return None
-            raise self._over_budget(account, units, grant.inflight)
-        slot = self.queue.try_acquire(account.name, tokens)
+            raise self._over_budget(account, request.units, grant.inflight)
+        slot = self.queue.try_acquire(account.name, request.kv_tokens)
         if slot is None:
             self.ledger.release_now(grant.lease)
             return None
         self.metrics.queue_wait_seconds.observe(0.0)
-        return self._admitted(account, grant, slot)
+        return self._admitted(request, grant, slot)
 
-    async def admit(self, account: Account, shape: RequestShape) -> Ticket:
-        units, tokens = self._check(shape, account)
-        self._waiting_units += units  # demand while it waits for its budget or a slot
+    async def wait(self, account: Account, shape: RequestShape) -> AdmittedRequest:
+        """The slow path: the ledger's round trip, the plan's queue, the engine's queue.
+        Cancelling it (the client left) ends the request and frees whatever it held."""
+        request = self._request(account, shape)
+        self._waiting_units += request.units  # demand while it waits for its budget or a slot
         try:
-            grant = await self._acquire_budget(account, units)
-            try:
-                slot = await self._acquire_slot(account.name, tokens)
-            except BaseException:
-                await self._release_lease(account, grant.lease)
-                raise
+            grant = await self._acquire_budget(account, request.units)
+            request.lease = grant.lease
+            slot = await self._acquire_slot(account.name, request.kv_tokens)
+        except BaseException as exc:
+            outcome = exc.outcome if isinstance(exc, AdmissionError) else Outcome.EVICTED_CLIENT_GONE
+            await request.end(outcome)
+            raise
         finally:
-            self._waiting_units -= units
-        return self._admitted(account, grant, slot)
+            self._waiting_units -= request.units
+        return self._admitted(request, grant, slot)
 
-    def _admitted(self, account: Account, grant: Grant, slot: Slot) -> Ticket:
-        self._count(Outcome.ADMITTED)
-        self.metrics.inflight_units.labels(plan=account.plan.name).inc(grant.lease.units)
-        self._running_units += grant.lease.units
-        return Ticket(account, grant.lease, slot, grant.inflight, self)
+    def _request(self, account: Account, shape: RequestShape) -> AdmittedRequest:
+        units, tokens = self._check(shape, account)
+        return AdmittedRequest(account, units, tokens, self.release, self.abort)
 
-    def count(self, outcome: Outcome) -> None:
-        """Count a refusal made before admission (by the request guard)."""
-        self._count(outcome)
+    def _admitted(self, request: AdmittedRequest, grant: Grant, slot) -> AdmittedRequest:
+        self.count(Outcome.ADMITTED)
+        request.admitted(grant.lease, slot, grant.inflight)
+        self.metrics.inflight_units.labels(plan=request.account.plan.name).inc(request.units)
+        self._running_units += request.units
+        self._running.add(request)
+        return request
 
     def _check(self, shape: RequestShape, account: Account) -> tuple[int, int]:
-        """Refusals that hold nothing (draining, plan, context); returns (units, KV tokens).
-
-        A request costs its model's cost once per engine sequence it creates (``n`` per
-        prompt, and a batched completion has several prompts); one that needs more units
-        than its plan has could never run, so it gets a 400, not a 429."""
+        """Refusals that hold nothing (draining, engine, plan, context); returns (units,
+        KV tokens). A request costs its model's cost once per engine sequence it creates
+        (``n`` per prompt, and a batched completion has several prompts); one that needs
+        more units than its plan has could never run, so it gets a 400, not a 429."""
         if self.draining:
-            raise self._reject(
-                Outcome.REJECTED_DRAINING, "The server is shutting down.", retry_after=5
-            )
-        if self.engine_failed or self.engine_dead():
+            raise self._reject(Outcome.REJECTED_DRAINING, "The server is shutting down.", retry_after=5)
+        if self.health.failed:
             raise self._reject(Outcome.REJECTED_ENGINE_FAILED, ENGINE_FAILED_MESSAGE, retry_after=10)
         units = self.cost(shape.model) * shape.engine_requests
         if units > account.plan.concurrency:
@@ -234,56 +170,25 @@ class AdmissionController:
         return units, total_prompt + max_tokens * shape.engine_requests
 
     async def _acquire_budget(self, account: Account, units: int) -> Grant:
-        budget = account.plan.concurrency
         try:
-            grant = await self.ledger.acquire(account.name, units, budget)
+            grant = await self.ledger.acquire(account.name, units, account.plan.concurrency)
         except LedgerUnavailable:
             raise self._reject(
-                Outcome.REJECTED_LEDGER_UNAVAILABLE,
-                "The budget ledger is unavailable; retry shortly.",
-                retry_after=5,
+                Outcome.REJECTED_LEDGER_UNAVAILABLE, "The budget ledger is unavailable; retry shortly.", retry_after=5
             ) from None
         if grant.lease is not None:
             return grant
-        plan_queue = account.plan.queue
-        waiting = len(self._plan_waiters.get(account.name, ()))
-        if plan_queue is None or waiting >= plan_queue.max_waiting:
+        if not self._plan_waiters.has_room(account):
             raise self._over_budget(account, units, grant.inflight)
-        waiters = self._plan_waiters.setdefault(account.name, deque())
-        waiter = _PlanWaiter(
-            account,
-            units,
-            self.clock.now() + plan_queue.timeout_s,
-            asyncio.get_running_loop().create_future(),
-        )
-        waiters.append(waiter)
         self._waiting.set()
         try:
-            return await waiter.future
+            return await self._plan_waiters.wait(self.ledger, account, units, self.clock.now())
         except asyncio.CancelledError:
-            if granted(waiter.future):  # granted just as the client left
-                await self.ledger.release(waiter.future.result().lease)
-            self._count(Outcome.EVICTED_CLIENT_GONE)
+            self.count(Outcome.EVICTED_CLIENT_GONE)
             raise
-        finally:
-            if waiter in waiters:
-                waiters.remove(waiter)
-            if not waiters:
-                self._plan_waiters.pop(account.name, None)
 
-    def fail_engine(self) -> int:
-        """The engine died or hung: refuse new requests, evict every queued one (503
-        ``engine_unavailable``); returns how many were evicted."""
-        self.engine_failed = True
-        error = AdmissionError(Outcome.EVICTED_ENGINE_FAILED, ENGINE_FAILED_MESSAGE, retry_after_s=10)
-        evicted = self.queue.fail_all(error)
-        for _ in range(evicted):
-            self._count(Outcome.EVICTED_ENGINE_FAILED)
-        self.metrics.queue_depth.set(self.queue.depth)
-        return evicted
-
-    async def _acquire_slot(self, account: str, tokens: int) -> Slot:
-        if self.engine_failed or self.engine_dead():  # a plan waiter granted budget after the engine failed
+    async def _acquire_slot(self, account: str, tokens: int):
+        if self.health.failed:  # a plan waiter granted budget after the engine failed
             raise self._reject(Outcome.REJECTED_ENGINE_FAILED, ENGINE_FAILED_MESSAGE, retry_after=10)
         slot = self.queue.try_acquire(account, tokens)
         if slot is not None:
@@ -293,7 +198,7 @@ class AdmissionController:
             waiter = self.queue.enqueue(account, tokens, self.queue_timeout_s)
         except AdmissionError as error:
             error.retry_after_s = self._retry_engine()
-            self._count(error.outcome)
+            self.count(error.outcome)
             raise
         self.metrics.queue_depth.set(self.queue.depth)
         self._waiting.set()
@@ -303,79 +208,88 @@ class AdmissionController:
             if error.outcome is Outcome.EVICTED_ENGINE_FAILED:
                 raise  # counted by fail_engine, with its own Retry-After
             error.retry_after_s = self._retry_engine()
-            self._count(error.outcome)
+            self.count(error.outcome)
             raise
         except asyncio.CancelledError:
-            self._count(Outcome.EVICTED_CLIENT_GONE)
+            self.count(Outcome.EVICTED_CLIENT_GONE)
             raise
         finally:
             self.metrics.queue_depth.set(self.queue.depth)
             self.metrics.queue_wait_seconds.observe(self.queue.waited_s(waiter))
         return slot
 
-    # --- release -------------------------------------------------------------------------
-    def _release_now(self, ticket: Ticket) -> bool:
-        """Release without suspending when nothing needs I/O; False: use ``_release``."""
-        if not self.ledger.synchronous or ticket.account.name in self._plan_waiters:
-            return False
-        self._release_local(ticket)
-        self.ledger.release_now(ticket.lease)
-        return True
-
-    async def _release(self, ticket: Ticket) -> None:
-        self._release_local(ticket)
-        await self._release_lease(ticket.account, ticket.lease)
-
-    def _release_local(self, ticket: Ticket) -> None:
-        if ticket.slot is not None:
-            self.queue.release(ticket.slot)
-        self.metrics.inflight_units.labels(plan=ticket.account.plan.name).dec(ticket.lease.units)
-        self._running_units -= ticket.lease.units
-        self.completions.record()
-        self._account_rate(ticket.account.name).record()
-
-    async def _release_lease(self, account: Account, lease: Lease | None) -> None:
+    # --- release (only AdmittedRequest.end calls it) -------------------------------------
+    def release(self, request: AdmittedRequest) -> Awaitable[None] | None:
+        """Free the slot and the lease ``request`` holds. Returns None when it is done
+        (no I/O was needed), else what to await for the ledger's release."""
+        if request in self._running:
+            self._running.discard(request)
+            self.queue.release(request.slot)
+            self.metrics.inflight_units.labels(plan=request.account.plan.name).dec(request.units)
+            self._running_units -= request.units
+            self.completions.record(request.account.name)
+        lease, request.lease = request.lease, None
         if lease is None:
-            return
+            return None
+        if self.ledger.synchronous and not self._plan_waiters.has_waiters(request.account.name):
+            self.ledger.release_now(lease)
+            return None
+        return self._release_lease(request.account, lease)
+
+    async def _release_lease(self, account: Account, lease) -> None:
         try:
             await self.ledger.release(lease)
         finally:
-            await self._wake_plan_waiter(account)
+            await self._plan_waiters.wake(self.ledger, account)
 
-    async def _wake_plan_waiter(self, account: Account) -> None:
-        waiters = self._plan_waiters.get(account.name)
-        while waiters:
-            head = waiters[0]
-            if head.future.done():
-                waiters.popleft()
-                continue
-            grant = await self.ledger.acquire(account.name, head.units, account.plan.concurrency)
-            if grant.lease is None:
-                return
-            waiters.popleft()
-            if head.future.done():  # its client left while we acquired
-                await self.ledger.release(grant.lease)
-                continue
-            head.future.set_result(grant)
-            return
+    async def remaining(self, account: Account) -> int:
+        """Units the account may still take (its ``x-ratelimit-remaining-concurrency``)."""
+        return max(0, account.plan.concurrency - await self.ledger.inflight(account.name))
 
-    async def tick(self) -> None:
-        """Evict by deadline and retry plan waiters (whose units may be freed elsewhere)."""
-        if self.queue.expire():
-            self.metrics.queue_depth.set(self.queue.depth)
-        now = self.clock.now()
-        for name in list(self._plan_waiters):
-            waiters = self._plan_waiters.get(name) or deque()
-            for waiter in [w for w in waiters if w.deadline <= now and not w.future.done()]:
-                plan = waiter.account.plan
-                waiter.future.set_exception(
-                    self._over_budget(waiter.account, waiter.units, plan.concurrency, waited=True)
-                )
-            live = next((w for w in waiters if not w.future.done()), None)
-            if live is not None:
-                # The account as the keys file has it now, or as the waiter knew it if a
-                # reload removed it (its requests finish like running ones do).
-                await self._wake_plan_waiter(self.keys.accounts.get(name, live.account))
+    # --- drain, engine failure, stalled clients ---------------------------------------------
+    def drain(self) -> None:
+        """Refuse new requests (503 ``draining``); admitted ones run on."""
+        self.draining = True
+
+    def fail_engine(self, why: str = "died") -> int:
+        """The engine died or hung: refuse new requests, evict every queued one (503
+        ``engine_unavailable``); returns how many were evicted. ``end_running`` ends the
+        running ones."""
+        self.health.declare_failed(why)
+        error = AdmissionError(Outcome.EVICTED_ENGINE_FAILED, ENGINE_FAILED_MESSAGE, retry_after_s=10)
+        evicted = self.queue.fail_all(error)
+        for _ in range(evicted):
+            self.count(Outcome.EVICTED_ENGINE_FAILED)
+        self.metrics.queue_depth.set(self.queue.depth)
+        return evicted
+
+    async def end_running(self, outcome: Outcome, message: str) -> None:
+        """End every running request now with ``outcome`` (a drain's grace is over, or the
+        engine failed): its engine request is aborted, the client gets a clear error, its
+        units are released before this returns."""
+        await asyncio.gather(*(request.end(outcome, message) for request in list(self._running)))
+
+    async def end_stalled(self, stall_timeout_s: float, now: float | None = None) -> int:
+        """End the requests whose client has not taken a response chunk for
+        ``stall_timeout_s`` (it stopped reading; the send is blocked on back-pressure):
+        aborted and released, so a client that never reads cannot hold units."""
+        now = time.monotonic() if now is None else now
+        stalled = [r for r in self._running if not r.ended and r.stalled_s(now) > stall_timeout_s]
+        if stalled:
+            logger.warning("ending %d requests whose clients stopped reading for %.0fs", len(stalled), stall_timeout_s)
+            await asyncio.gather(*(r.end(Outcome.EVICTED_CLIENT_STALLED, STALLED_MESSAGE) for r in stalled))
+        return len(stalled)
+
+    async def watch_stalled(self, stall_timeout_s: float, interval_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.end_stalled(stall_timeout_s)
+
+    # --- read-outs -----------------------------------------------------------------------
+    @property
+    def running_count(self) -> int:
+        """Requests admitted here whose end has not completed."""
+        return len(self._running)
 
     def demand_units(self) -> int:
         """The autoscaling signal of this replica: units of the requests it serves plus those
@@ -385,19 +299,23 @@ class AdmissionController:
     def busy(self) -> int:
         """Admitted requests not yet finished: on the engine, queued for it, or waiting on
         their plan (what a drain waits for)."""
-        return (
-            self.queue.inflight_requests
-            + self.queue.depth
-            + sum(len(w) for w in self._plan_waiters.values())
-        )
+        return self.queue.inflight_requests + self.queue.depth + self._plan_waiters.count()
 
-    def _has_waiters(self) -> bool:
-        return self.queue.depth > 0 or bool(self._plan_waiters)
+    def has_waiters(self) -> bool:
+        return self.queue.depth > 0 or self._plan_waiters.has_waiters()
+
+    # --- deadlines -------------------------------------------------------------------------
+    async def tick(self) -> None:
+        """Evict by deadline and retry plan waiters (whose units may be freed elsewhere)."""
+        if self.queue.expire():
+            self.metrics.queue_depth.set(self.queue.depth)
+        self._plan_waiters.expire(self.clock.now(), self._expired_plan_wait)
+        await self._plan_waiters.retry(self.ledger, self.keys.accounts)
 
     async def run_ticker(self, interval_s: float = 0.05) -> None:
         """Deadlines and cross-replica retries, only while someone waits (idle: no wake-ups)."""
         while True:
-            if not self._has_waiters():
+            if not self.has_waiters():
                 self._waiting.clear()
                 await self._waiting.wait()
             await asyncio.sleep(interval_s)
@@ -407,32 +325,22 @@ class AdmissionController:
                 logger.exception("admission tick failed")
 
     # --- errors and Retry-After ------------------------------------------------------------
-    def _account_rate(self, account: str) -> CompletionRate:
-        rate = self._account_completions.get(account)
-        if rate is None:
-            rate = self._account_completions[account] = CompletionRate(self.clock)
-        return rate
+    def _expired_plan_wait(self, account: Account, units: int) -> AdmissionError:
+        return self._over_budget(account, units, account.plan.concurrency, waited=True)
 
-    def _over_budget(
-        self, account: Account, units: int, inflight: int, waited: bool = False
-    ) -> AdmissionError:
-        rate = self._account_rate(account.name).per_second()
+    def _over_budget(self, account: Account, units: int, inflight: int, waited: bool = False) -> AdmissionError:
+        rate = self.completions.of(account.name).per_second()
         message = (
             f"Concurrency limit reached: the account's plan allows {account.plan.concurrency} "
             f"concurrent units and {inflight} are in use."
         )
         if waited:
             message += " The request waited for its plan's queue deadline."
-        return self._reject(
-            Outcome.REJECTED_OVER_BUDGET, message, retry_after=retry_after_s(units, rate)
-        )
+        return self._reject(Outcome.REJECTED_CONCURRENCY_LIMIT, message, retry_after=retry_after_s(units, rate))
 
     def _retry_engine(self) -> int:
-        return retry_after_s(self.queue.depth + 1, self.completions.per_second())
+        return retry_after_s(self.queue.depth + 1, self.completions.all.per_second())
 
-    def _reject(self, outcome: Outcome, message: str, retry_after: float | None = None):
-        self._count(outcome)
+    def _reject(self, outcome: Outcome, message: str, retry_after: float | None = None) -> AdmissionError:
+        self.count(outcome)
         return AdmissionError(outcome, message, retry_after)
-
-    def _count(self, outcome: Outcome) -> None:
-        self.metrics.admission_total.labels(outcome=outcome.value).inc()

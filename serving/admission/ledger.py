@@ -49,11 +49,6 @@ class BudgetLedger(Protocol):
     synchronous: bool
     """True when ``acquire_now``/``release_now`` decide without I/O (the admission fast path)."""
 
-    @property
-    def fallback(self) -> bool:
-        """True while the ledger enforces a local share because its shared store is down."""
-        ...
-
 
 _ids = itertools.count()
 _prefix = ""
@@ -79,7 +74,6 @@ def new_lease_id() -> str:
 class InProcessLedger:
     """Exact budgets within one process (the default, and the fallback of the Redis ledger)."""
 
-    fallback = False
     synchronous = True
 
     def __init__(self) -> None:
@@ -120,6 +114,3 @@ class InProcessLedger:
         self._leases.clear()
         self._inflight.clear()
         return leases
-
-    def total_inflight(self) -> int:
-        return sum(self._inflight.values())

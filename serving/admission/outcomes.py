@@ -1,9 +1,12 @@
 """Admission outcomes and the one table that maps them to HTTP responses.
 
-Two families, as in the Gateway API Inference Extension's flow control:
+Two families of failure, as in the Gateway API Inference Extension's flow control:
 - *rejected*: refused before queueing (bad key, over budget, queue full, draining, too long);
-- *evicted*: queued or admitted, then dropped (deadline passed, client gone).
-Each outcome's value is also its ``medgemma_admission_total{outcome}`` label.
+- *evicted*: queued or admitted, then dropped (deadline passed, client gone or stalled,
+  drain's grace over, engine failed).
+``admitted`` and ``completed`` are the two successes. Each value is also its metric label
+(``medgemma_admission_total{outcome}`` counts the admission decisions). Every end of an
+admitted request carries one of these (``AdmittedRequest.end``).
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from enum import Enum
 
 class Outcome(str, Enum):
     ADMITTED = "admitted"
+    COMPLETED = "completed"  # an admitted request's response ran to its end (any status)
     REJECTED_INVALID_KEY = "rejected_invalid_api_key"
-    REJECTED_OVER_BUDGET = "rejected_concurrency_limit"
+    REJECTED_CONCURRENCY_LIMIT = "rejected_concurrency_limit"
     REJECTED_QUEUE_FULL = "rejected_queue_full"
     REJECTED_DRAINING = "rejected_draining"
     REJECTED_CONTEXT_LENGTH = "rejected_context_length"
@@ -35,6 +39,8 @@ class Outcome(str, Enum):
     REJECTED_ENGINE_FAILED = "rejected_engine_failed"
     EVICTED_QUEUE_TIMEOUT = "evicted_queue_timeout"
     EVICTED_CLIENT_GONE = "evicted_client_gone"
+    EVICTED_CLIENT_STALLED = "evicted_client_stalled"  # it stopped reading its response
+    EVICTED_DRAINED = "evicted_drained"  # still running when the drain's grace ran out
     EVICTED_ENGINE_FAILED = "evicted_engine_failed"
 
 
@@ -46,10 +52,10 @@ class HttpError:
     retry_after: bool  # whether the response carries Retry-After
 
 
-# The single outcome -> HTTP mapping. A client disconnect gets no response at all.
+# The single outcome -> HTTP mapping. A client that left or stopped reading is sent nothing.
 HTTP_ERRORS: dict[Outcome, HttpError] = {
     Outcome.REJECTED_INVALID_KEY: HttpError(401, "invalid_api_key", "authentication_error", False),
-    Outcome.REJECTED_OVER_BUDGET: HttpError(429, "concurrency_limit_exceeded", "rate_limit_error", True),
+    Outcome.REJECTED_CONCURRENCY_LIMIT: HttpError(429, "concurrency_limit_exceeded", "rate_limit_error", True),
     Outcome.REJECTED_QUEUE_FULL: HttpError(503, "server_overloaded", "service_unavailable", True),
     Outcome.REJECTED_DRAINING: HttpError(503, "draining", "service_unavailable", True),
     Outcome.REJECTED_CONTEXT_LENGTH: HttpError(400, "context_length_exceeded", "invalid_request_error", False),
@@ -67,6 +73,7 @@ HTTP_ERRORS: dict[Outcome, HttpError] = {
     Outcome.REJECTED_ENGINE_FAILED: HttpError(503, "engine_unavailable", "service_unavailable", True),
     Outcome.EVICTED_ENGINE_FAILED: HttpError(503, "engine_unavailable", "service_unavailable", True),
     Outcome.EVICTED_QUEUE_TIMEOUT: HttpError(503, "queue_timeout", "service_unavailable", True),
+    Outcome.EVICTED_DRAINED: HttpError(503, "draining", "service_unavailable", True),
 }
 
 
@@ -78,10 +85,6 @@ class AdmissionError(Exception):
         self.outcome = outcome
         self.message = message
         self.retry_after_s = retry_after_s
-
-    @property
-    def evicted(self) -> bool:
-        return self.outcome.value.startswith("evicted_")
 
 
 def error_response(
@@ -102,7 +105,7 @@ def error_response(
 
 
 # vLLM's own errors (validation, unknown model, engine failures) carry the HTTP status as
-# a number in ``code``; the middleware puts the matching string here in its place.
+# a number in ``code``; ``engine_errors`` puts the matching string here in its place.
 ENGINE_ERROR_CODES: dict[int, str] = {
     400: "invalid_request",
     404: "model_not_found",

@@ -2,7 +2,7 @@
 
 Guarantees:
 - In flight on the engine at once: at most ``capacity.max_requests`` requests and at most
-  ``capacity.max_tokens`` estimated KV tokens (one request always fits an empty engine).
+  ``capacity.kv_tokens`` estimated KV-cache tokens (one request always fits an empty engine).
 - When the engine is full, requests wait in one bounded queue (``max_waiting``); a request
   arriving at a full queue is rejected (``server_overloaded``), one whose deadline passes
   while waiting is evicted (``queue_timeout``), one whose client leaves is removed.
@@ -26,8 +26,8 @@ from serving.admission.outcomes import AdmissionError, Outcome
 
 @dataclass(frozen=True)
 class Capacity:
-    max_requests: int
-    max_tokens: int
+    max_requests: int  # engine requests in flight at once
+    kv_tokens: int  # KV-cache tokens the engine holds (estimates of prompt + max_tokens)
 
 
 @dataclass
@@ -78,7 +78,7 @@ class FairQueue:
     def _fits(self, tokens: int) -> bool:
         if self.inflight_requests >= self.capacity.max_requests:
             return False
-        return self.inflight_requests == 0 or self.inflight_tokens + tokens <= self.capacity.max_tokens
+        return self.inflight_requests == 0 or self.inflight_tokens + tokens <= self.capacity.kv_tokens
 
     def _grant(self, account: str, tokens: int) -> Slot:
         self.inflight_requests += 1

@@ -137,11 +137,11 @@ class RedisLedger:
         self._local = InProcessLedger()
         self._held: dict[str, _RedisLease] = {}
         self._held_units: dict[str, int] = {}  # account -> units of this replica's Redis leases
-        self._acquire = client.register_script(ACQUIRE)
-        self._release = client.register_script(RELEASE)
-        self._inflight = client.register_script(INFLIGHT)
-        self._heartbeat = client.register_script(HEARTBEAT)
-        self._restore = client.register_script(RESTORE)
+        self._acquire_script = client.register_script(ACQUIRE)
+        self._release_script = client.register_script(RELEASE)
+        self._inflight_script = client.register_script(INFLIGHT)
+        self._heartbeat_script = client.register_script(HEARTBEAT)
+        self._restore_script = client.register_script(RESTORE)
 
     def _account_key(self, account: str) -> str:
         return f"{self.prefix}:leases:{{{account}}}"
@@ -152,7 +152,7 @@ class RedisLedger:
             lease_id = new_lease_id()
             key = self._account_key(account)
             try:
-                granted, used = await self._acquire(
+                granted, used = await self._acquire_script(
                     keys=[key], args=[units, budget, self.ttl_ms, lease_id]
                 )
             except Exception as exc:  # noqa: BLE001 - any Redis failure means the same
@@ -199,7 +199,7 @@ class RedisLedger:
         if held is None:
             return
         try:
-            await self._release(keys=[held.key], args=[held.member])
+            await self._release_script(keys=[held.key], args=[held.member])
         except Exception as exc:  # noqa: BLE001 - not renewed any more: expires within the TTL
             self._enter_fallback(exc)
 
@@ -207,7 +207,7 @@ class RedisLedger:
         """The account's units in use: all replicas' (Redis), or this replica's in an outage."""
         if not self.fallback:
             try:
-                return int(await self._inflight(keys=[self._account_key(account)]))
+                return int(await self._inflight_script(keys=[self._account_key(account)]))
             except Exception:  # noqa: BLE001 - only feeds a header
                 pass
         return await self._local.inflight(account) + self._held_units.get(account, 0)
@@ -220,7 +220,7 @@ class RedisLedger:
         keys = [f"{self.prefix}:replicas"] + [h.key for h in held]
         args = [self.ttl_ms, self.replica_id] + [h.member for h in held]
         try:
-            result = await self._heartbeat(keys=keys, args=args)
+            result = await self._heartbeat_script(keys=keys, args=args)
             replicas = sorted(r.decode() if isinstance(r, bytes) else str(r) for r in result[0])
             self.replicas = max(1, len(replicas))
             self.rank = replicas.index(self.replica_id) if self.replica_id in replicas else 0
@@ -235,7 +235,7 @@ class RedisLedger:
             # the TTL): count them again. Ones released meanwhile stay released.
             restore = [self._held[i] for i in lost if i in self._held]
             if restore:
-                await self._restore(
+                await self._restore_script(
                     keys=[h.key for h in restore], args=[self.ttl_ms] + [h.member for h in restore]
                 )
         except Exception as exc:  # noqa: BLE001

@@ -152,7 +152,7 @@ def test_the_password_setting_authenticates_against_a_redis_that_requires_one(tm
     -> ServeSettings -> the server context -> the ledger's client -> a Redis with requirepass."""
     from serving import config
     from serving.admission.keys import KeyStore
-    from serving.launcher import context_from_settings
+    from serving.assembly import context_from_settings
 
     server = RedisServer(tmp_path / "redis", password="s3cret-from-a-secret").start()
     try:

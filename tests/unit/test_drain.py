@@ -1,25 +1,34 @@
 import asyncio
 
+from serving.admission.outcomes import Outcome
 from serving.drain import Drainer
+
+
+class FakeAdmission:
+    """Admission's public surface as the drainer uses it: drain, busy, end_running."""
+
+    def __init__(self, busy_values, calls):
+        self.calls = calls
+        self._busy = iter(busy_values)
+        self._last = 0
+
+    def drain(self):
+        self.calls["draining"] += 1
+
+    def busy(self):
+        self._last = next(self._busy, self._last)
+        return self._last
+
+    async def end_running(self, outcome, message):
+        assert outcome is Outcome.EVICTED_DRAINED
+        self.calls["ended"].append(message)
 
 
 def make(busy_values, grace_s=5.0):
     calls = {"draining": 0, "ended": [], "shutdown": 0}
-    busy = iter(busy_values)
-    last = {"v": 0}
-
-    def busy_now():
-        last["v"] = next(busy, last["v"])
-        return last["v"]
-
-    async def end_all(message):
-        calls["ended"].append(message)
-
     drainer = Drainer(
         grace_s=grace_s,
-        set_draining=lambda: calls.__setitem__("draining", calls["draining"] + 1),
-        busy=busy_now,
-        end_all=end_all,
+        admission=FakeAdmission(busy_values, calls),
         shutdown=lambda: calls.__setitem__("shutdown", calls["shutdown"] + 1),
     )
     return drainer, calls

@@ -6,7 +6,7 @@ import pytest
 import vllm  # a broken vLLM install fails here, loudly: it is never a skip
 
 from serving import engine
-from serving.launcher import parse_vllm_args
+from serving.vllm_app import parse_vllm_args
 from tests.unit.test_engine import settings
 
 

@@ -12,26 +12,18 @@ from serving.admission.keys import KeyStore
 from serving.admission.ledger import InProcessLedger
 from serving.admission.outcomes import AdmissionError, Outcome
 from serving.admission.queue import Capacity, FairQueue
+from serving.enginehealth import EngineHealth
 from serving.enginewatch import EngineProgress, EngineWatch
 from serving.metrics import ServingMetrics
+from tests.unit.admission.ledgers import units_held
 
 
-class FakeMiddleware:
-    def __init__(self):
-        self.serving_count = 0
-        self.ended = []
-
-    async def end_all(self, message, outcome):
-        self.ended.append(outcome)
-        self.serving_count = 0
-
-
-def controller_with_one_slot():
+def controller_with_one_slot(health=None):
     clock = FakeClock()
     return AdmissionController(
         KeyStore.open(8), InProcessLedger(), FairQueue(Capacity(1, 10**6), 8, clock),
         ServingMetrics(CollectorRegistry()), max_model_len=1000, model_costs={"m": 1},
-        queue_timeout_s=30, clock=clock,
+        queue_timeout_s=30, clock=clock, health=health,
     )  # fmt: skip
 
 
@@ -42,10 +34,9 @@ class FakeProgress:
         return self.stuck
 
 
-def watch_for(controller, middleware, errored, events, progress=None):
+def watch_for(controller, health, events, progress=None):
     return EngineWatch(
-        errored=lambda: errored[0], controller=controller, middleware=middleware,
-        progress=progress or FakeProgress(), on_failed=lambda: events.append("failed"), hang_timeout_s=10,
+        health=health, admission=controller, progress=progress or FakeProgress(), hang_timeout_s=10,
         interval_s=0.01, exit_delay_s=0.01, shutdown=lambda: events.append("shutdown"),
     )  # fmt: skip
 
@@ -53,70 +44,82 @@ def watch_for(controller, middleware, errored, events, progress=None):
 @pytest.mark.parametrize("how", ["died", "hung"])
 def test_a_failed_engine_evicts_the_queue_ends_running_requests_and_shuts_down(how):
     async def scenario():
-        controller = controller_with_one_slot()
+        errored = [False]
+        health = EngineHealth(lambda: errored[0])
+        controller = controller_with_one_slot(health)
         account = controller.keys.accounts["anonymous"]
         shape = RequestShape("m", 10, 10)
-        running = await controller.admit(account, shape)  # holds the only engine slot
-        queued = asyncio.ensure_future(controller.admit(account, shape))
+        running = await controller.wait(account, shape)  # holds the only engine slot
+        queued = asyncio.ensure_future(controller.wait(account, shape))
         await asyncio.sleep(0)
-        assert controller.queue.depth == 1
-        middleware, events, errored = FakeMiddleware(), [], [False]
-        middleware.serving_count = 1
-        progress = FakeProgress()
-        watch = watch_for(controller, middleware, errored, events, progress)
+        assert controller.queue.depth == 1 and controller.running_count == 1
+        events, progress = [], FakeProgress()
+        watch = watch_for(controller, health, events, progress)
         task = asyncio.ensure_future(watch.run())
         await asyncio.sleep(0.05)
-        assert events == [] and watch.check() is None  # healthy so far
+        assert events == [] and watch.check() is None and not health.failed  # healthy so far
         if how == "died":
             errored[0] = True
         else:
             progress.stuck = 11
         await asyncio.wait_for(task, 2)
-        assert watch.failed == how and events == ["failed", "shutdown"]
+        assert health.failed and health.failure == how and events == ["shutdown"]
         with pytest.raises(AdmissionError) as caught:
             await queued
         assert caught.value.outcome is Outcome.EVICTED_ENGINE_FAILED and controller.queue.depth == 0
-        assert middleware.ended == [Outcome.EVICTED_ENGINE_FAILED]
+        # the running request was ended by the watch, with the engine failure as its outcome
+        assert running.ended and running.outcome is Outcome.EVICTED_ENGINE_FAILED
+        assert controller.running_count == 0 and units_held(controller.ledger) == 0
         with pytest.raises(AdmissionError) as refused:  # new requests: 503 engine_unavailable
-            controller.admit_now(account, shape)
+            controller.decide(account, shape)
         assert refused.value.outcome is Outcome.REJECTED_ENGINE_FAILED
-        await running.release()
-        assert controller.ledger.total_inflight() == 0
+        assert await running.end(Outcome.COMPLETED) is False  # its first end stands
+        assert running.outcome is Outcome.EVICTED_ENGINE_FAILED
     asyncio.run(scenario())
 
 
 def test_an_engine_stopped_on_purpose_is_not_a_failure():
     async def scenario():
-        events, errored, stopping = [], [True], [True]
-        watch = EngineWatch(
-            errored=lambda: errored[0], controller=controller_with_one_slot(), middleware=FakeMiddleware(),
-            progress=FakeProgress(), on_failed=lambda: events.append("failed"), stopping=lambda: stopping[0], interval_s=0.01,
-            shutdown=lambda: events.append("shutdown"),
-        )  # fmt: skip
+        events, errored = [], [True]  # vLLM reports a stopped engine as errored
+        health = EngineHealth(lambda: errored[0])
+        health.stopping = True
+        watch = EngineWatch(health=health, admission=controller_with_one_slot(health), progress=FakeProgress(),
+                            interval_s=0.01, shutdown=lambda: events.append("shutdown"))  # fmt: skip
         await asyncio.wait_for(watch.run(), 1)  # returns: nothing to watch any more
-        assert watch.failed is None and events == []
+        assert not health.failed and health.failure is None and events == []
     asyncio.run(scenario())
 
 
 def test_a_dead_engine_refuses_requests_before_the_watch_has_looked():
     # vLLM answers a request to a dead engine with a 500; between the death and the watch's
-    # next look the controller reads the engine's flag itself.
+    # next look the controller reads the engine's flag itself (through EngineHealth).
     async def scenario():
         errored = [False]
-        clock = FakeClock()
-        controller = AdmissionController(
-            KeyStore.open(8), InProcessLedger(), FairQueue(Capacity(1, 10**6), 8, clock),
-            ServingMetrics(CollectorRegistry()), max_model_len=1000, model_costs={"m": 1},
-            queue_timeout_s=30, clock=clock, engine_dead=lambda: errored[0],
-        )  # fmt: skip
+        controller = controller_with_one_slot(EngineHealth(lambda: errored[0]))
         account, shape = controller.keys.accounts["anonymous"], RequestShape("m", 10, 10)
-        await (await controller.admit(account, shape)).release()
+        await (await controller.wait(account, shape)).end(Outcome.COMPLETED)
         errored[0] = True
         with pytest.raises(AdmissionError) as refused:
-            await controller.admit(account, shape)
+            await controller.wait(account, shape)
         assert refused.value.outcome is Outcome.REJECTED_ENGINE_FAILED
-        assert controller.ledger.total_inflight() == 0
+        assert units_held(controller.ledger) == 0
     asyncio.run(scenario())
+
+
+def test_engine_health_has_one_state_and_an_orderly_stop_is_no_failure():
+    errored = [False]
+    health = EngineHealth(lambda: errored[0])
+    assert not health.failed and health.failure is None
+    health.stop()  # a clean shutdown: vLLM then reports the stopped engine as errored
+    errored[0] = True
+    assert health.stopping and not health.failed
+    dead = EngineHealth(lambda: True)  # died before the shutdown began (vLLM's watchdog)
+    dead.stop()
+    assert dead.failed and dead.failure == "died"
+    hung = EngineHealth()
+    hung.declare_failed("hung")
+    hung.declare_failed("died")  # the first reason stands
+    assert hung.failed and hung.failure == "hung"
 
 
 class FakeEngineClient:

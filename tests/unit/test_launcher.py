@@ -40,7 +40,7 @@ def test_model_endpoints_get_an_openai_error_with_retry_after():
 
 
 def test_a_shutdown_after_the_engine_died_is_a_failure_and_a_clean_one_is_not():
-    from serving.launcher import ServerContext, _mark_shutdown
+    from serving.assembly import ServerContext, watch_shutdown
 
     class Engine:
         errored = False
@@ -51,10 +51,11 @@ def test_a_shutdown_after_the_engine_died_is_a_failure_and_a_clean_one_is_not():
 
     for errored, failed in ((False, False), (True, True)):
         engine, context = Engine(), ServerContext("cpu-dev", "m", "m", metrics=None, admission=None)
-        _mark_shutdown(engine, context)
+        context.health.watch_errored(lambda: engine.errored)
+        watch_shutdown(engine, context.health)
         engine.errored = errored  # vLLM's watchdog stops the server on a dead engine
         engine.shutdown(timeout=0)
-        assert (context.stopping, context.failed, engine.stopped) == (True, failed, 1)
+        assert (context.health.stopping, context.health.failed, engine.stopped) == (True, failed, 1)
         engine.errored = True  # a clean shutdown stops the engine: that is not a failure
         engine.shutdown()
-        assert context.failed is failed
+        assert context.health.failed is failed

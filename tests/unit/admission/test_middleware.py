@@ -13,8 +13,10 @@ from serving.admission.keys import KeyStore, hash_key
 from serving.admission.ledger import InProcessLedger
 from serving.admission.estimate import PromptEstimator
 from serving.admission.middleware import AdmissionMiddleware
+from serving.admission.outcomes import Outcome
 from serving.admission.queue import Capacity, FairQueue
 from serving.metrics import ServingMetrics
+from tests.unit.admission.ledgers import units_held
 
 KEY = "mgk_test"
 KEYS = {
@@ -105,7 +107,7 @@ def test_admitted_stream_gets_headers_body_replayed_and_units_released_at_the_en
         assert client.status == 200
         assert client.headers[b"x-ratelimit-limit-concurrency"] == b"2"
         assert client.headers[b"x-ratelimit-remaining-concurrency"] == b"1"
-        assert ledger.total_inflight() == 0
+        assert units_held(ledger) == 0
     asyncio.run(scenario())
 
 
@@ -118,10 +120,10 @@ def test_units_are_released_at_the_last_chunk_not_later():
         app.gate.clear()
         task = asyncio.ensure_future(mw(scope, client.receive, client.send))
         await asyncio.sleep(0.01)
-        assert ledger.total_inflight() == 1
+        assert units_held(ledger) == 1
         app.gate.set()
         await task
-        assert ledger.total_inflight() == 0
+        assert units_held(ledger) == 0
     asyncio.run(scenario())
 
 
@@ -144,7 +146,7 @@ def test_third_concurrent_request_is_429_with_headers():
         assert third.json()["error"]["code"] == "concurrency_limit_exceeded"
         app.gate.set()
         await asyncio.gather(*tasks)
-        assert ledger.total_inflight() == 0
+        assert units_held(ledger) == 0
     asyncio.run(scenario())
 
 
@@ -173,7 +175,7 @@ def test_context_too_long_is_400_before_the_engine():
         client = Client(payload)
         await mw(scope, client.receive, client.send)
         assert client.status == 400 and client.json()["error"]["code"] == "context_length_exceeded"
-        assert app.bodies == [] and ledger.total_inflight() == 0
+        assert app.bodies == [] and units_held(ledger) == 0
     asyncio.run(scenario())
 
 
@@ -187,13 +189,13 @@ def test_disconnect_mid_stream_releases_at_once():
             await send({"type": "http.response.start", "status": 200, "headers": []})
             message = await receive()  # what vLLM's disconnect listener sees
             assert message["type"] == "http.disconnect"
-            assert ledger.total_inflight() == 0  # released before the app even reacts
+            assert units_held(ledger) == 0  # released before the app even reacts
         mw.app = disconnecting_app
         scope, payload = request(CHAT)
         client = Client(payload)
         client.disconnect()
         await mw(scope, client.receive, client.send)
-        assert ledger.total_inflight() == 0
+        assert units_held(ledger) == 0
     asyncio.run(scenario())
 
 
@@ -213,10 +215,10 @@ def test_client_leaving_while_queued_gets_nothing_and_holds_nothing():
         queued.disconnect()
         await asyncio.wait_for(task, 1)
         assert queued.sent == [] and controller.queue.depth == 0
-        assert ledger.total_inflight() == 1  # only the first, still streaming
+        assert units_held(ledger) == 1  # only the first, still streaming
         app.gate.set()
         await first
-        assert ledger.total_inflight() == 0
+        assert units_held(ledger) == 0
     asyncio.run(scenario())
 
 
@@ -237,7 +239,7 @@ def test_public_paths_pass_other_routes_404_and_invalid_json_never_reaches_vllm(
         client = Client(b"{not json")
         await mw(scope, client.receive, client.send)
         assert client.status == 400 and client.json()["error"]["code"] == "invalid_json"
-        assert len(app.bodies) == 1 and ledger.total_inflight() == 0
+        assert len(app.bodies) == 1 and units_held(ledger) == 0
     asyncio.run(scenario())
 
 
@@ -264,7 +266,7 @@ def test_vllm_error_bodies_get_a_string_code_and_units_are_released():
         assert error == {"message": "bad", "type": "BadRequestError", "param": None, "code": "invalid_request"}
         length = dict(client.sent[0]["headers"])[b"content-length"]
         assert int(length) == len(b"".join(m.get("body", b"") for m in client.sent[1:]))
-        assert ledger.total_inflight() == 0
+        assert units_held(ledger) == 0
     asyncio.run(scenario())
 
 
@@ -295,14 +297,14 @@ def test_n_costs_units_per_sequence_and_more_than_the_plan_is_a_400():
         client = Client(payload)
         task = asyncio.ensure_future(mw(scope, client.receive, client.send))
         await asyncio.sleep(0.01)
-        assert ledger.total_inflight() == 2
+        assert units_held(ledger) == 2
         app.gate.set()
         await task
-        assert client.status == 200 and ledger.total_inflight() == 0
+        assert client.status == 200 and units_held(ledger) == 0
     asyncio.run(scenario())
 
 
-def test_end_all_ends_a_stream_with_an_error_event_and_releases_its_units():
+def test_end_running_ends_a_stream_with_an_error_event_and_releases_its_units():
     async def scenario():
         app = FakeEngineApp(chunks=3)
         mw, controller, ledger = build(app)
@@ -311,8 +313,8 @@ def test_end_all_ends_a_stream_with_an_error_event_and_releases_its_units():
         app.gate.clear()  # the stream sends its headers, then hangs
         task = asyncio.ensure_future(mw(scope, client.receive, client.send))
         await asyncio.sleep(0.01)
-        assert mw.serving_count == 1 and controller.busy() == 1
-        await asyncio.wait_for(mw.end_all("The server shut down; retry it."), 1)
+        assert controller.running_count == 1 and controller.busy() == 1
+        await asyncio.wait_for(controller.end_running(Outcome.EVICTED_DRAINED, "The server shut down; retry it."), 1)
         await task
         assert client.status == 200
         last = client.sent[-1]
@@ -320,11 +322,11 @@ def test_end_all_ends_a_stream_with_an_error_event_and_releases_its_units():
         events = [line[6:] for line in last["body"].decode().split("\n\n") if line.startswith("data: ")]
         assert events[-1] == "[DONE]"
         assert json.loads(events[0])["error"]["code"] == "draining"
-        assert ledger.total_inflight() == 0 and controller.busy() == 0 and mw.serving_count == 0
+        assert units_held(ledger) == 0 and controller.busy() == 0 and controller.running_count == 0
     asyncio.run(scenario())
 
 
-def test_end_all_before_the_response_started_is_a_503_draining():
+def test_end_running_before_the_response_started_is_a_503_draining():
     async def scenario():
         started = asyncio.Event()
 
@@ -333,29 +335,29 @@ def test_end_all_before_the_response_started_is_a_503_draining():
             started.set()
             await asyncio.sleep(60)
 
-        mw, _, ledger = build(slow_app)
+        mw, controller, ledger = build(slow_app)
         scope, payload = request(CHAT)
         client = Client(payload)
         task = asyncio.ensure_future(mw(scope, client.receive, client.send))
         await started.wait()
-        await mw.end_all("The server shut down; retry it.")
+        await controller.end_running(Outcome.EVICTED_DRAINED, "The server shut down; retry it.")
         await task
         assert client.status == 503 and client.json()["error"]["code"] == "draining"
         assert client.headers[b"retry-after"] == b"5"
-        assert ledger.total_inflight() == 0
+        assert units_held(ledger) == 0
     asyncio.run(scenario())
 
 
 def test_a_client_that_stops_reading_is_ended_and_its_units_released():
     async def scenario():
         app = FakeEngineApp(chunks=50)
-        mw, _, ledger = build(app)
+        mw, controller, ledger = build(app)
         aborted = []
 
         async def abort(engine_request_id):
             aborted.append(engine_request_id)
 
-        mw.abort = abort
+        controller.abort = abort
         scope, payload = request(CHAT)
         scope["headers"].append((b"x-request-id", b"client-7"))
         client = Client(payload)
@@ -369,11 +371,11 @@ def test_a_client_that_stops_reading_is_ended_and_its_units_released():
 
         task = asyncio.ensure_future(mw(scope, client.receive, stuck_send))
         await asyncio.wait_for(blocked.wait(), 1)
-        assert ledger.total_inflight() == 1
-        assert mw.end_stalled(stall_timeout_s=30) == 0  # not stalled long enough yet
-        assert mw.end_stalled(stall_timeout_s=30, now=time.monotonic() + 31) == 1
+        assert units_held(ledger) == 1
+        assert await controller.end_stalled(stall_timeout_s=30) == 0  # not stalled long enough yet
+        assert await controller.end_stalled(stall_timeout_s=30, now=time.monotonic() + 31) == 1
         await asyncio.wait_for(task, 1)
-        assert ledger.total_inflight() == 0 and mw.serving_count == 0
+        assert units_held(ledger) == 0 and controller.running_count == 0
         assert len(client.sent) == 2  # nothing more was pushed at the stuck client
         # vLLM got an id of our making (unique even if clients reuse theirs), and that
         # engine request was aborted by it.
@@ -383,7 +385,7 @@ def test_a_client_that_stops_reading_is_ended_and_its_units_released():
 
 
 def test_abort_reaches_every_engine_request_of_a_batched_completion():
-    from serving.admission.install import engine_aborter
+    from serving.admission.build import engine_aborter
     from serving.admission.middleware import engine_request_ids
 
     scope = {"path": "/v1/completions", "headers": []}
@@ -431,29 +433,29 @@ def test_an_exception_inside_vllm_is_an_openai_error_logged_without_its_message(
         await mw(scope, client.receive, client.send)
         assert client.status == status and client.json()["error"]["code"] == code
         assert dict(client.sent[0]["headers"])[b"content-type"] == b"application/json"
-        assert len(client.sent) == 2 and ledger.total_inflight() == 0
+        assert len(client.sent) == 2 and units_held(ledger) == 0
     with caplog.at_level("DEBUG", logger="serving"):
         asyncio.run(scenario())
     assert type(exc).__name__ in caplog.text and "secret prompt" not in caplog.text
 
 
 def test_in_stream_error_events_get_a_string_code():
-    from serving.admission.middleware import _normalised_sse_error
+    from serving.admission.engine_errors import normalised_sse_error
 
     dead = b'data: {"error": {"message": "EngineCore encountered an issue.", "type": "EngineDeadError", "param": null, "code": 500}}\n\ndata: [DONE]\n\n'
-    out = _normalised_sse_error(dead)
+    out = normalised_sse_error(dead)
     assert out.endswith(b"\n\ndata: [DONE]\n\n")
     assert json.loads(out.split(b"\n\n")[0][6:])["error"]["code"] == "engine_unavailable"
     bad = b'data: {"error": {"message": "x", "type": "BadRequestError", "param": null, "code": 400}}\n\n'
-    assert json.loads(_normalised_sse_error(bad)[6:])["error"]["code"] == "invalid_request"
-    assert _normalised_sse_error(b'data: {"error": not json') == b'data: {"error": not json'
+    assert json.loads(normalised_sse_error(bad)[6:])["error"]["code"] == "invalid_request"
+    assert normalised_sse_error(b'data: {"error": not json') == b'data: {"error": not json'
 
 
 def test_an_engine_death_has_one_code_in_a_stream_and_in_a_plain_error():
-    from serving.admission.middleware import _normalised_error
+    from serving.admission.engine_errors import normalised_error
 
     body = b'{"error": {"message": "EngineCore encountered an issue.", "type": "EngineDeadError", "param": null, "code": 500}}'
-    start, out = _normalised_error({"type": "http.response.start", "status": 500, "headers": []}, body)
+    start, out = normalised_error({"type": "http.response.start", "status": 500, "headers": []}, body)
     assert json.loads(out)["error"]["code"] == "engine_unavailable"
     # the same status and Retry-After as admission's own 503 engine_unavailable
     assert start["status"] == 503 and dict(start["headers"])[b"retry-after"] == b"10"

@@ -2,7 +2,7 @@
 
 Invariants after every step: no account holds more units than its plan grants, the engine
 never holds more than its capacity, the queue never exceeds its bound, and the ledger's
-and the queue's books agree with the tickets alive. At the end every unit comes back.
+and the queue's books agree with the admitted requests alive. At the end every unit comes back.
 Replica crashes and lease expiry are exercised against a real Redis in
 tests/integration/test_redis_ledger.py and test_replicas.py.
 """
@@ -18,9 +18,10 @@ from serving.admission.clock import FakeClock
 from serving.admission.controller import AdmissionController, RequestShape
 from serving.admission.keys import KeyStore
 from serving.admission.ledger import InProcessLedger
-from serving.admission.outcomes import AdmissionError
+from serving.admission.outcomes import AdmissionError, Outcome
 from serving.admission.queue import Capacity, FairQueue
 from serving.metrics import ServingMetrics
+from tests.unit.admission.ledgers import units_held
 
 PLANS = {
     "plans": {
@@ -29,7 +30,7 @@ PLANS = {
     },
     "accounts": {"a": {"plan": "one"}, "b": {"plan": "three"}, "c": {"plan": "three"}},
 }
-CAPACITY = Capacity(max_requests=3, max_tokens=300)
+CAPACITY = Capacity(max_requests=3, kv_tokens=300)
 MAX_WAITING = 3
 
 
@@ -45,7 +46,7 @@ class AdmissionMachine(RuleBasedStateMachine):
             model_costs={"medgemma-4b-it": 1}, queue_timeout_s=5, clock=self.clock,
         )  # fmt: skip
         self.pending: list[asyncio.Task] = []  # admits in progress (queued or waiting)
-        self.tickets = []  # admitted, being served
+        self.admitted = []  # admitted, being served
 
     def settle(self):
         self.loop.run_until_complete(asyncio.sleep(0))
@@ -55,7 +56,7 @@ class AdmissionMachine(RuleBasedStateMachine):
             if not task.done():
                 still.append(task)
             elif not task.cancelled() and task.exception() is None:
-                self.tickets.append(task.result())
+                self.admitted.append(task.result())
             elif not task.cancelled():
                 assert isinstance(task.exception(), AdmissionError)
         self.pending = still
@@ -69,31 +70,32 @@ class AdmissionMachine(RuleBasedStateMachine):
         acct = self.controller.keys.accounts[account]
         if fast_path:  # as the middleware does: decide without suspending, else wait
             try:
-                ticket = self.controller.admit_now(acct, shape)
+                request = self.controller.decide(acct, shape)
             except AdmissionError:
                 return
-            if ticket is not None:
-                self.tickets.append(ticket)
+            if request is not None:
+                self.admitted.append(request)
                 return
-        coro = self.controller.admit(acct, shape)
+        coro = self.controller.wait(acct, shape)
         self.pending.append(self.loop.create_task(coro))
         self.settle()
 
-    @precondition(lambda self: self.tickets)
+    @precondition(lambda self: self.admitted)
     @rule(index=st.integers(0, 100))
     def complete(self, index):
-        ticket = self.tickets.pop(index % len(self.tickets))
-        self.loop.run_until_complete(ticket.release())
+        request = self.admitted.pop(index % len(self.admitted))
+        self.loop.run_until_complete(request.end(Outcome.COMPLETED))
         self.settle()
 
-    @precondition(lambda self: self.tickets)
+    @precondition(lambda self: self.admitted)
     @rule(index=st.integers(0, 100))
     def release_twice(self, index):  # a disconnect and the stream's end racing
-        ticket = self.tickets.pop(index % len(self.tickets))
+        request = self.admitted.pop(index % len(self.admitted))
         async def both():
-            await asyncio.gather(ticket.release(), ticket.release())
+            return await asyncio.gather(request.end(Outcome.EVICTED_CLIENT_GONE), request.end(Outcome.COMPLETED))
 
-        self.loop.run_until_complete(both())
+        assert self.loop.run_until_complete(both()) == [True, False]  # one end; the first stands
+        assert request.outcome is Outcome.EVICTED_CLIENT_GONE
         self.settle()
 
     @precondition(lambda self: self.pending)
@@ -113,25 +115,25 @@ class AdmissionMachine(RuleBasedStateMachine):
     def budgets_hold(self):
         for name, account in self.controller.keys.accounts.items():
             assert self.ledger._inflight.get(name, 0) <= account.plan.concurrency
-        held = sum(t.lease.units for t in self.tickets)
+        held = sum(t.lease.units for t in self.admitted)
         queue = self.controller.queue
         assert queue.inflight_requests <= CAPACITY.max_requests
         assert queue.depth <= MAX_WAITING
-        # Units are held by admitted tickets and by requests waiting for an engine slot.
-        assert held <= self.ledger.total_inflight()
-        assert queue.inflight_requests == len(self.tickets)
+        # Units are held by admitted admitted and by requests waiting for an engine slot.
+        assert held <= units_held(self.ledger)
+        assert queue.inflight_requests == len(self.admitted)
 
     def teardown(self):
         for task in self.pending:
             task.cancel()
         self.settle()
-        for ticket in self.tickets:
-            self.loop.run_until_complete(ticket.release())
-        self.tickets = []
+        for request in self.admitted:
+            self.loop.run_until_complete(request.end(Outcome.COMPLETED))
+        self.admitted = []
         self.settle()
-        for ticket in self.tickets:  # admitted while others were released
-            self.loop.run_until_complete(ticket.release())
-        assert self.ledger.total_inflight() == 0
+        for request in self.admitted:  # admitted while others were released
+            self.loop.run_until_complete(request.end(Outcome.COMPLETED))
+        assert units_held(self.ledger) == 0
         assert self.controller.queue.inflight_requests == 0
         assert self.controller.queue.depth == 0
         self.loop.close()

@@ -1,4 +1,4 @@
-"""Builds the admission layer from settings and installs it on vLLM's app.
+"""Builds the admission layer of one server from its settings and its running engine.
 
 Guarantee: the capacity it enforces is what the engine reported at start-up
 (``max_num_seqs`` and the KV cache size in tokens), and nothing here runs per request.
@@ -10,6 +10,7 @@ import asyncio
 import logging
 import math
 import signal
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from serving.admission.ledger import BudgetLedger, InProcessLedger
 from serving.admission.estimate import PromptEstimator, tokenizer_counter
 from serving.admission.middleware import AdmissionMiddleware
 from serving.admission.queue import Capacity, FairQueue
+from serving.enginehealth import EngineHealth
 from serving.metrics import ServingMetrics
 
 logger = logging.getLogger(__name__)
@@ -62,11 +64,11 @@ def engine_capacity(vllm_config, headroom: float = 0.25) -> Capacity:
     tokens = getattr(cache, "kv_cache_size_tokens", None)
     if not tokens:
         tokens = (cache.num_gpu_blocks or 0) * cache.block_size
-    return Capacity(max_requests=max_requests, max_tokens=int(tokens) or 1)
+    return Capacity(max_requests=max_requests, kv_tokens=int(tokens) or 1)
 
 
 def engine_aborter(engine_client):
-    """``abort(ids)`` for the middleware: aborts the given external request ids and every
+    """``abort(ids)`` for admitted requests: aborts the given external request ids and every
     one vLLM derived from the first (``<id>-<i>``, ``<id>_<i>``, beam search's
     ``<id>-<uuid>-beam-<i>``), so no sub-request of a batch keeps running."""
 
@@ -79,9 +81,10 @@ def engine_aborter(engine_client):
     return abort
 
 
-def build_ledger(app, settings: AdmissionSettings, metrics: ServingMetrics) -> BudgetLedger:
+def build_ledger(settings: AdmissionSettings, metrics: ServingMetrics) -> tuple[BudgetLedger, Coroutine | None]:
+    """The ledger the settings ask for, and its heartbeat to run (None for in-process)."""
     if settings.redis_url is None:
-        return InProcessLedger()
+        return InProcessLedger(), None
     from serving.admission.redis_ledger import RedisLedger, connect
 
     ledger = RedisLedger(
@@ -95,21 +98,32 @@ def build_ledger(app, settings: AdmissionSettings, metrics: ServingMetrics) -> B
         fallback_policy=settings.ledger_fallback,
         on_fallback=lambda active: metrics.ledger_fallback.set(1 if active else 0),
     )
-    app.state.ledger_heartbeat = asyncio.get_running_loop().create_task(ledger.run_heartbeat())
     logger.info(
         "budget ledger: Redis%s (lease TTL %.0fs, fallback %s)",
         " over TLS" if settings.redis_url.startswith("rediss://") else "",
         settings.lease_ttl_s,
         settings.ledger_fallback,
     )
-    return ledger
+    return ledger, ledger.run_heartbeat()
 
 
-def install(app, engine_client, settings: AdmissionSettings, metrics: ServingMetrics):
+@dataclass
+class Admission:
+    """The admission layer of one server: what the app wraps and what runs beside it."""
+
+    controller: AdmissionController
+    middleware: Callable[[object], AdmissionMiddleware]  # wraps vLLM's ASGI app
+    tasks: list[asyncio.Task]  # ticker, stall watch, key watch, ledger heartbeat
+
+
+def build_admission(engine_client, settings: AdmissionSettings, metrics: ServingMetrics,
+                    health: EngineHealth) -> Admission:  # fmt: skip
+    """The controller, guard and estimator sized from the running engine, and their
+    background tasks started on this event loop."""
     vllm_config = engine_client.vllm_config
     capacity = engine_capacity(vllm_config, settings.engine_headroom)
     clock = MonotonicClock()
-    ledger = build_ledger(app, settings, metrics)
+    ledger, heartbeat = build_ledger(settings, metrics)
     controller = AdmissionController(
         settings.keys,
         ledger,
@@ -120,37 +134,28 @@ def install(app, engine_client, settings: AdmissionSettings, metrics: ServingMet
         queue_timeout_s=settings.queue_timeout_s,
         clock=clock,
         engine_units=vllm_config.scheduler_config.max_num_seqs,
-        engine_dead=lambda: engine_client.errored,
+        health=health,
+        abort=engine_aborter(engine_client),
     )
     # A lower bound per image: its soft tokens (256 for MedGemma), not the wrapper tokens.
     image_tokens = getattr(vllm_config.model_config.hf_config, "mm_tokens_per_image", 256)
     estimator = PromptEstimator(
         tokenizer_counter(engine_client.get_tokenizer()), image_tokens, vllm_config.model_config.max_model_len
     )
-    # vLLM's app has already built its middleware stack (add_middleware is refused then):
-    # wrap the built stack, so admission runs first on every request, in-process.
-    if app.middleware_stack is None:
-        app.middleware_stack = app.build_middleware_stack()
-    middleware = AdmissionMiddleware(
-        app.middleware_stack, controller, estimator, RequestGuard(settings.guard), abort=engine_aborter(engine_client)
-    )
-    app.middleware_stack = middleware
-    app.state.admission = controller
-    app.state.admission_middleware = middleware
+    guard = RequestGuard(settings.guard)
     loop = asyncio.get_running_loop()
-    app.state.admission_ticker = loop.create_task(controller.run_ticker())
-    app.state.stall_watch = loop.create_task(middleware.watch_stalled(settings.stall_timeout_s))
+    tasks = [loop.create_task(controller.run_ticker()), loop.create_task(controller.watch_stalled(settings.stall_timeout_s))]
+    if heartbeat is not None:
+        tasks.append(loop.create_task(heartbeat))
     if settings.keys_file is not None:
-        app.state.key_reloader = KeyReloader(settings.keys_file, controller, metrics)
-        app.state.key_watch = app.state.key_reloader.install(
-            loop, signal.SIGHUP, settings.keys_reload_interval_s
-        )
+        reloader = KeyReloader(settings.keys_file, controller, metrics)
+        tasks.append(reloader.install(loop, signal.SIGHUP, settings.keys_reload_interval_s))
     logger.info(
         "admission: %s, engine capacity %d requests / %d KV tokens, queue %d (timeout %.0fs)",
         "OPEN MODE (no keys file)" if settings.keys.open_mode else f"{len(settings.keys.accounts)} accounts",
         capacity.max_requests,
-        capacity.max_tokens,
+        capacity.kv_tokens,
         settings.queue_size,
         settings.queue_timeout_s,
     )
-    return controller
+    return Admission(controller, lambda app: AdmissionMiddleware(app, controller, estimator, guard), tasks)

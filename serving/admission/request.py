@@ -1,0 +1,178 @@
+"""One admitted request: the single owner of what it holds, and its one way to end.
+
+Guarantees:
+- An ``AdmittedRequest`` holds the account's units (its ledger lease), its engine slot, the
+  engine request ids vLLM runs for it, and its progress (response started, bytes sent,
+  client-seen latency). Nothing else holds them.
+- Its states are explicit: ``QUEUED`` (waiting for its plan's budget or an engine slot),
+  ``ADMITTED`` (holds both; vLLM has it), ``STREAMING`` (the response has started),
+  ``ENDED``.
+- ``end(outcome)`` is its only way to end and every trigger calls it: the last response
+  chunk (``COMPLETED``), the client leaving (``EVICTED_CLIENT_GONE``), a client that stopped
+  reading (``EVICTED_CLIENT_STALLED``), a drain's grace running out (``EVICTED_DRAINED``),
+  the engine failing (``EVICTED_ENGINE_FAILED``), a refusal while queued. The first call
+  wins and its outcome stands; later calls are no-ops. It releases the units and the slot
+  exactly once, and runs to completion even when its caller is cancelled.
+- An end the server forces on a running request (stall, drain, engine failure) cancels the
+  vLLM app's task and aborts the engine requests (not a dead engine's) before the units
+  are released, so the engine never runs more than admission granted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from serving.admission.outcomes import Outcome
+
+if TYPE_CHECKING:
+    from serving.admission.keys import Account
+    from serving.admission.ledger import Lease
+    from serving.admission.queue import Slot
+
+logger = logging.getLogger(__name__)
+
+ABORT_TIMEOUT_S = 2.0  # a forced end never waits longer on the engine than this
+# Ends the server forces on a running request: the vLLM app is cancelled, the engine aborted.
+FORCED_ENDS = frozenset({Outcome.EVICTED_CLIENT_STALLED, Outcome.EVICTED_DRAINED, Outcome.EVICTED_ENGINE_FAILED})
+_ENDING: set[asyncio.Task] = set()  # ends in flight, referenced until done
+
+
+class RequestState(str, Enum):
+    QUEUED = "queued"
+    ADMITTED = "admitted"
+    STREAMING = "streaming"
+    ENDED = "ended"
+
+
+class AdmittedRequest:
+    """Created by the admission controller (``decide``/``wait``); ended through ``end``."""
+
+    def __init__(self, account: Account, units: int, tokens: int,
+                 release: Callable[[AdmittedRequest], Awaitable[None] | None],
+                 abort: Callable[[list[str]], Awaitable[None]] | None = None):  # fmt: skip
+        self.account = account
+        self.units = units  # concurrency units charged (model cost x engine requests)
+        self.kv_tokens = tokens  # estimated KV-cache tokens the slot accounts for
+        self.state = RequestState.QUEUED
+        self.outcome: Outcome | None = None  # how it ended; the first end stands
+        self.end_message = ""  # what a forced end tells the client
+        self.lease: Lease | None = None
+        self.slot: Slot | None = None
+        self.inflight_after = 0  # the account's units in use right after admission
+        self.engine_request_ids: list[str] = []  # vLLM's external ids, for abort
+        self._release = release  # the controller's: frees lease and slot
+        self._abort = abort
+        self._task: asyncio.Future | None = None  # the vLLM app serving it
+        self._ended = asyncio.Event()
+        # progress: what the stall watch and client-seen latency read
+        self.began = time.monotonic()
+        self.status: int | None = None
+        self.streaming = False
+        self.finished = False  # the response's last chunk reached the client
+        self.send_since: float | None = None  # when the send in progress began
+        self.first_body_at: float | None = None
+        self.last_body_at: float | None = None
+        self.body_events = 0
+
+    # --- what it holds ------------------------------------------------------------------
+    @property
+    def limit(self) -> int:
+        return self.account.plan.concurrency
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.limit - self.inflight_after)
+
+    @property
+    def ended(self) -> bool:
+        return self.state is RequestState.ENDED
+
+    @property
+    def forced_end(self) -> bool:
+        """The server ended it while it ran (stall, drain, engine failure)."""
+        return self.outcome in FORCED_ENDS
+
+    def admitted(self, lease: Lease, slot: Slot, inflight_after: int) -> None:
+        self.lease, self.slot, self.inflight_after = lease, slot, inflight_after
+        self.state = RequestState.ADMITTED
+
+    def serve(self, task: asyncio.Future, engine_request_ids: list[str]) -> None:
+        """The vLLM app now serves it, under these engine request ids."""
+        self._task = task
+        self.engine_request_ids = engine_request_ids
+
+    # --- progress (reported by the ASGI adapter) --------------------------------------
+    def response_started(self, status: int, streaming: bool) -> None:
+        self.status, self.streaming = status, streaming
+        if self.state is RequestState.ADMITTED:
+            self.state = RequestState.STREAMING
+
+    def sending(self, body: bool) -> None:
+        now = self.send_since = time.monotonic()
+        if body:
+            if self.first_body_at is None:
+                self.first_body_at = now
+            self.last_body_at = now
+            self.body_events += 1
+
+    def sent(self) -> None:
+        self.send_since = None
+
+    def stalled_s(self, now: float) -> float:
+        """How long the send in progress has waited for the client (0 when none waits)."""
+        return 0.0 if self.send_since is None else now - self.send_since
+
+    # --- the end --------------------------------------------------------------------------
+    async def end(self, outcome: Outcome, message: str = "") -> bool:
+        """End the request with ``outcome``: releases all it holds, once. True if this call
+        ended it; False if it had already ended (the first outcome stands)."""
+        if self.state is RequestState.ENDED:
+            await self._ended.wait()
+            return False
+        self.state = RequestState.ENDED
+        self.outcome, self.end_message = outcome, message
+        if outcome in FORCED_ENDS and self._task is not None and not self._task.done():
+            work = self._force(outcome)
+        else:
+            pending = self._release(self)
+            if pending is None:  # released without suspending: the common case
+                self._ended.set()
+                return True
+            work = self._released(pending)
+        task = asyncio.ensure_future(work)
+        _ENDING.add(task)
+        task.add_done_callback(_ENDING.discard)
+        await asyncio.shield(task)  # completes even if the caller is cancelled meanwhile
+        return True
+
+    async def wait_ended(self) -> None:
+        """Until the end's release has completed."""
+        await self._ended.wait()
+
+    async def _force(self, outcome: Outcome) -> None:
+        # Cancelling the app does not always reach vLLM's generator (a stream blocked in
+        # send holds it suspended outside), so the engine requests are aborted by id too.
+        self._task.cancel()
+        if outcome is not Outcome.EVICTED_ENGINE_FAILED:  # a dead engine would not answer
+            await self._abort_engine()
+        await self._released(self._release(self))
+
+    async def _released(self, pending: Awaitable[None] | None) -> None:
+        try:
+            if pending is not None:
+                await pending
+        finally:
+            self._ended.set()
+
+    async def _abort_engine(self) -> None:
+        if self._abort is None or not self.engine_request_ids:
+            return
+        try:
+            await asyncio.wait_for(self._abort(self.engine_request_ids), ABORT_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - the engine may be gone already
+            logger.warning("could not abort engine request %s", self.engine_request_ids[0], exc_info=True)

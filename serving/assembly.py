@@ -1,0 +1,189 @@
+"""Server assembly: settings -> keys -> model -> engine -> app -> background tasks.
+
+The one place a server is put together; both entry points call it: ``medgemma-serve serve``
+(``serving.launcher``, under vLLM's own uvicorn) and the Ray Serve replica
+(``serving.ray_app``). Nothing here parses a command line, and nothing here imports an
+entry point.
+
+Guarantees:
+- ``prepare_server`` does everything that can fail before an engine process starts: keys
+  file, model check (or the dev checkpoint), media environment, the server's context.
+- ``build_served_app`` attaches, in this order, to vLLM's own app over a running engine:
+  probes, our metrics, the admission layer (in front of every request), the drain and the
+  engine watch. Every background task is started here and kept on ``app.state.medgemma``.
+- The engine's health has one owner (``EngineHealth`` on the context); vLLM's shutdown of
+  the engine marks an orderly stop there, so a stopped engine is no failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from serving import config, devmodel, engine
+from serving.admission.build import Admission, AdmissionSettings, build_admission
+from serving.admission.guard import GuardSettings
+from serving.admission.keys import KeysFileError, KeyStore
+from serving.admission.middleware import MODEL_PATHS, PUBLIC_PATHS
+from serving.cpuaffinity import colocate_engine_core
+from serving.drain import Drainer
+from serving.enginehealth import EngineHealth
+from serving.enginewatch import EngineProgress, EngineWatch
+from serving.metrics import ServingMetrics
+from serving.probes import attach_probes
+from serving.vllm_app import build_vllm_app, limit_openapi, wrap_app
+
+logger = logging.getLogger(__name__)
+
+DEV_MODEL_BANNER = (
+    "\n" + "!" * 78 + "\n"
+    "!! DEV CHECKPOINT: tiny RANDOM weights (%s).\n"
+    "!! Outputs are RANDOM TEXT, not medical answers. Pass --model for the real model.\n"
+    + "!" * 78
+)
+
+
+@dataclass
+class ServerContext:
+    """What one server's parts share: resolved settings, the metrics registry, the engine's health."""
+
+    profile: str
+    model: str
+    served_model_name: str
+    metrics: ServingMetrics
+    admission: AdmissionSettings
+    drain_timeout_s: float = 120.0
+    engine_hang_timeout_s: float = 120.0
+    health: EngineHealth = field(default_factory=EngineHealth)
+
+
+@dataclass
+class ServedApp:
+    """What runs beside the app: admission, the drain, the engine watch, their tasks."""
+
+    admission: Admission
+    drainer: Drainer
+    tasks: list[asyncio.Task]
+
+
+def load_keys(settings: config.ServeSettings) -> KeyStore:
+    if settings.keys_file is None:
+        logger.warning(
+            "no keys file: OPEN MODE, every request shares one anonymous account of %d "
+            "units; pass --keys-file for per-account budgets",
+            settings.open_budget,
+        )
+        return KeyStore.open(settings.open_budget)
+    try:
+        return KeyStore.load(settings.keys_file)
+    except KeysFileError as exc:
+        raise config.SettingsError(str(exc)) from None
+
+
+def prepare_model(settings: config.ServeSettings, resolved: engine.EngineSettings) -> None:
+    """Before serving: build the dev checkpoint if needed, or check the model can be loaded."""
+    if config.uses_dev_model(settings, resolved):
+        devmodel.ensure(settings.dev_model_dir)
+    else:
+        config.check_model_access(resolved.model)
+
+
+def context_from_settings(settings: config.ServeSettings, resolved: engine.EngineSettings, keys: KeyStore) -> ServerContext:
+    """The ServerContext for validated settings, their resolved engine settings and the keys."""
+    return ServerContext(
+        profile=resolved.profile,
+        model=resolved.model,
+        served_model_name=resolved.served_model_name,
+        metrics=ServingMetrics(),
+        admission=AdmissionSettings(
+            keys=keys,
+            keys_file=settings.keys_file,
+            keys_reload_interval_s=settings.keys_reload_interval_s,
+            queue_size=settings.queue_size,
+            queue_timeout_s=settings.queue_timeout_s,
+            engine_headroom=settings.engine_headroom,
+            model_costs=settings.model_costs,
+            redis_url=settings.redis_url,
+            redis_password=settings.redis_password.get_secret_value() if settings.redis_password else None,
+            redis_tls_ca_file=settings.redis_tls_ca_file,
+            lease_ttl_s=settings.lease_ttl_s,
+            redis_timeout_s=settings.redis_timeout_s,
+            ledger_fallback=settings.ledger_fallback,
+            stall_timeout_s=settings.stream_stall_timeout_s,
+            guard=GuardSettings(
+                max_body_bytes=int(settings.max_body_mib * 2**20),
+                body_timeout_s=settings.body_timeout_s,
+                max_image_pixels=settings.max_image_pixels,
+                remote_image_hosts=frozenset(h.lower() for h in settings.remote_image_hosts),
+                remote_image_private_networks=settings.remote_image_private_networks,
+                max_images=settings.max_images_per_prompt,
+            ),
+        ),
+        drain_timeout_s=settings.drain_timeout_s,
+        engine_hang_timeout_s=settings.engine_hang_timeout_s,
+    )
+
+
+def prepare_server(settings: config.ServeSettings, resolved: engine.EngineSettings) -> tuple[list[str], ServerContext]:
+    """Keys, model and environment checked and set up; returns vLLM's argv and the server's
+    context. Raises ``SettingsError`` before any engine process starts."""
+    keys = load_keys(settings)
+    prepare_model(settings, resolved)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", settings.log_level.upper())
+    os.environ.update(engine.media_env(settings.remote_image_timeout_s, settings.remote_image_max_mib))
+    if config.uses_dev_model(settings, resolved):
+        logger.warning(DEV_MODEL_BANNER, resolved.model)
+    logger.info("profile %s, model %s, settings %s", resolved.profile, resolved.model, config.describe(settings))
+    return engine.engine_args(resolved), context_from_settings(settings, resolved, keys)
+
+
+def watch_shutdown(engine_client, health: EngineHealth) -> None:
+    """Mark vLLM's shutdown of the engine as an orderly stop in ``health`` (see ``EngineHealth.stop``)."""
+    shutdown = engine_client.shutdown
+
+    def shutdown_on_purpose(*args, **kwargs):
+        health.stop()
+        return shutdown(*args, **kwargs)
+
+    engine_client.shutdown = shutdown_on_purpose
+
+
+async def build_served_app(
+    args,
+    context: ServerContext,
+    engine_client,
+    *,
+    on_drained: Callable[[], None] | None = None,
+    on_engine_failed: Callable[[], None] | None = None,
+):
+    """vLLM's OpenAI app over a running engine with our layers attached and the drain and
+    engine watch running. ``on_drained`` runs when a drain ends, ``on_engine_failed`` when
+    the engine died or hung (default for both: SIGINT to this process, vLLM's own shutdown)."""
+    from vllm.platforms import current_platform
+    from vllm.v1.metrics.prometheus import get_prometheus_registry
+    from vllm.version import __version__ as vllm_version
+
+    if current_platform.is_cpu():
+        colocate_engine_core()  # or its poll loop starves this process (serving/cpuaffinity.py)
+    health, metrics = context.health, context.metrics
+    health.watch_errored(lambda: engine_client.errored)
+    app = await build_vllm_app(args, engine_client)
+    admission = build_admission(engine_client, context.admission, metrics, health)
+    controller = admission.controller
+    attach_probes(app, health, controller, context.served_model_name)
+    limit_openapi(app, MODEL_PATHS | PUBLIC_PATHS)
+    metrics.set_build(profile=context.profile, model=context.model,
+                      served_model_name=context.served_model_name, vllm_version=vllm_version)  # fmt: skip
+    metrics.engine_ready.set_function(lambda: 0.0 if health.failed else 1.0)
+    get_prometheus_registry().register(metrics.registry)
+    wrap_app(app, admission.middleware)
+    drainer = Drainer(grace_s=context.drain_timeout_s, admission=controller, shutdown=on_drained)
+    watch_shutdown(engine_client, health)
+    watch = EngineWatch(health=health, admission=controller, progress=EngineProgress(engine_client),
+                        hang_timeout_s=context.engine_hang_timeout_s, shutdown=on_engine_failed)  # fmt: skip
+    tasks = [*admission.tasks, asyncio.get_running_loop().create_task(watch.run())]
+    app.state.medgemma = ServedApp(admission, drainer, tasks)
+    return app
