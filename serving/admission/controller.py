@@ -222,8 +222,9 @@ class AdmissionController:
     def release(self, request: AdmittedRequest) -> Awaitable[None] | None:
         """Free the slot and the lease ``request`` holds. Returns None when it is done
         (no I/O was needed), else what to await for the ledger's release."""
-        if request in self._running:
-            self._running.discard(request)
+        running = self._running
+        if request in running:
+            running.remove(request)
             self.queue.release(request.slot)
             self.metrics.inflight_units.labels(plan=request.account.plan.name).dec(request.units)
             self._running_units -= request.units

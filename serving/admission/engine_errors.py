@@ -34,6 +34,10 @@ class ErrorRewriter:
 
     def rewrite(self, message: dict) -> dict | None:
         """The message to send in place of ``message``; None while an error is held."""
+        if self._held_start is None and message["type"] == "http.response.body":  # the hot path
+            if self.streaming and message.get("body", b"").startswith(SSE_ERROR_PREFIX):
+                return {**message, "body": normalised_sse_error(message["body"])}
+            return message
         if message["type"] == "http.response.start":
             self.started = True
             self.streaming = any(

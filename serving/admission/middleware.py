@@ -171,13 +171,14 @@ class AdmissionMiddleware:
                 message = rewriter.rewrite(message)
                 if message is None:
                     return  # an error response, held until the app returns
-            if message["type"] == "http.response.start":
+            is_body = message["type"] == "http.response.body"
+            if not is_body and message["type"] == "http.response.start":
                 message = {**message, "headers": [*message.get("headers", ()), *headers]}
                 request.response_started(message["status"], rewriter.streaming)
-            request.sending(body=message["type"] == "http.response.body" and bool(message.get("body")))
+            request.sending(body=is_body and bool(message.get("body")))
             await send(message)
             request.sent()
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
+            if is_body and not message.get("more_body", False):
                 request.finished = True
                 await request.end(Outcome.COMPLETED)
                 _observe(self.controller.metrics, request, arrived)
@@ -216,7 +217,10 @@ class AdmissionMiddleware:
             held = None if request.forced_end else rewriter.held_error(failure)
             if held is not None:
                 await _send_held(report, *held)
-            await request.end(outcome)
+            if not request.ended:
+                await request.end(outcome)
+            elif not request.released:  # a forced end in progress: its release completes first
+                await request.wait_ended()
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug("served: status %s, %d units, %s, %.3fs", request.status, request.units,
                              request.outcome.value, time.monotonic() - request.began)  # fmt: skip

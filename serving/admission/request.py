@@ -42,6 +42,12 @@ FORCED_ENDS = frozenset({Outcome.EVICTED_CLIENT_STALLED, Outcome.EVICTED_DRAINED
 _ENDING: set[asyncio.Task] = set()  # ends in flight, referenced until done
 
 
+def _forces(outcome: Outcome) -> bool:
+    """``outcome in FORCED_ENDS``, by identity (cheaper than hashing an enum member)."""
+    return (outcome is Outcome.EVICTED_CLIENT_STALLED or outcome is Outcome.EVICTED_DRAINED
+            or outcome is Outcome.EVICTED_ENGINE_FAILED)  # fmt: skip
+
+
 class RequestState(str, Enum):
     QUEUED = "queued"
     ADMITTED = "admitted"
@@ -52,6 +58,11 @@ class RequestState(str, Enum):
 class AdmittedRequest:
     """Created by the admission controller (``decide``/``wait``); ended through ``end``."""
 
+    __slots__ = ("account", "units", "kv_tokens", "state", "outcome", "forced_end", "end_message", "lease", "slot",
+                 "inflight_after", "engine_request_ids", "_release", "_abort", "_task", "_released", "_ended",
+                 "began", "status", "streaming", "finished", "send_since", "first_body_at", "last_body_at",
+                 "body_events", "__weakref__")  # fmt: skip
+
     def __init__(self, account: Account, units: int, tokens: int,
                  release: Callable[[AdmittedRequest], Awaitable[None] | None],
                  abort: Callable[[list[str]], Awaitable[None]] | None = None):  # fmt: skip
@@ -60,6 +71,7 @@ class AdmittedRequest:
         self.kv_tokens = tokens  # estimated KV-cache tokens the slot accounts for
         self.state = RequestState.QUEUED
         self.outcome: Outcome | None = None  # how it ended; the first end stands
+        self.forced_end = False  # the server ended it while it ran (stall, drain, engine failure)
         self.end_message = ""  # what a forced end tells the client
         self.lease: Lease | None = None
         self.slot: Slot | None = None
@@ -68,7 +80,8 @@ class AdmittedRequest:
         self._release = release  # the controller's: frees lease and slot
         self._abort = abort
         self._task: asyncio.Future | None = None  # the vLLM app serving it
-        self._ended = asyncio.Event()
+        self._released = False  # its end has released everything
+        self._ended: asyncio.Event | None = None  # made only for a caller that must wait
         # progress: what the stall watch and client-seen latency read
         self.began = time.monotonic()
         self.status: int | None = None
@@ -93,9 +106,9 @@ class AdmittedRequest:
         return self.state is RequestState.ENDED
 
     @property
-    def forced_end(self) -> bool:
-        """The server ended it while it ran (stall, drain, engine failure)."""
-        return self.outcome in FORCED_ENDS
+    def released(self) -> bool:
+        """Its end has released everything it held."""
+        return self._released
 
     def admitted(self, lease: Lease, slot: Slot, inflight_after: int) -> None:
         self.lease, self.slot, self.inflight_after = lease, slot, inflight_after
@@ -132,26 +145,32 @@ class AdmittedRequest:
         """End the request with ``outcome``: releases all it holds, once. True if this call
         ended it; False if it had already ended (the first outcome stands)."""
         if self.state is RequestState.ENDED:
-            await self._ended.wait()
+            await self.wait_ended()
             return False
         self.state = RequestState.ENDED
         self.outcome, self.end_message = outcome, message
-        if outcome in FORCED_ENDS and self._task is not None and not self._task.done():
+        task = self._task
+        if task is not None and _forces(outcome) and not task.done():
+            self.forced_end = True
             work = self._force(outcome)
         else:
             pending = self._release(self)
             if pending is None:  # released without suspending: the common case
-                self._ended.set()
+                self._released = True
                 return True
-            work = self._released(pending)
-        task = asyncio.ensure_future(work)
-        _ENDING.add(task)
-        task.add_done_callback(_ENDING.discard)
-        await asyncio.shield(task)  # completes even if the caller is cancelled meanwhile
+            work = self._release_then_set(pending)
+        ending = asyncio.ensure_future(work)
+        _ENDING.add(ending)
+        ending.add_done_callback(_ENDING.discard)
+        await asyncio.shield(ending)  # completes even if the caller is cancelled meanwhile
         return True
 
     async def wait_ended(self) -> None:
         """Until the end's release has completed."""
+        if self._released:
+            return
+        if self._ended is None:
+            self._ended = asyncio.Event()
         await self._ended.wait()
 
     async def _force(self, outcome: Outcome) -> None:
@@ -160,14 +179,16 @@ class AdmittedRequest:
         self._task.cancel()
         if outcome is not Outcome.EVICTED_ENGINE_FAILED:  # a dead engine would not answer
             await self._abort_engine()
-        await self._released(self._release(self))
+        await self._release_then_set(self._release(self))
 
-    async def _released(self, pending: Awaitable[None] | None) -> None:
+    async def _release_then_set(self, pending: Awaitable[None] | None) -> None:
         try:
             if pending is not None:
                 await pending
         finally:
-            self._ended.set()
+            self._released = True
+            if self._ended is not None:
+                self._ended.set()
 
     async def _abort_engine(self) -> None:
         if self._abort is None or not self.engine_request_ids:

@@ -121,3 +121,10 @@ def test_end_running_ends_every_running_request_once():
         assert controller.running_count == 0 and controller.busy() == 0 and units_held(controller.ledger) == 0
 
     asyncio.run(scenario())
+
+
+def test_the_forced_ends_are_exactly_the_three_the_server_imposes():
+    from serving.admission.request import _forces
+
+    assert {o for o in Outcome if _forces(o)} == FORCED_ENDS == {
+        Outcome.EVICTED_CLIENT_STALLED, Outcome.EVICTED_DRAINED, Outcome.EVICTED_ENGINE_FAILED}
