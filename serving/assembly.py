@@ -28,6 +28,7 @@ from serving.admission.build import Admission, AdmissionSettings, build_admissio
 from serving.admission.guard import GuardSettings
 from serving.admission.keys import KeysFileError, KeyStore
 from serving.admission.middleware import MODEL_PATHS, PUBLIC_PATHS
+from serving.admission.queue import ClassShares
 from serving.cpuaffinity import colocate_engine_core
 from serving.drain import Drainer
 from serving.enginehealth import EngineHealth
@@ -104,6 +105,9 @@ def context_from_settings(settings: config.ServeSettings, resolved: engine.Engin
             keys_reload_interval_s=settings.keys_reload_interval_s,
             queue_size=settings.queue_size,
             queue_timeout_s=settings.queue_timeout_s,
+            batch_queue_timeout_s=settings.batch_queue_timeout_s,
+            shares=ClassShares(interactive=settings.interactive_share, batch=settings.batch_share),
+            scale_on_batch=settings.scale_on_batch,
             engine_headroom=settings.engine_headroom,
             model_costs=settings.model_costs,
             redis_url=settings.redis_url,

@@ -92,10 +92,28 @@ class ServeSettings(BaseSettings):
         4, ge=1, description="Concurrency units of the anonymous account in open mode."
     )
     queue_size: int = Field(
-        256, ge=0, description="Admitted requests that may wait for a free engine slot."
+        256, ge=0, description="Admitted requests of one priority class that may wait for a free engine slot."
     )
     queue_timeout_s: float = Field(
-        30.0, gt=0, description="How long a request may wait for an engine slot before a 503."
+        30.0, gt=0, description="How long a stat or interactive request may wait for an engine slot before a 503."
+    )
+    batch_queue_timeout_s: float = Field(
+        300.0, gt=0, description="How long a batch request may wait for an engine slot before a 503."
+    )
+    batch_share: float = Field(
+        0.5, gt=0, le=1,
+        description="Share of the engine's slots (max_num_seqs) batch requests may hold; the rest "
+        "stays free for interactive and stat requests.",
+    )  # fmt: skip
+    interactive_share: float = Field(
+        0.9, gt=0, le=1,
+        description="Share of the engine's slots interactive and batch requests may hold together; "
+        "the rest stays free for stat requests.",
+    )  # fmt: skip
+    scale_on_batch: bool = Field(
+        False,
+        description="Count batch requests as autoscaling demand (by default batch only uses idle "
+        "capacity and never adds a replica).",
     )
     drain_timeout_s: float = Field(
         120.0,

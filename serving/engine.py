@@ -256,6 +256,9 @@ def engine_args(settings: EngineSettings) -> list[str]:
         "--max-num-seqs", str(max_num_seqs),
         "--max-num-batched-tokens", str(batched),
         "--generation-config", "auto",
+        # Admission passes each request's class as vLLM's priority (serving.admission.priority):
+        # under KV-cache pressure the engine preempts batch before interactive before stat.
+        "--scheduling-policy", "priority",
     ]  # fmt: skip
     if profile.gpu_memory_utilization is not None:
         args += ["--gpu-memory-utilization", _number(profile.gpu_memory_utilization)]

@@ -30,8 +30,9 @@ class ServingMetrics:
 
         self.admission_total = Counter(
             "medgemma_admission",
-            "Admission decisions by outcome (admitted, rejected_*, evicted_*).",
-            ["outcome"],
+            "Admission decisions by outcome (admitted, rejected_*, evicted_*) and priority class "
+            "(stat, interactive, batch; none for refusals made before the class is known).",
+            ["outcome", "priority"],
             registry=self.registry,
         )
         self.inflight_units = Gauge(
@@ -40,9 +41,23 @@ class ServingMetrics:
             ["plan"],
             registry=self.registry,
         )
+        self.inflight_requests = Gauge(
+            "medgemma_inflight_requests",
+            "Admitted requests holding an engine slot on this replica, by priority class.",
+            ["priority"],
+            registry=self.registry,
+        )
+        for priority in ("stat", "interactive", "batch"):  # exposed from the start
+            self.inflight_requests.labels(priority=priority)
         self.capacity_units = Gauge(
             "medgemma_capacity_units",
             "Concurrent requests this replica's engine takes at once (its max_num_seqs).",
+            registry=self.registry,
+        )
+        self.demand_units = Gauge(
+            "medgemma_demand_units",
+            "The autoscaling signal of this replica: units of the requests it serves or holds "
+            "waiting, of the classes that scale (not batch, unless scale_on_batch).",
             registry=self.registry,
         )
         self.queue_depth = Gauge(
@@ -52,7 +67,8 @@ class ServingMetrics:
         )
         self.queue_wait_seconds = Histogram(
             "medgemma_queue_wait_seconds",
-            "Time admitted requests waited for an engine slot.",
+            "Time admitted requests waited for an engine slot, by priority class.",
+            ["priority"],
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
             registry=self.registry,
         )
@@ -69,7 +85,7 @@ class ServingMetrics:
         self.request_ttft_seconds = Histogram(
             "medgemma_request_ttft_seconds",
             "Time to first token as the client sees it (arrival to first response body bytes).",
-            ["stream"],
+            ["stream", "priority"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -82,7 +98,7 @@ class ServingMetrics:
         self.request_e2e_seconds = Histogram(
             "medgemma_request_e2e_seconds",
             "End-to-end latency as the client sees it (arrival to the response's last byte).",
-            ["stream"],
+            ["stream", "priority"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )

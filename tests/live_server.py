@@ -34,10 +34,14 @@ TEST_PLANS = {
     "big": {"concurrency": 64}, "two": {"concurrency": 2}, "one": {"concurrency": 1},
     # one account each, so units by plan are units by account (test_properties_live)
     "prop1": {"concurrency": 1}, "prop2": {"concurrency": 2}, "prop3": {"concurrency": 3},
+    # priority classes (test_priority): a clinic that may ask for STAT, a backlog that is batch
+    "clinic": {"concurrency": 8, "priority": {"max": "stat", "default": "interactive"}},
+    "bulk": {"concurrency": 64, "priority": {"max": "batch", "default": "batch"}},
 }  # fmt: skip
 TEST_ACCOUNTS = {
     "main": "big", "pair": "two", "pair-disconnect": "two", "loadtest": "big", "loadtest-small": "one",
     "batch-one": "one", "batch-two": "two", "prop-a": "prop1", "prop-b": "prop2", "prop-c": "prop3",
+    "stat-clinic": "clinic", "backlog": "bulk",
 }  # fmt: skip
 START_TIMEOUT_S = float(os.environ.get("MEDGEMMA_TEST_START_TIMEOUT_S", "300"))
 

@@ -27,12 +27,13 @@ def metric(url: str, name: str, **labels: str) -> float:
 
 class Sampler:
     """Scrapes a server's /metrics continuously in a thread and keeps every reading of the
-    named samples (summed over labels), so a test can assert on the highest one seen."""
+    named samples (summed over labels, or over those that include ``labels``), so a test can
+    assert on the highest one seen."""
 
-    def __init__(self, url: str, *names: str, interval_s: float = 0.05):
+    def __init__(self, url: str, *names: str, interval_s: float = 0.05, labels: dict[str, str] | None = None):
         import threading
 
-        self.url, self.names, self.interval_s = url, names, interval_s
+        self.url, self.names, self.interval_s, self.labels = url, names, interval_s, labels or {}
         self.readings: list[dict[str, float]] = []
         self.errors: list[str] = []
         self._stop = threading.Event()
@@ -45,7 +46,7 @@ class Sampler:
             while not self._stop.is_set():
                 try:
                     text = client.get(self.url.rstrip("/") + "/metrics").text
-                    reading = {name: total(text, name) for name in self.names}
+                    reading = {name: total(text, name, **self.labels) for name in self.names}
                 except Exception as exc:  # noqa: BLE001 - kept, and raised by highest()
                     self.errors.append(repr(exc))
                     self._stop.wait(self.interval_s)

@@ -17,12 +17,13 @@ from pathlib import Path
 from serving.admission.clock import MonotonicClock
 from serving.admission.controller import AdmissionController
 from serving.admission.guard import GuardSettings, RequestGuard
+from serving.admission.priority import PriorityClass
 from serving.admission.keyreload import KeyReloader
 from serving.admission.keys import KeyStore
 from serving.admission.ledger import BudgetLedger, InProcessLedger
 from serving.admission.estimate import PromptEstimator, tokenizer_counter
 from serving.admission.middleware import AdmissionMiddleware
-from serving.admission.queue import Capacity, FairQueue
+from serving.admission.queue import Capacity, ClassShares, FairQueue
 from serving.enginehealth import EngineHealth
 from serving.metrics import ServingMetrics
 
@@ -38,6 +39,9 @@ class AdmissionSettings:
     keys_reload_interval_s: float = 2.0
     queue_size: int = 256
     queue_timeout_s: float = 30.0
+    batch_queue_timeout_s: float = 300.0
+    shares: ClassShares = field(default_factory=ClassShares)
+    scale_on_batch: bool = False
     model_costs: dict[str, int] = field(default_factory=lambda: {"medgemma-4b-it": 1})
     redis_url: str | None = None
     redis_password: str | None = field(default=None, repr=False)
@@ -127,11 +131,14 @@ def build_admission(engine_client, settings: AdmissionSettings, metrics: Serving
     controller = AdmissionController(
         settings.keys,
         ledger,
-        FairQueue(capacity, settings.queue_size, clock),
+        FairQueue(capacity, settings.queue_size, clock, shares=settings.shares,
+                  engine_slots=vllm_config.scheduler_config.max_num_seqs),  # fmt: skip
         metrics,
         max_model_len=vllm_config.model_config.max_model_len,
         model_costs=settings.model_costs,
         queue_timeout_s=settings.queue_timeout_s,
+        batch_queue_timeout_s=settings.batch_queue_timeout_s,
+        scale_on_batch=settings.scale_on_batch,
         clock=clock,
         engine_units=vllm_config.scheduler_config.max_num_seqs,
         health=health,
@@ -150,12 +157,17 @@ def build_admission(engine_client, settings: AdmissionSettings, metrics: Serving
     if settings.keys_file is not None:
         reloader = KeyReloader(settings.keys_file, controller, metrics)
         tasks.append(reloader.install(loop, signal.SIGHUP, settings.keys_reload_interval_s))
+    limits = controller.queue.class_limits
     logger.info(
-        "admission: %s, engine capacity %d requests / %d KV tokens, queue %d (timeout %.0fs)",
+        "admission: %s, engine capacity %d requests / %d KV tokens (interactive+batch %d, batch %d), "
+        "queue %d per class (timeout %.0fs, batch %.0fs)",
         "OPEN MODE (no keys file)" if settings.keys.open_mode else f"{len(settings.keys.accounts)} accounts",
         capacity.max_requests,
         capacity.kv_tokens,
+        limits[PriorityClass.INTERACTIVE],
+        limits[PriorityClass.BATCH],
         settings.queue_size,
         settings.queue_timeout_s,
+        settings.batch_queue_timeout_s,
     )
     return Admission(controller, lambda app: AdmissionMiddleware(app, controller, estimator, guard), tasks)

@@ -28,6 +28,7 @@ from serving.admission.keys import Account, KeyStore
 from serving.admission.ledger import BudgetLedger, Grant, LedgerUnavailable
 from serving.admission.outcomes import AdmissionError, Outcome
 from serving.admission.planwait import PlanWaiters
+from serving.admission.priority import PriorityClass
 from serving.admission.queue import FairQueue
 from serving.admission.rates import CompletionRates, retry_after_s
 from serving.admission.request import AdmittedRequest
@@ -51,6 +52,8 @@ class AdmissionController:
         max_model_len: int,
         model_costs: dict[str, int],
         queue_timeout_s: float,
+        batch_queue_timeout_s: float | None = None,
+        scale_on_batch: bool = False,
         clock: Clock | None = None,
         engine_units: int | None = None,
         health: EngineHealth | None = None,
@@ -63,7 +66,11 @@ class AdmissionController:
         self.max_model_len = max_model_len
         self.model_costs = model_costs
         self.default_cost = max(model_costs.values(), default=1)
-        self.queue_timeout_s = queue_timeout_s
+        self.queue_timeouts = {cls: queue_timeout_s for cls in PriorityClass}  # per class
+        if batch_queue_timeout_s is not None:
+            self.queue_timeouts[PriorityClass.BATCH] = batch_queue_timeout_s
+        # Classes whose demand scales the deployment: batch only uses idle capacity unless told.
+        self.scaling_classes = frozenset(c for c in PriorityClass if scale_on_batch or c is not PriorityClass.BATCH)
         self.clock = clock or MonotonicClock()
         self.health = health or EngineHealth()
         self.abort = abort  # aborts engine requests by vLLM's external ids
@@ -71,11 +78,12 @@ class AdmissionController:
         self.completions = CompletionRates(self.clock)
         self.capacity_units = engine_units if engine_units is not None else queue.capacity.max_requests
         metrics.capacity_units.set(self.capacity_units)
+        metrics.demand_units.set_function(self.demand_units)  # what Ray's policy and the rules read
         self._plan_waiters = PlanWaiters()
         self._waiting = asyncio.Event()  # set when a request starts waiting: wakes the ticker
         self._running: set[AdmittedRequest] = set()  # admitted, not yet released
-        self._running_units = 0  # units of the requests admitted here and not yet released
-        self._waiting_units = 0  # units of the requests waiting here (budget or engine slot)
+        self._running_units = {cls: 0 for cls in PriorityClass}  # admitted here, not yet released
+        self._waiting_units = {cls: 0 for cls in PriorityClass}  # waiting here (budget or engine slot)
 
     # --- the decision ------------------------------------------------------------------
     def authenticate(self, api_key: str | None) -> Account:
@@ -84,9 +92,9 @@ class AdmissionController:
             raise self._reject(Outcome.REJECTED_INVALID_KEY, "Invalid or missing API key.")
         return account
 
-    def count(self, outcome: Outcome) -> None:
-        """Count a refusal made before admission (by the request guard)."""
-        self.metrics.admission_total.labels(outcome=outcome.value).inc()
+    def count(self, outcome: Outcome, priority: PriorityClass | None = None) -> None:
+        """Count a decision (the guard's refusals, made before a class is known, too)."""
+        self.metrics.admission_total.labels(outcome=outcome.value, priority=priority.value if priority else "none").inc()
 
     def cost(self, model: str | None) -> int:
         return self.model_costs.get(model or "", self.default_cost)
@@ -101,40 +109,41 @@ class AdmissionController:
         if grant.lease is None:
             if account.plan.queue is not None:
                 return None
-            raise self._over_budget(account, request.units, grant.inflight)
-        slot = self.queue.try_acquire(account.name, request.kv_tokens)
+            raise self._over_budget(account, request.units, grant.inflight, request.priority)
+        slot = self.queue.try_acquire(account.name, request.kv_tokens, request.priority)
         if slot is None:
             self.ledger.release_now(grant.lease)
             return None
-        self.metrics.queue_wait_seconds.observe(0.0)
+        self.metrics.queue_wait_seconds.labels(priority=request.priority.value).observe(0.0)
         return self._admitted(request, grant, slot)
 
     async def wait(self, account: Account, shape: RequestShape) -> AdmittedRequest:
         """The slow path: the ledger's round trip, the plan's queue, the engine's queue.
         Cancelling it (the client left) ends the request and frees whatever it held."""
         request = self._request(account, shape)
-        self._waiting_units += request.units  # demand while it waits for its budget or a slot
+        self._waiting_units[request.priority] += request.units  # demand while it waits
         try:
-            grant = await self._acquire_budget(account, request.units)
+            grant = await self._acquire_budget(account, request.units, request.priority)
             request.lease = grant.lease
-            slot = await self._acquire_slot(account.name, request.kv_tokens)
+            slot = await self._acquire_slot(account.name, request.kv_tokens, request.priority)
         except BaseException as exc:
             outcome = exc.outcome if isinstance(exc, AdmissionError) else Outcome.EVICTED_CLIENT_GONE
             await request.end(outcome)
             raise
         finally:
-            self._waiting_units -= request.units
+            self._waiting_units[request.priority] -= request.units
         return self._admitted(request, grant, slot)
 
     def _request(self, account: Account, shape: RequestShape) -> AdmittedRequest:
         units, tokens = self._check(shape, account)
-        return AdmittedRequest(account, units, tokens, self.release, self.abort)
+        return AdmittedRequest(account, units, tokens, self.release, self.abort, shape.priority)
 
     def _admitted(self, request: AdmittedRequest, grant: Grant, slot) -> AdmittedRequest:
-        self.count(Outcome.ADMITTED)
+        self.count(Outcome.ADMITTED, request.priority)
         request.admitted(grant.lease, slot, grant.inflight)
         self.metrics.inflight_units.labels(plan=request.account.plan.name).inc(request.units)
-        self._running_units += request.units
+        self.metrics.inflight_requests.labels(priority=request.priority.value).inc()
+        self._running_units[request.priority] += request.units
         self._running.add(request)
         return request
 
@@ -143,10 +152,11 @@ class AdmissionController:
         KV tokens). A request costs its model's cost once per engine sequence it creates
         (``n`` per prompt, and a batched completion has several prompts); one that needs
         more units than its plan has could never run, so it gets a 400, not a 429."""
+        priority = shape.priority
         if self.draining:
-            raise self._reject(Outcome.REJECTED_DRAINING, "The server is shutting down.", retry_after=5)
+            raise self._reject(Outcome.REJECTED_DRAINING, "The server is shutting down.", 5, priority)
         if self.health.failed:
-            raise self._reject(Outcome.REJECTED_ENGINE_FAILED, ENGINE_FAILED_MESSAGE, retry_after=10)
+            raise self._reject(Outcome.REJECTED_ENGINE_FAILED, ENGINE_FAILED_MESSAGE, 10, priority)
         units = self.cost(shape.model) * shape.engine_requests
         if units > account.plan.concurrency:
             batch = f"{shape.prompts} prompts x " if shape.prompts > 1 else ""
@@ -155,6 +165,7 @@ class AdmissionController:
                 f"This request needs {units} concurrency units ({batch}n={shape.sequences} x "
                 f"model cost {self.cost(shape.model)}); the account's plan allows "
                 f"{account.plan.concurrency}. Lower n or send fewer prompts at once.",
+                priority=priority,
             )
         max_tokens = shape.max_tokens
         if max_tokens is None:
@@ -165,40 +176,42 @@ class AdmissionController:
                 f"This model's maximum context length is {self.max_model_len} tokens; the "
                 f"request needs at least {shape.prompt_tokens} prompt tokens plus max_tokens "
                 f"{max_tokens}. Shorten the prompt or lower max_tokens.",
+                priority=priority,
             )
         total_prompt = shape.total_prompt_tokens if shape.total_prompt_tokens is not None else shape.prompt_tokens
         return units, total_prompt + max_tokens * shape.engine_requests
 
-    async def _acquire_budget(self, account: Account, units: int) -> Grant:
+    async def _acquire_budget(self, account: Account, units: int, priority: PriorityClass) -> Grant:
         try:
             grant = await self.ledger.acquire(account.name, units, account.plan.concurrency)
         except LedgerUnavailable:
             raise self._reject(
-                Outcome.REJECTED_LEDGER_UNAVAILABLE, "The budget ledger is unavailable; retry shortly.", retry_after=5
+                Outcome.REJECTED_LEDGER_UNAVAILABLE, "The budget ledger is unavailable; retry shortly.", 5, priority
             ) from None
         if grant.lease is not None:
             return grant
         if not self._plan_waiters.has_room(account):
-            raise self._over_budget(account, units, grant.inflight)
+            raise self._over_budget(account, units, grant.inflight, priority)
         self._waiting.set()
         try:
-            return await self._plan_waiters.wait(self.ledger, account, units, self.clock.now())
+            return await self._plan_waiters.wait(self.ledger, account, units, self.clock.now(), priority)
         except asyncio.CancelledError:
-            self.count(Outcome.EVICTED_CLIENT_GONE)
+            self.count(Outcome.EVICTED_CLIENT_GONE, priority)
             raise
 
-    async def _acquire_slot(self, account: str, tokens: int):
+    async def _acquire_slot(self, account: str, tokens: int, priority: PriorityClass):
         if self.health.failed:  # a plan waiter granted budget after the engine failed
-            raise self._reject(Outcome.REJECTED_ENGINE_FAILED, ENGINE_FAILED_MESSAGE, retry_after=10)
-        slot = self.queue.try_acquire(account, tokens)
+            raise self._reject(Outcome.REJECTED_ENGINE_FAILED, ENGINE_FAILED_MESSAGE, 10, priority)
+        waited = self.metrics.queue_wait_seconds.labels(priority=priority.value)
+        slot = self.queue.try_acquire(account, tokens, priority)
         if slot is not None:
-            self.metrics.queue_wait_seconds.observe(0.0)
+            waited.observe(0.0)
             return slot
         try:
-            waiter = self.queue.enqueue(account, tokens, self.queue_timeout_s)
+            waiter = self.queue.enqueue(account, tokens, self.queue_timeouts[priority], priority)
         except AdmissionError as error:
             error.retry_after_s = self._retry_engine()
-            self.count(error.outcome)
+            self.count(error.outcome, priority)
             raise
         self.metrics.queue_depth.set(self.queue.depth)
         self._waiting.set()
@@ -208,14 +221,14 @@ class AdmissionController:
             if error.outcome is Outcome.EVICTED_ENGINE_FAILED:
                 raise  # counted by fail_engine, with its own Retry-After
             error.retry_after_s = self._retry_engine()
-            self.count(error.outcome)
+            self.count(error.outcome, priority)
             raise
         except asyncio.CancelledError:
-            self.count(Outcome.EVICTED_CLIENT_GONE)
+            self.count(Outcome.EVICTED_CLIENT_GONE, priority)
             raise
         finally:
             self.metrics.queue_depth.set(self.queue.depth)
-            self.metrics.queue_wait_seconds.observe(self.queue.waited_s(waiter))
+            waited.observe(self.queue.waited_s(waiter))
         return slot
 
     # --- release (only AdmittedRequest.end calls it) -------------------------------------
@@ -227,7 +240,8 @@ class AdmissionController:
             running.remove(request)
             self.queue.release(request.slot)
             self.metrics.inflight_units.labels(plan=request.account.plan.name).dec(request.units)
-            self._running_units -= request.units
+            self.metrics.inflight_requests.labels(priority=request.priority.value).dec()
+            self._running_units[request.priority] -= request.units
             self.completions.record(request.account.name)
         lease, request.lease = request.lease, None
         if lease is None:
@@ -258,9 +272,10 @@ class AdmissionController:
         running ones."""
         self.health.declare_failed(why)
         error = AdmissionError(Outcome.EVICTED_ENGINE_FAILED, ENGINE_FAILED_MESSAGE, retry_after_s=10)
+        for priority in PriorityClass:
+            for _ in range(self.queue.depth_of(priority)):
+                self.count(Outcome.EVICTED_ENGINE_FAILED, priority)
         evicted = self.queue.fail_all(error)
-        for _ in range(evicted):
-            self.count(Outcome.EVICTED_ENGINE_FAILED)
         self.metrics.queue_depth.set(self.queue.depth)
         return evicted
 
@@ -294,8 +309,9 @@ class AdmissionController:
 
     def demand_units(self) -> int:
         """The autoscaling signal of this replica: units of the requests it serves plus those
-        of the requests waiting here for their plan's budget or an engine slot."""
-        return self._running_units + self._waiting_units
+        of the requests waiting here for their plan's budget or an engine slot, of the
+        classes that scale (``scaling_classes``: not batch, unless ``scale_on_batch``)."""
+        return sum(self._running_units[c] + self._waiting_units[c] for c in self.scaling_classes)
 
     def busy(self) -> int:
         """Admitted requests not yet finished: on the engine, queued for it, or waiting on
@@ -326,10 +342,11 @@ class AdmissionController:
                 logger.exception("admission tick failed")
 
     # --- errors and Retry-After ------------------------------------------------------------
-    def _expired_plan_wait(self, account: Account, units: int) -> AdmissionError:
-        return self._over_budget(account, units, account.plan.concurrency, waited=True)
+    def _expired_plan_wait(self, account: Account, units: int, priority: PriorityClass) -> AdmissionError:
+        return self._over_budget(account, units, account.plan.concurrency, priority, waited=True)
 
-    def _over_budget(self, account: Account, units: int, inflight: int, waited: bool = False) -> AdmissionError:
+    def _over_budget(self, account: Account, units: int, inflight: int, priority: PriorityClass,
+                     waited: bool = False) -> AdmissionError:  # fmt: skip
         rate = self.completions.of(account.name).per_second()
         message = (
             f"Concurrency limit reached: the account's plan allows {account.plan.concurrency} "
@@ -337,11 +354,12 @@ class AdmissionController:
         )
         if waited:
             message += " The request waited for its plan's queue deadline."
-        return self._reject(Outcome.REJECTED_CONCURRENCY_LIMIT, message, retry_after=retry_after_s(units, rate))
+        return self._reject(Outcome.REJECTED_CONCURRENCY_LIMIT, message, retry_after_s(units, rate), priority)
 
     def _retry_engine(self) -> int:
         return retry_after_s(self.queue.depth + 1, self.completions.all.per_second())
 
-    def _reject(self, outcome: Outcome, message: str, retry_after: float | None = None) -> AdmissionError:
-        self.count(outcome)
+    def _reject(self, outcome: Outcome, message: str, retry_after: float | None = None,
+                priority: PriorityClass | None = None) -> AdmissionError:  # fmt: skip
+        self.count(outcome, priority)
         return AdmissionError(outcome, message, retry_after)

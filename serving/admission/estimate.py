@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from serving.admission.guard import count_images
+from serving.admission.priority import PriorityClass
 
 MESSAGE_OVERHEAD_TOKENS = 3  # <start_of_turn>role\n ... <end_of_turn>: a lower bound
 CHUNK_CHARS = 8192  # ~2 ms of tokenizer time on this machine
@@ -37,6 +38,7 @@ class RequestShape:
     sequences: int = 1  # n: completions generated at once per prompt, each holding the model's cost
     prompts: int = 1  # engine requests the body creates (a batched /v1/completions has several)
     total_prompt_tokens: int | None = None  # all prompts together (default: prompt_tokens)
+    priority: PriorityClass = PriorityClass.INTERACTIVE  # its class (serving.admission.priority)
 
     @property
     def engine_requests(self) -> int:

@@ -13,11 +13,18 @@ File format::
 
     plans:
       starter: {concurrency: 2}
-      clinic:  {concurrency: 8, queue: {max_waiting: 16, timeout_s: 30}}
+      clinic:  {concurrency: 8, queue: {max_waiting: 16, timeout_s: 30},
+                priority: {max: stat, default: interactive}}
     accounts:
       st-marys: {plan: clinic}
     keys:
       - {sha256: 9f86d0..., account: st-marys, label: "radiology PACS"}
+      - {sha256: 3c1b7e..., account: st-marys, label: "overnight drafts",
+         priority: {max: batch, default: batch}}
+
+A plan's ``priority`` names the most urgent class its requests may ask for and the class
+they get unasked (both ``interactive`` when absent); a key's ``priority`` replaces its
+plan's for that key alone (``serving.admission.priority``).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from pathlib import Path
 import yaml
 
 from serving.admission.keysfile import KeysFileError, parse_keys_file
+from serving.admission.priority import PriorityClass
 
 KEY_PREFIX = "mgk_"
 OPEN_ACCOUNT = "anonymous"
@@ -51,12 +59,24 @@ class Plan:
     name: str
     concurrency: int
     queue: PlanQueue | None = None
+    max_class: PriorityClass = PriorityClass.INTERACTIVE  # the most urgent class it may ask for
+    default_class: PriorityClass = PriorityClass.INTERACTIVE  # what a request gets unasked
 
 
 @dataclass(frozen=True)
 class Account:
+    """An account as one key sees it: its plan, and the classes that key may use."""
+
     name: str
     plan: Plan
+    max_class: PriorityClass | None = None  # None: the plan's
+    default_class: PriorityClass | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_class is None:
+            object.__setattr__(self, "max_class", self.plan.max_class)
+        if self.default_class is None:
+            object.__setattr__(self, "default_class", self.plan.default_class)
 
 
 def hash_key(key: str) -> str:
@@ -75,7 +95,8 @@ class KeyStore:
 
     @classmethod
     def open(cls, budget: int) -> KeyStore:
-        plan = Plan(OPEN_PLAN, budget)
+        """Open mode (development): one anonymous account that may use every class."""
+        plan = Plan(OPEN_PLAN, budget, max_class=PriorityClass.STAT)
         return cls({OPEN_ACCOUNT: Account(OPEN_ACCOUNT, plan)}, open_mode=True)
 
     @classmethod
@@ -96,11 +117,20 @@ class KeyStore:
                 name,
                 plan.concurrency,
                 PlanQueue(plan.queue.max_waiting, plan.queue.timeout_s) if plan.queue else None,
+                PriorityClass(plan.priority.max),
+                PriorityClass(plan.priority.default),
             )
             for name, plan in spec.plans.items()
         }
         accounts = {name: Account(name, plans[account.plan]) for name, account in spec.accounts.items()}
-        return cls(accounts, {key.sha256: key.account for key in spec.keys})
+        store = cls(accounts, {key.sha256: key.account for key in spec.keys})
+        for key in spec.keys:
+            if key.priority is not None:  # this key's classes in place of its plan's
+                store._key_accounts[key.sha256] = Account(
+                    key.account, plans[spec.accounts[key.account].plan],
+                    PriorityClass(key.priority.max), PriorityClass(key.priority.default),
+                )  # fmt: skip
+        return store
 
     def __post_init__(self) -> None:
         # Candidates are found by a short digest prefix, then every candidate's full digest
@@ -108,6 +138,7 @@ class KeyStore:
         self._buckets: dict[str, list[tuple[str, str]]] = {}
         for digest, account in self.key_hashes.items():
             self._buckets.setdefault(digest[:4], []).append((digest, account))
+        self._key_accounts: dict[str, Account] = {}  # keys whose classes differ from their plan's
 
     def authenticate(self, key: str | None) -> Account | None:
         """The account ``key`` belongs to, or None. Open mode accepts any key or none."""
@@ -119,8 +150,10 @@ class KeyStore:
         found = None
         for candidate, account in self._buckets.get(digest[:4], ()):
             if hmac.compare_digest(candidate, digest):
-                found = account
-        return self.accounts[found] if found is not None else None
+                found = candidate, account
+        if found is None:
+            return None
+        return self._key_accounts.get(found[0]) or self.accounts[found[1]]
 
 
 def add_key(

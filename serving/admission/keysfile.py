@@ -13,7 +13,7 @@ Guarantees:
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
@@ -40,9 +40,27 @@ class PlanQueueSpec(_Strict):
         return value
 
 
+PriorityName = Literal["stat", "interactive", "batch"]
+_RANK = {"stat": 0, "interactive": 1, "batch": 2}
+
+
+class PrioritySpec(_Strict):
+    """The most urgent class requests may ask for (``max``) and what they get unasked (``default``)."""
+
+    max: PriorityName = "interactive"
+    default: PriorityName = "interactive"
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> PrioritySpec:
+        if _RANK[self.default] < _RANK[self.max]:
+            raise ValueError(f"default {self.default!r} is more urgent than max {self.max!r}")
+        return self
+
+
 class PlanSpec(_Strict):
     concurrency: Annotated[StrictInt, Field(ge=1)]
     queue: PlanQueueSpec | None = None
+    priority: PrioritySpec = Field(default_factory=PrioritySpec)
 
 
 class AccountSpec(_Strict):
@@ -53,6 +71,7 @@ class KeySpec(_Strict):
     sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$", strict=True)]
     account: Annotated[str, Field(min_length=1, strict=True)]
     label: Annotated[str, Field(strict=True)] | None = None
+    priority: PrioritySpec | None = None  # this key's classes, in place of its plan's
 
     @field_validator("sha256")
     @classmethod

@@ -1,7 +1,8 @@
 """The ASGI adapter that puts admission in front of vLLM's model endpoints, in-process.
 
 A request's life, top to bottom in ``AdmissionMiddleware.__call__``: request id -> route ->
-``controller.authenticate`` -> guard (body, JSON, media) -> ``estimator.shape`` ->
+``controller.authenticate`` -> guard (body, JSON, media) -> priority class ->
+``estimator.shape`` ->
 ``controller.decide`` (or ``controller.wait``, raced against the client leaving) ->
 ``_serve``: vLLM's app runs, progress is reported to the ``AdmittedRequest`` -> its ``end``.
 
@@ -18,7 +19,10 @@ Guarantees:
   own), the app returned or raised, or the server ended it (``controller.end_running`` /
   ``end_stalled``: then the client gets a clear error, or nothing if it stopped reading).
 - A client that disconnects while queued leaves the queue and gets nothing.
-- Bodies are read once and replayed to vLLM unchanged; request content is never logged.
+- Each request runs in one priority class (``priority``: asked for with ``x-priority`` or the
+  body's ``priority``, bounded by its key); vLLM gets the class as the body's ``priority``,
+  appended to the body as read. Otherwise bodies are read once and replayed to vLLM
+  unchanged; request content is never logged.
   vLLM's own errors get a string ``code`` (``engine_errors``).
 """
 
@@ -36,6 +40,7 @@ from serving.admission.estimate import PromptEstimator, RequestShape
 from serving.admission.guard import RequestGuard
 from serving.admission.keys import Account
 from serving.admission.outcomes import AdmissionError, Outcome, error_response
+from serving.admission.priority import requested_class, with_priority
 from serving.admission.request import AdmittedRequest
 from serving.logs import request_id_var
 
@@ -115,11 +120,14 @@ class AdmissionMiddleware:
                 return  # the client left while sending its body
             parsed = self.guard.parse(body)
             await self.guard.check_images(parsed)
+            priority = requested_class(scope, parsed, account.default_class, account.max_class)
         except AdmissionError as error:
             self.controller.count(error.outcome)
             await _send_error(send, error, account.plan.concurrency, await self.controller.remaining(account))
             return
         shape = await self.estimator.shape(path, parsed)
+        shape.priority = priority
+        body = with_priority(body, priority.vllm_priority)  # vLLM schedules (and preempts) by class
         request = await self._admit(account, shape, receive, send)
         if request is not None:
             await self._serve(scope, body, receive, send, request, arrived, shape.prompts)
@@ -197,6 +205,9 @@ class AdmissionMiddleware:
         replayed = False
         rewriter = ErrorRewriter()
         ids = engine_request_ids(scope, request_id_var.get().encode(), prompts)
+        if any(k == b"content-length" for k, _ in scope["headers"]):  # the body as replayed
+            scope["headers"] = [*((k, v) for k, v in scope["headers"] if k != b"content-length"),
+                                (b"content-length", str(len(body)).encode())]  # fmt: skip
         task = asyncio.ensure_future(self.app(scope, replay, report))
         request.serve(task, ids)
         failure: BaseException | None = None
@@ -230,9 +241,9 @@ def _observe(metrics, request: AdmittedRequest, arrived: float) -> None:
     """Client-seen latency of a request that ran to its end with a 2xx."""
     if request.first_body_at is None or not 200 <= (request.status or 0) < 300:
         return
-    stream = "true" if request.streaming else "false"
-    metrics.request_ttft_seconds.labels(stream=stream).observe(request.first_body_at - arrived)
-    metrics.request_e2e_seconds.labels(stream=stream).observe(time.monotonic() - arrived)
+    stream, priority = "true" if request.streaming else "false", request.priority.value
+    metrics.request_ttft_seconds.labels(stream=stream, priority=priority).observe(request.first_body_at - arrived)
+    metrics.request_e2e_seconds.labels(stream=stream, priority=priority).observe(time.monotonic() - arrived)
     if request.streaming and request.body_events > 2:  # the last event is "[DONE]"
         gaps = request.body_events - 2
         metrics.request_tpot_seconds.observe((request.last_body_at - request.first_body_at) / gaps)

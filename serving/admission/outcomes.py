@@ -36,6 +36,8 @@ class Outcome(str, Enum):
     REJECTED_UNSUPPORTED_MEDIA = "rejected_unsupported_media"
     REJECTED_TOO_MANY_IMAGES = "rejected_too_many_images"
     REJECTED_NOT_FOUND = "rejected_not_found"
+    REJECTED_INVALID_PRIORITY = "rejected_invalid_priority"
+    REJECTED_PRIORITY_NOT_ALLOWED = "rejected_priority_not_allowed"
     REJECTED_ENGINE_FAILED = "rejected_engine_failed"
     EVICTED_QUEUE_TIMEOUT = "evicted_queue_timeout"
     EVICTED_CLIENT_GONE = "evicted_client_gone"
@@ -70,6 +72,8 @@ HTTP_ERRORS: dict[Outcome, HttpError] = {
     Outcome.REJECTED_UNSUPPORTED_MEDIA: HttpError(400, "unsupported_media", "invalid_request_error", False),
     Outcome.REJECTED_TOO_MANY_IMAGES: HttpError(400, "too_many_images", "invalid_request_error", False),
     Outcome.REJECTED_NOT_FOUND: HttpError(404, "not_found", "invalid_request_error", False),
+    Outcome.REJECTED_INVALID_PRIORITY: HttpError(400, "invalid_priority", "invalid_request_error", False),
+    Outcome.REJECTED_PRIORITY_NOT_ALLOWED: HttpError(403, "priority_not_allowed", "permission_error", False),
     Outcome.REJECTED_ENGINE_FAILED: HttpError(503, "engine_unavailable", "service_unavailable", True),
     Outcome.EVICTED_ENGINE_FAILED: HttpError(503, "engine_unavailable", "service_unavailable", True),
     Outcome.EVICTED_QUEUE_TIMEOUT: HttpError(503, "queue_timeout", "service_unavailable", True),

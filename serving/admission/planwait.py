@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from serving.admission.keys import Account
 from serving.admission.ledger import BudgetLedger, Grant
 from serving.admission.outcomes import AdmissionError
+from serving.admission.priority import PriorityClass
 from serving.admission.queue import granted
 
 
@@ -29,6 +30,7 @@ class _PlanWaiter:
     units: int
     deadline: float
     future: asyncio.Future
+    priority: PriorityClass = PriorityClass.INTERACTIVE
 
 
 class PlanWaiters:
@@ -45,11 +47,12 @@ class PlanWaiters:
         plan_queue = account.plan.queue
         return plan_queue is not None and len(self._waiters.get(account.name, ())) < plan_queue.max_waiting
 
-    async def wait(self, ledger: BudgetLedger, account: Account, units: int, now: float) -> Grant:
+    async def wait(self, ledger: BudgetLedger, account: Account, units: int, now: float,
+                   priority: PriorityClass = PriorityClass.INTERACTIVE) -> Grant:  # fmt: skip
         """Wait for the account's budget until the plan's deadline (``expire`` ends it)."""
         waiters = self._waiters.setdefault(account.name, deque())
         waiter = _PlanWaiter(account, units, now + account.plan.queue.timeout_s,
-                             asyncio.get_running_loop().create_future())  # fmt: skip
+                             asyncio.get_running_loop().create_future(), priority)  # fmt: skip
         waiters.append(waiter)
         try:
             return await waiter.future
@@ -81,12 +84,12 @@ class PlanWaiters:
             head.future.set_result(grant)
             return
 
-    def expire(self, now: float, over_budget: Callable[[Account, int], AdmissionError]) -> None:
-        """Waiters past their deadline get ``over_budget(account, units)``."""
+    def expire(self, now: float, over_budget: Callable[[Account, int, PriorityClass], AdmissionError]) -> None:
+        """Waiters past their deadline get ``over_budget(account, units, priority)``."""
         for waiters in self._waiters.values():
             for waiter in waiters:
                 if waiter.deadline <= now and not waiter.future.done():
-                    waiter.future.set_exception(over_budget(waiter.account, waiter.units))
+                    waiter.future.set_exception(over_budget(waiter.account, waiter.units, waiter.priority))
 
     async def retry(self, ledger: BudgetLedger, accounts: dict[str, Account]) -> None:
         """Try every waiting account again (units may have been freed on other replicas)."""

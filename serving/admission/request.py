@@ -28,6 +28,7 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 from serving.admission.outcomes import Outcome
+from serving.admission.priority import PriorityClass
 
 if TYPE_CHECKING:
     from serving.admission.keys import Account
@@ -65,10 +66,12 @@ class AdmittedRequest:
 
     def __init__(self, account: Account, units: int, tokens: int,
                  release: Callable[[AdmittedRequest], Awaitable[None] | None],
-                 abort: Callable[[list[str]], Awaitable[None]] | None = None):  # fmt: skip
+                 abort: Callable[[list[str]], Awaitable[None]] | None = None,
+                 priority: PriorityClass = PriorityClass.INTERACTIVE):  # fmt: skip
         self.account = account
         self.units = units  # concurrency units charged (model cost x engine requests)
         self.kv_tokens = tokens  # estimated KV-cache tokens the slot accounts for
+        self.priority = priority  # its class: which engine slots it may use
         self.state = RequestState.QUEUED
         self.outcome: Outcome | None = None  # how it ended; the first end stands
         self.forced_end = False  # the server ended it while it ran (stall, drain, engine failure)

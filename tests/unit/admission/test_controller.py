@@ -71,8 +71,8 @@ def test_budget_is_enforced_and_released():
         await t3.end(Outcome.COMPLETED)
         assert units_held(ledger) == 0 and c.queue.inflight_requests == 0
         out = text(metrics)
-        assert 'medgemma_admission_total{outcome="admitted"} 3.0' in out
-        assert 'medgemma_admission_total{outcome="rejected_concurrency_limit"} 1.0' in out
+        assert 'medgemma_admission_total{outcome="admitted",priority="interactive"} 3.0' in out
+        assert 'medgemma_admission_total{outcome="rejected_concurrency_limit",priority="interactive"} 1.0' in out
         assert 'medgemma_inflight_units{plan="small"} 0.0' in out
         assert "medgemma_capacity_units 8.0" in out
     asyncio.run(scenario())
@@ -201,7 +201,7 @@ def test_engine_queue_then_timeout_releases_the_budget():
         assert info.value.outcome is Outcome.EVICTED_QUEUE_TIMEOUT
         assert await ledger.inflight("a") == 0
         await first.end(Outcome.COMPLETED)
-        assert 'medgemma_admission_total{outcome="evicted_queue_timeout"} 1.0' in text(metrics)
+        assert 'medgemma_admission_total{outcome="evicted_queue_timeout",priority="interactive"} 1.0' in text(metrics)
         assert "medgemma_queue_depth 0.0" in text(metrics)
     asyncio.run(scenario())
 
@@ -218,7 +218,7 @@ def test_client_leaving_the_engine_queue_releases_everything():
         assert await ledger.inflight("a") == 0 and c.queue.depth == 0
         await first.end(Outcome.COMPLETED)
         assert c.queue.inflight_requests == 0
-        assert 'outcome="evicted_client_gone"} 1.0' in text(metrics)
+        assert 'outcome="evicted_client_gone",priority="interactive"} 1.0' in text(metrics)
     asyncio.run(scenario())
 
 
@@ -290,7 +290,7 @@ def test_admit_now_decides_without_suspending_when_everything_fits():
         a = account(c, "a")
         request = c.decide(a, shape())
         assert request is not None and request.remaining == 1
-        assert 'medgemma_admission_total{outcome="admitted"} 1.0' in text(metrics)
+        assert 'medgemma_admission_total{outcome="admitted",priority="interactive"} 1.0' in text(metrics)
         # The engine is full: no decision now, and no lease is left behind.
         assert c.decide(a, shape()) is None
         assert units_held(ledger) == 1
@@ -354,3 +354,33 @@ def test_demand_units_count_served_and_waiting_requests_for_autoscaling():
             await (await waiter).end(Outcome.COMPLETED)
         assert c.demand_units() == 0
     asyncio.run(scenario())
+
+
+def test_batch_demand_never_scales_unless_told_and_each_class_has_its_queue_deadline():
+    from serving.admission.priority import PriorityClass
+
+    async def scenario(scale_on_batch):
+        clock = FakeClock()
+        c = AdmissionController(
+            KeyStore.from_dict(KEYS), InProcessLedger(), FairQueue(Capacity(1, 100_000), 4, clock),
+            ServingMetrics(CollectorRegistry()), max_model_len=4096, model_costs={"medgemma-4b-it": 1},
+            queue_timeout_s=10, batch_queue_timeout_s=300, scale_on_batch=scale_on_batch, clock=clock,
+        )  # fmt: skip
+        b = account(c, "b")
+        batch = RequestShape("medgemma-4b-it", 10, 10, priority=PriorityClass.BATCH)
+        running = c.decide(b, batch)
+        waiting = asyncio.ensure_future(c.wait(b, batch))
+        interactive = asyncio.ensure_future(c.wait(b, shape()))
+        await asyncio.sleep(0)
+        demand = c.demand_units()
+        clock.advance(11)  # past interactive's deadline, far from batch's
+        await c.tick()
+        with pytest.raises(AdmissionError) as info:
+            await interactive
+        assert info.value.outcome is Outcome.EVICTED_QUEUE_TIMEOUT and not waiting.done()
+        await running.end(Outcome.COMPLETED)
+        await (await asyncio.wait_for(waiting, 1)).end(Outcome.COMPLETED)
+        return demand
+
+    assert asyncio.run(scenario(False)) == 1  # the waiting interactive request; batch is idle-capacity work
+    assert asyncio.run(scenario(True)) == 3

@@ -103,7 +103,9 @@ def test_admitted_stream_gets_headers_body_replayed_and_units_released_at_the_en
         scope, payload = request(CHAT)
         client = Client(payload)
         await mw(scope, client.receive, client.send)
-        assert app.bodies == [payload]  # vLLM sees the body unchanged
+        # vLLM sees the body as sent, with the request's class as its scheduling priority
+        assert len(app.bodies) == 1 and json.loads(app.bodies[0]) == {**CHAT, "priority": 0}
+        assert app.bodies[0].startswith(payload[:-1])  # appended, not re-encoded
         assert client.status == 200
         assert client.headers[b"x-ratelimit-limit-concurrency"] == b"2"
         assert client.headers[b"x-ratelimit-remaining-concurrency"] == b"1"
@@ -485,10 +487,10 @@ def test_client_seen_latency_is_recorded_for_completed_requests_only():
 
     metrics = asyncio.run(scenario())
     registry = metrics.registry
-    assert registry.get_sample_value("medgemma_request_ttft_seconds_count", {"stream": "true"}) == 1
-    ttft = registry.get_sample_value("medgemma_request_ttft_seconds_sum", {"stream": "true"})
-    e2e = registry.get_sample_value("medgemma_request_e2e_seconds_sum", {"stream": "true"})
+    assert registry.get_sample_value("medgemma_request_ttft_seconds_count", {"stream": "true", "priority": "interactive"}) == 1
+    ttft = registry.get_sample_value("medgemma_request_ttft_seconds_sum", {"stream": "true", "priority": "interactive"})
+    e2e = registry.get_sample_value("medgemma_request_e2e_seconds_sum", {"stream": "true", "priority": "interactive"})
     tpot = registry.get_sample_value("medgemma_request_time_per_output_token_seconds_sum")
     assert 0.05 <= ttft < e2e
     assert 0.007 <= tpot < 0.05  # ~30 ms / 4 gaps
-    assert b'medgemma_request_e2e_seconds_bucket{le="0.1",stream="true"}' in generate_latest(registry)
+    assert b'medgemma_request_e2e_seconds_bucket{le="0.1",priority="interactive",stream="true"}' in generate_latest(registry)

@@ -25,6 +25,8 @@ EXPECTED = {
     Outcome.REJECTED_ENGINE_FAILED: (503, "engine_unavailable", True),
     Outcome.EVICTED_ENGINE_FAILED: (503, "engine_unavailable", True),
     Outcome.EVICTED_DRAINED: (503, "draining", True),
+    Outcome.REJECTED_INVALID_PRIORITY: (400, "invalid_priority", False),
+    Outcome.REJECTED_PRIORITY_NOT_ALLOWED: (403, "priority_not_allowed", False),
 }
 # The successes, and the ends whose client gets nothing (it left, or stopped reading).
 NO_RESPONSE = {Outcome.ADMITTED, Outcome.COMPLETED, Outcome.EVICTED_CLIENT_GONE, Outcome.EVICTED_CLIENT_STALLED}

@@ -19,7 +19,8 @@ from serving.admission.controller import AdmissionController, RequestShape
 from serving.admission.keys import KeyStore
 from serving.admission.ledger import InProcessLedger
 from serving.admission.outcomes import AdmissionError, Outcome
-from serving.admission.queue import Capacity, FairQueue
+from serving.admission.priority import CLASSES, PriorityClass
+from serving.admission.queue import Capacity, ClassShares, FairQueue
 from serving.metrics import ServingMetrics
 from tests.unit.admission.ledgers import units_held
 
@@ -30,7 +31,9 @@ PLANS = {
     },
     "accounts": {"a": {"plan": "one"}, "b": {"plan": "three"}, "c": {"plan": "three"}},
 }
-CAPACITY = Capacity(max_requests=3, kv_tokens=300)
+CAPACITY = Capacity(max_requests=5, kv_tokens=300)
+ENGINE_SLOTS = 4  # batch may hold 2 of them, interactive and batch together 3
+SHARES = ClassShares(interactive=0.75, batch=0.5)
 MAX_WAITING = 3
 
 
@@ -41,7 +44,8 @@ class AdmissionMachine(RuleBasedStateMachine):
         self.clock = FakeClock()
         self.ledger = InProcessLedger()
         self.controller = AdmissionController(
-            KeyStore.from_dict(PLANS), self.ledger, FairQueue(CAPACITY, MAX_WAITING, self.clock),
+            KeyStore.from_dict(PLANS), self.ledger,
+            FairQueue(CAPACITY, MAX_WAITING, self.clock, shares=SHARES, engine_slots=ENGINE_SLOTS),
             ServingMetrics(CollectorRegistry()), max_model_len=200,
             model_costs={"medgemma-4b-it": 1}, queue_timeout_s=5, clock=self.clock,
         )  # fmt: skip
@@ -63,10 +67,10 @@ class AdmissionMachine(RuleBasedStateMachine):
 
     @rule(
         account=st.sampled_from("abc"), prompt=st.integers(1, 150), max_tokens=st.integers(1, 100),
-        fast_path=st.booleans(),
+        fast_path=st.booleans(), priority=st.sampled_from(list(PriorityClass)),
     )  # fmt: skip
-    def request(self, account, prompt, max_tokens, fast_path):
-        shape = RequestShape("medgemma-4b-it", prompt, max_tokens)
+    def request(self, account, prompt, max_tokens, fast_path, priority):
+        shape = RequestShape("medgemma-4b-it", prompt, max_tokens, priority=priority)
         acct = self.controller.keys.accounts[account]
         if fast_path:  # as the middleware does: decide without suspending, else wait
             try:
@@ -118,7 +122,20 @@ class AdmissionMachine(RuleBasedStateMachine):
         held = sum(t.lease.units for t in self.admitted)
         queue = self.controller.queue
         assert queue.inflight_requests <= CAPACITY.max_requests
-        assert queue.depth <= MAX_WAITING
+        assert all(queue.depth_of(cls) <= MAX_WAITING for cls in PriorityClass)
+        # The reservation: each class and the less urgent ones together stay within its limit.
+        for cls in PriorityClass:
+            group = sum(queue.inflight_of(c) for c in PriorityClass if c.rank >= cls.rank)
+            assert group <= queue.class_limits[cls], (cls, group)
+        # No class waits that could run now (the most urgent waiting class's head does not
+        # fit), and nothing less urgent runs past a more urgent request that could.
+        waiting = [cls for cls in CLASSES if queue.depth_of(cls)]
+        if waiting:
+            queues = queue._waiting[waiting[0]]
+            head = min((q[0] for q in queues.values()), key=lambda w: (queue.service(w.account), w.seq))
+            assert not queue._fits(head.tokens, waiting[0]), "a waiting request could have run"
+        assert {r.priority for r in self.admitted} <= set(PriorityClass)
+        assert sum(1 for r in self.admitted if r.priority is PriorityClass.BATCH) == queue.inflight_of(PriorityClass.BATCH)
         # Units are held by admitted admitted and by requests waiting for an engine slot.
         assert held <= units_held(self.ledger)
         assert queue.inflight_requests == len(self.admitted)
