@@ -59,7 +59,7 @@ class RequestState(str, Enum):
 class AdmittedRequest:
     """Created by the admission controller (``decide``/``wait``); ended through ``end``."""
 
-    __slots__ = ("account", "units", "kv_tokens", "state", "outcome", "forced_end", "end_message", "lease", "slot",
+    __slots__ = ("account", "units", "kv_tokens", "priority", "state", "outcome", "forced_end", "end_message", "lease", "slot",
                  "inflight_after", "engine_request_ids", "_release", "_abort", "_task", "_released", "_ended",
                  "began", "status", "streaming", "finished", "send_since", "first_body_at", "last_body_at",
                  "body_events", "__weakref__")  # fmt: skip
