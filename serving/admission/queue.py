@@ -175,6 +175,7 @@ class FairQueue:
             self._depth[waiter.priority] -= 1
             if not queue:
                 del queues[waiter.account]
+            self._dispatch()  # it may have been the head that held the others back
         elif granted(waiter.future):
             self.release(waiter.future.result())
         if not waiter.future.done():

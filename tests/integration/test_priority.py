@@ -39,15 +39,21 @@ def test_a_batch_flood_holds_only_its_share_and_stat_never_waits_or_is_refused(s
     before = scrape(server.url)
     batch_headers = {"Authorization": f"Bearer {server.keys['backlog']}"}  # batch by default
     flood_statuses: list[int] = []
+    flood_failures: list[str] = []
     stop = threading.Event()
 
     def batch_worker():
-        with httpx.Client(timeout=300) as client:
-            while not stop.is_set():
-                with client.stream("POST", server.base_url + "/chat/completions", json=chat(200),
-                                   headers=batch_headers) as response:  # fmt: skip
-                    response.read()
-                    flood_statuses.append(response.status_code)
+        try:
+            with httpx.Client(timeout=300) as client:
+                while not stop.is_set():
+                    with client.stream("POST", server.base_url + "/chat/completions", json=chat(200),
+                                       headers=batch_headers) as response:  # fmt: skip
+                        body = response.read()
+                        flood_statuses.append(response.status_code)
+                        if not body.rstrip().endswith(b"data: [DONE]") or b'"error"' in body:
+                            flood_failures.append(body[-300:].decode(errors="replace"))
+        except Exception as exc:  # noqa: BLE001 - reported by the test, not lost in a thread
+            flood_failures.append(repr(exc))
 
     stat = openai.OpenAI(base_url=server.base_url, api_key=server.keys["stat-clinic"], max_retries=0, timeout=120)
     workers = [threading.Thread(target=batch_worker, daemon=True) for _ in range(FLOOD)]
@@ -67,7 +73,7 @@ def test_a_batch_flood_holds_only_its_share_and_stat_never_waits_or_is_refused(s
         for worker in workers:
             worker.join(300)
     assert len(stat_results) == 6 and all(text for text, _ in stat_results)  # 0 STAT refusals
-    assert set(flood_statuses) == {200}, sorted(set(flood_statuses))
+    assert set(flood_statuses) == {200} and not flood_failures, (sorted(set(flood_statuses)), flood_failures[:3])
     assert batch_running.highest("medgemma_inflight_requests") <= BATCH_LIMIT, batch_running.readings[-5:]
     assert batch_running.highest("medgemma_inflight_requests") == BATCH_LIMIT  # it soaked up its share
     after = scrape(server.url)
@@ -91,10 +97,19 @@ def test_a_batch_flood_holds_only_its_share_and_stat_never_waits_or_is_refused(s
 ])  # fmt: skip
 def test_a_class_above_the_key_or_unreadable_is_refused_before_anything_is_held(server, account, headers, body,
                                                                                 status, code):  # fmt: skip
+    plan = {"backlog": "bulk", "stat-clinic": "clinic"}[account]
+    outcome = {403: "rejected_priority_not_allowed", 400: "rejected_invalid_priority"}[status]
+    before = scrape(server.url)
     response = httpx.post(server.base_url + "/chat/completions", json=chat(4, stream=False, **body),
                           headers={"Authorization": f"Bearer {server.keys[account]}", **headers}, timeout=60)  # fmt: skip
     assert response.status_code == status and response.json()["error"]["code"] == code, response.text
-    assert response.headers["x-ratelimit-limit-concurrency"]
+    assert response.headers["x-ratelimit-limit-concurrency"] == {"bulk": "64", "clinic": "8"}[plan]
+    after = scrape(server.url)
+    assert total(after, "medgemma_admission_total", outcome=outcome) - total(before, "medgemma_admission_total",
+                                                                             outcome=outcome) == 1  # fmt: skip
+    assert total(after, "medgemma_admission_total", outcome="admitted") == total(
+        before, "medgemma_admission_total", outcome="admitted")  # nothing was admitted, nothing held
+    assert total(after, "medgemma_inflight_units", plan=plan) == 0
 
 
 @pytest.mark.parametrize("priority", ["stat", "interactive", "batch"])
@@ -102,9 +117,12 @@ def test_every_class_runs_on_the_engine_with_its_scheduling_priority(server, pri
     """vLLM accepts the priority admission adds (it runs with --scheduling-policy priority:
     under fcfs any non-zero priority is a 400), also from a client's own body field."""
     client = openai.OpenAI(base_url=server.base_url, api_key=server.keys["stat-clinic"], max_retries=0, timeout=120)
+    before = metric(server.url, "medgemma_admission_total", outcome="admitted", priority=priority)
     reply = client.chat.completions.create(model=MODEL, max_tokens=4, messages=chat(4)["messages"],
                                            extra_headers={"x-priority": priority})  # fmt: skip
     assert reply.choices[0].message.content
     reply = client.chat.completions.create(model=MODEL, max_tokens=4, messages=chat(4)["messages"],
                                            extra_body={"priority": {"stat": -1, "interactive": 0, "batch": 3}[priority]})  # fmt: skip
     assert reply.choices[0].message.content
+    # both ran in the class they asked for; vLLM accepted the priority admission gave them
+    assert metric(server.url, "medgemma_admission_total", outcome="admitted", priority=priority) - before == 2

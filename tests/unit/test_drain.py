@@ -20,8 +20,11 @@ class FakeAdmission:
         return self._last
 
     async def end_running(self, outcome, message):
+        import time
+
         assert outcome is Outcome.EVICTED_DRAINED
         self.calls["ended"].append(message)
+        self.calls["ended_at"] = time.monotonic()
 
 
 def make(busy_values, grace_s=5.0):
@@ -55,8 +58,9 @@ def test_ends_the_rest_at_the_grace_period(monkeypatch):
         drainer, calls = make([2] * 10_000, grace_s=0.05)
         drainer.begin()
         await asyncio.wait_for(drainer.task, 2)
-        return calls
+        return drainer, calls
 
-    calls = asyncio.run(scenario())
+    drainer, calls = asyncio.run(scenario())
     assert calls["shutdown"] == 1 and len(calls["ended"]) == 1
     assert "retry" in calls["ended"][0]
+    assert calls["ended_at"] >= drainer.started_at + 0.05  # not before the grace period was over

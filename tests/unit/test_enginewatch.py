@@ -80,9 +80,10 @@ def test_a_failed_engine_evicts_the_queue_ends_running_requests_and_shuts_down(h
 
 def test_an_engine_stopped_on_purpose_is_not_a_failure():
     async def scenario():
-        events, errored = [], [True]  # vLLM reports a stopped engine as errored
+        events, errored = [], [False]
         health = EngineHealth(lambda: errored[0])
-        health.stopping = True
+        health.stop()  # vLLM's shutdown begins on a healthy engine ...
+        errored[0] = True  # ... which then reports the stopped engine as errored
         watch = EngineWatch(health=health, admission=controller_with_one_slot(health), progress=FakeProgress(),
                             interval_s=0.01, shutdown=lambda: events.append("shutdown"))  # fmt: skip
         await asyncio.wait_for(watch.run(), 1)  # returns: nothing to watch any more

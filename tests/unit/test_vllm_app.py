@@ -75,27 +75,31 @@ def test_replace_route_serves_ours_in_place_of_vllms_and_openapi_is_limited():
         async def tokenize():
             return {}
 
+        @app.get("/v1/models")
+        async def models():
+            return {}
+
         async def ours():
             return JSONResponse({"from": "us"})
 
         replace_route(app, "/health", ours)
-        limit_openapi(app, frozenset({"/health"}))
+        limit_openapi(app, frozenset({"/health", "/v1/models"}))
         assert len([r for r in app.router.routes if getattr(r, "path", None) == "/health"]) == 1
         status, body = await call(app, "/health")
         assert (status, body) == (200, b'{"from":"us"}')
-        assert set(app.openapi()["paths"]) == set()  # ours is not in the schema; /tokenize is cut
+        assert set(app.openapi()["paths"]) == {"/v1/models"}  # /tokenize is cut; ours is not in the schema
 
     asyncio.run(scenario())
 
 
-def _serve_http_keywords_in_vllm() -> set[str]:
-    """The keyword names vLLM 0.32's ``build_and_serve`` passes to ``serve_http``."""
+def _serve_http_keywords_in_vllm() -> dict[str, ast.expr]:
+    """The keywords vLLM 0.32's ``build_and_serve`` passes to ``serve_http``, by name."""
     from vllm.entrypoints.launchers.api_server import entry
 
     tree = ast.parse(textwrap.dedent(inspect.getsource(entry.build_and_serve)))
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "serve_http"]
     assert len(calls) == 1, "vLLM's build_and_serve no longer calls serve_http once: re-read it"
-    return {k.arg for k in calls[0].keywords if k.arg is not None}
+    return {k.arg: k.value for k in calls[0].keywords if k.arg is not None}
 
 
 def test_our_serve_http_options_are_the_ones_vllm_passes():
@@ -104,9 +108,17 @@ def test_our_serve_http_options_are_the_ones_vllm_passes():
     from vllm.entrypoints.launchers.launcher import serve_http
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", "m"])
-    ours = set(serve_http_options(args)) - {"log_config"}  # log_config: only when vLLM has one
-    assert ours | {"sock", "peer_loads"} == _serve_http_keywords_in_vllm()
+    from vllm import envs
+
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", "m", "--port", "8123"])
+    ours = serve_http_options(args)
+    ours.pop("log_config", None)  # only when vLLM has one
+    theirs = _serve_http_keywords_in_vllm()
+    assert set(ours) | {"sock", "peer_loads"} == set(theirs)
+    for name, expr in theirs.items():  # and each is the value vLLM would pass
+        if name not in ("sock", "peer_loads"):
+            value = eval(compile(ast.Expression(expr), "<vllm>", "eval"), {"args": args, "envs": envs})  # noqa: S307
+            assert ours[name] == value, name
     params = inspect.signature(serve_http).parameters
     assert {"app", "sock", "enable_ssl_refresh"} <= set(params)
     assert any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

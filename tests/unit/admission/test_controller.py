@@ -376,7 +376,7 @@ def test_batch_demand_never_scales_unless_told_and_each_class_has_its_queue_dead
         clock.advance(11)  # past interactive's deadline, far from batch's
         await c.tick()
         with pytest.raises(AdmissionError) as info:
-            await interactive
+            await asyncio.wait_for(interactive, 1)
         assert info.value.outcome is Outcome.EVICTED_QUEUE_TIMEOUT and not waiting.done()
         await running.end(Outcome.COMPLETED)
         await (await asyncio.wait_for(waiting, 1)).end(Outcome.COMPLETED)

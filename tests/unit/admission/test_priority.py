@@ -24,16 +24,16 @@ def test_classes_are_strictly_ordered_and_map_to_vllm_priorities_in_the_same_ord
 
 
 @pytest.mark.parametrize("header,body,expected", [
-    (None, {}, INTERACTIVE),  # the key's default
-    ("batch", {}, BATCH),
+    (None, {}, BATCH),  # the key's default
+    ("interactive", {}, INTERACTIVE),
     (" STAT ", {}, STAT),
     (None, {"priority": 5}, BATCH),
     (None, {"priority": -3}, STAT),
-    (None, {"priority": 0}, INTERACTIVE),
+    (None, {"priority": 0}, INTERACTIVE),  # read from the body, not the default
     ("batch", {"priority": -1}, BATCH),  # the header wins
 ])  # fmt: skip
 def test_a_request_gets_what_it_asks_for_within_its_key(header, body, expected):
-    assert requested_class(scope(header), body, default=INTERACTIVE, allowed=STAT) is expected
+    assert requested_class(scope(header), body, default=BATCH, allowed=STAT) is expected
 
 
 @pytest.mark.parametrize("header,body", [("stat", {}), (None, {"priority": -1}), ("interactive", {})])

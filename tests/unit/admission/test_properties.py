@@ -73,11 +73,14 @@ class AdmissionMachine(RuleBasedStateMachine):
         shape = RequestShape("medgemma-4b-it", prompt, max_tokens, priority=priority)
         acct = self.controller.keys.accounts[account]
         if fast_path:  # as the middleware does: decide without suspending, else wait
+            waiting = [cls for cls in PriorityClass if self.controller.queue.depth_of(cls)]
             try:
                 request = self.controller.decide(acct, shape)
             except AdmissionError:
                 return
             if request is not None:
+                # admitted at once: nothing of its class or a more urgent one was waiting
+                assert all(cls.rank > priority.rank for cls in waiting), (priority, waiting)
                 self.admitted.append(request)
                 return
         coro = self.controller.wait(acct, shape)
@@ -134,8 +137,10 @@ class AdmissionMachine(RuleBasedStateMachine):
             queues = queue._waiting[waiting[0]]
             head = min((q[0] for q in queues.values()), key=lambda w: (queue.service(w.account), w.seq))
             assert not queue._fits(head.tokens, waiting[0]), "a waiting request could have run"
-        assert {r.priority for r in self.admitted} <= set(PriorityClass)
-        assert sum(1 for r in self.admitted if r.priority is PriorityClass.BATCH) == queue.inflight_of(PriorityClass.BATCH)
+        assert queue.class_limits == {PriorityClass.STAT: 5, PriorityClass.INTERACTIVE: 3, PriorityClass.BATCH: 2}
+        for cls in PriorityClass:  # the queue's books per class agree with the requests alive
+            assert sum(r.priority is cls for r in self.admitted) == queue.inflight_of(cls), cls
+        assert all(r.slot.priority is r.priority for r in self.admitted)
         # Units are held by admitted admitted and by requests waiting for an engine slot.
         assert held <= units_held(self.ledger)
         assert queue.inflight_requests == len(self.admitted)

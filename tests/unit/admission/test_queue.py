@@ -108,3 +108,19 @@ def test_client_leaving_the_queue_frees_its_place_and_any_slot_it_got():
         q.remove(nxt)  # granted, then the client left: the slot comes back
         assert q.inflight_requests == 0
     run(scenario())
+
+
+def test_when_the_head_of_the_queue_leaves_the_next_one_that_fits_runs_at_once():
+    """Found by the property test: a waiter stuck behind a head that left until some release."""
+
+    async def scenario():
+        q = make(max_requests=4, max_tokens=300)
+        q.try_acquire("b", 2)
+        q.try_acquire("a", 112)
+        big = q.enqueue("b", 187, timeout_s=5)  # 2 + 112 + 187 > 300: waits
+        small = q.enqueue("b", 2, timeout_s=5)  # fits, but FIFO within b: behind the big one
+        assert not small.future.done()
+        q.remove(big)  # its client left
+        assert small.future.done() and q.depth == 0
+
+    run(scenario())

@@ -68,10 +68,34 @@ def test_strict_priority_a_freed_slot_goes_to_the_most_urgent_class_waiting():
         assert stat.future.done() and not interactive.future.done() and not batch.future.done()
         q.release(held[1])
         assert interactive.future.done() and not batch.future.done()
-        # nobody less urgent overtakes a waiting request, even one that would fit
-        assert q.try_acquire("late-batch", 1, BATCH) is None
         q.release((await q.wait(stat)))
         assert batch.future.done()
+
+    asyncio.run(scenario())
+
+
+def test_nothing_less_urgent_overtakes_a_waiting_request_even_one_that_would_fit():
+    async def scenario():
+        q = FairQueue(Capacity(10, 100), 4, FakeClock(), shares=ClassShares(), engine_slots=10)
+        q.try_acquire("x", 50, INTERACTIVE)
+        stat = q.enqueue("s", 80, 60, STAT)  # 50 + 80 tokens > 100: it must wait
+        assert not stat.future.done()
+        assert q.try_acquire("b", 10, BATCH) is None  # 50 + 10 would fit, but stat waits
+        assert q.try_acquire("i", 10, INTERACTIVE) is None
+
+    asyncio.run(scenario())
+
+
+def test_a_class_at_its_share_yields_the_next_free_slot_to_a_more_urgent_class():
+    async def scenario():
+        q = make(max_waiting=10)
+        held = fill(q, BATCH)
+        fill(q, INTERACTIVE)  # interactive and batch now hold their 9 slots
+        batch = q.enqueue("b", 1, 60, BATCH)
+        interactive = q.enqueue("i", 1, 60, INTERACTIVE)
+        q.release(held[0])  # a batch request ends
+        assert interactive.future.done() and not batch.future.done()
+        assert q.inflight_of(BATCH) == 4 and q.inflight_of(INTERACTIVE) == 5
 
     asyncio.run(scenario())
 

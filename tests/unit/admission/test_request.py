@@ -41,13 +41,14 @@ def test_states_are_explicit_from_admission_to_the_end():
     asyncio.run(scenario())
 
 
-def test_a_queued_request_is_queued_until_its_slot_comes():
+def test_a_waiting_request_holds_its_units_and_is_admitted_when_its_slot_comes():
     async def scenario():
         controller, account, shape = make()
         held = [controller.decide(account, shape) for _ in range(4)]  # the engine's four slots
         waiting = asyncio.ensure_future(controller.wait(account, RequestShape("m", 10, 10)))
         await asyncio.sleep(0)
         assert controller.queue.depth == 1 and not waiting.done()
+        assert controller.busy() == 5 and controller.demand_units() == 5 and units_held(controller.ledger) == 5
         await held[0].end(Outcome.COMPLETED)
         request = await asyncio.wait_for(waiting, 1)
         assert request.state is RequestState.ADMITTED
@@ -128,3 +129,27 @@ def test_the_forced_ends_are_exactly_the_three_the_server_imposes():
 
     assert {o for o in Outcome if _forces(o)} == FORCED_ENDS == {
         Outcome.EVICTED_CLIENT_STALLED, Outcome.EVICTED_DRAINED, Outcome.EVICTED_ENGINE_FAILED}
+
+
+def test_a_second_end_waits_for_a_forced_end_in_flight_even_if_the_first_caller_is_cancelled():
+    async def scenario():
+        gate = asyncio.Event()
+
+        async def abort(ids):
+            await gate.wait()  # the engine takes its time to let go
+
+        controller, account, shape = make(abort)
+        request = controller.decide(account, shape)
+        request.serve(asyncio.ensure_future(asyncio.sleep(60)), ["chatcmpl-x"])
+        first = asyncio.ensure_future(request.end(Outcome.EVICTED_DRAINED, "draining"))
+        await asyncio.sleep(0)
+        second = asyncio.ensure_future(request.end(Outcome.COMPLETED))
+        await asyncio.sleep(0)
+        assert not second.done() and units_held(controller.ledger) == 1  # held until vLLM let go
+        first.cancel()  # the drainer's task is cancelled: the end still completes
+        gate.set()
+        assert await asyncio.wait_for(second, 1) is False
+        assert request.outcome is Outcome.EVICTED_DRAINED and request.released
+        assert units_held(controller.ledger) == 0 and controller.running_count == 0
+
+    asyncio.run(scenario())
