@@ -149,3 +149,19 @@ def test_a_tiny_engine_still_lets_every_class_run_and_shares_of_one_reserve_noth
     assert q.class_limits == {STAT: 3, INTERACTIVE: 1, BATCH: 1}  # at least one slot each
     assert make(shares=ClassShares()).class_limits == {STAT: 10, INTERACTIVE: 10, BATCH: 10}
     assert make(shares=ClassShares(interactive=0.3, batch=0.8)).class_limits[BATCH] == 3  # within interactive's
+
+
+def test_when_a_waiting_stat_request_leaves_the_less_urgent_ones_behind_it_run_at_once():
+    """Found by the property test in a fresh-clone run: strict priority held an interactive
+    request behind a STAT one that then left, until some other release."""
+
+    async def scenario():
+        q = FairQueue(Capacity(5, 300), 3, FakeClock(), shares=ClassShares(), engine_slots=5)
+        q.try_acquire("b", 148, STAT)
+        stat = q.enqueue("b", 153, 60, STAT)  # 148 + 153 > 300: waits
+        interactive = q.enqueue("a", 2, 60, INTERACTIVE)  # fits, but a more urgent one waits
+        assert not interactive.future.done()
+        q.remove(stat)  # the clinician's client left
+        assert interactive.future.done() and q.depth == 0
+
+    asyncio.run(scenario())
