@@ -49,8 +49,6 @@ class ErrorRewriter:
         elif self._held_start is not None:
             self._held_body.append(message.get("body", b""))
             return None
-        elif self.streaming and message.get("body", b"").startswith(SSE_ERROR_PREFIX):
-            return {**message, "body": normalised_sse_error(message["body"])}
         return message
 
     def held_error(self, failure: BaseException | None) -> tuple[dict, bytes] | None:
