@@ -102,13 +102,13 @@ class ServeSettings(BaseSettings):
     )
     batch_share: float = Field(
         0.5, gt=0, le=1,
-        description="Share of the engine's slots (max_num_seqs) batch requests may hold; the rest "
-        "stays free for interactive and stat requests.",
+        description="Share of the engine's slots (max_num_seqs) and KV cache batch requests may "
+        "hold; the rest stays free for interactive and stat requests.",
     )  # fmt: skip
     interactive_share: float = Field(
         0.9, gt=0, le=1,
-        description="Share of the engine's slots interactive and batch requests may hold together; "
-        "the rest stays free for stat requests.",
+        description="Share of the engine's slots and KV cache interactive and batch requests may "
+        "hold together; the rest stays free for stat requests.",
     )  # fmt: skip
     scale_on_batch: bool = Field(
         False,

@@ -159,13 +159,15 @@ def build_admission(engine_client, settings: AdmissionSettings, metrics: Serving
         tasks.append(reloader.install(loop, signal.SIGHUP, settings.keys_reload_interval_s))
     limits = controller.queue.class_limits
     logger.info(
-        "admission: %s, engine capacity %d requests / %d KV tokens (interactive+batch %d, batch %d), "
-        "queue %d per class (timeout %.0fs, batch %.0fs)",
+        "admission: %s, engine capacity %d requests / %d KV tokens (interactive+batch %d / %d, "
+        "batch %d / %d), queue %d per class (timeout %.0fs, batch %.0fs)",
         "OPEN MODE (no keys file)" if settings.keys.open_mode else f"{len(settings.keys.accounts)} accounts",
         capacity.max_requests,
         capacity.kv_tokens,
         limits[PriorityClass.INTERACTIVE],
+        controller.queue.class_token_limits[PriorityClass.INTERACTIVE],
         limits[PriorityClass.BATCH],
+        controller.queue.class_token_limits[PriorityClass.BATCH],
         settings.queue_size,
         settings.queue_timeout_s,
         settings.batch_queue_timeout_s,

@@ -20,8 +20,8 @@ Guarantees:
   ``end_stalled``: then the client gets a clear error, or nothing if it stopped reading).
 - A client that disconnects while queued leaves the queue and gets nothing.
 - Each request runs in one priority class (``priority``: asked for with ``x-priority`` or the
-  body's ``priority``, bounded by its key); vLLM gets the class as the body's ``priority``,
-  appended to the body as read. Otherwise bodies are read once and replayed to vLLM
+  body's ``priority``, bounded by its key), named in the response's ``x-priority`` header;
+  vLLM gets the class as the body's ``priority``, appended to the body as read. Otherwise bodies are read once and replayed to vLLM
   unchanged; request content is never logged.
   vLLM's own errors get a string ``code`` (``engine_errors``).
 """
@@ -40,7 +40,7 @@ from serving.admission.estimate import PromptEstimator, RequestShape
 from serving.admission.guard import RequestGuard
 from serving.admission.keys import Account
 from serving.admission.outcomes import AdmissionError, Outcome, error_response
-from serving.admission.priority import requested_class, with_priority
+from serving.admission.priority import PRIORITY_HEADER, requested_class, with_priority
 from serving.admission.request import AdmittedRequest
 from serving.logs import request_id_var
 
@@ -165,7 +165,8 @@ class AdmissionMiddleware:
     async def _serve(self, scope, body: bytes, receive, send, request: AdmittedRequest,
                      arrived: float, prompts: int = 1) -> None:  # fmt: skip
         headers = [(LIMIT_HEADER.encode(), str(request.limit).encode()),
-                   (REMAINING_HEADER.encode(), str(request.remaining).encode())]  # fmt: skip
+                   (REMAINING_HEADER.encode(), str(request.remaining).encode()),
+                   (PRIORITY_HEADER, request.priority.value.encode())]  # fmt: skip
         if request.ended:  # ended by the server (drain, engine failure) before it could run
             await _send_forced_end(send, request, headers)
             return

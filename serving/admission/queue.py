@@ -4,10 +4,13 @@ Guarantees:
 - In flight on the engine at once: at most ``capacity.max_requests`` requests and at most
   ``capacity.kv_tokens`` estimated KV-cache tokens (one request always fits an empty engine).
 - Reservation by class (``ClassShares``): ``batch`` requests hold at most ``batch`` x the
-  engine's slots, ``interactive`` and ``batch`` together at most ``interactive`` x the
-  slots; the rest is headroom only more urgent classes use, so a ``stat`` request never
-  finds the engine full of lower classes. Lower classes soak up idle capacity up to their
-  share and yield it as their requests end (running ones are never cut short).
+  engine's slots and x its KV-cache tokens, ``interactive`` and ``batch`` together at most
+  ``interactive`` x each; the rest is headroom only more urgent classes use, so a ``stat``
+  request never finds the engine full of lower classes, by slots or by KV cache. Lower
+  classes soak up idle capacity up to their share and yield it as their requests end
+  (running ones are never cut short). One request larger than its group's KV share still
+  runs when its group holds nothing else (it would otherwise never run); while it runs,
+  its group exceeds the share by that one request.
 - Strict priority between classes: a free slot goes to the most urgent class waiting, and
   no request of a lower class overtakes a waiting one of a higher class.
 - When a class cannot start, its requests wait in a bounded queue of their class
@@ -54,6 +57,12 @@ class ClassShares:
         return {PriorityClass.STAT: max_requests, PriorityClass.INTERACTIVE: cap(self.interactive),
                 PriorityClass.BATCH: min(cap(self.batch), cap(self.interactive))}  # fmt: skip
 
+    def token_limits(self, kv_tokens: int) -> dict[PriorityClass, int]:
+        """Most estimated KV-cache tokens each class's group may hold."""
+        interactive = int(min(1.0, self.interactive) * kv_tokens)
+        return {PriorityClass.STAT: kv_tokens, PriorityClass.INTERACTIVE: interactive,
+                PriorityClass.BATCH: min(int(min(1.0, self.batch) * kv_tokens), interactive)}  # fmt: skip
+
 
 @dataclass
 class Slot:
@@ -88,10 +97,13 @@ class FairQueue:
         self.max_waiting = max_waiting  # per class
         self.clock = clock
         self.half_life_s = service_half_life_s
-        self.class_limits = (shares or ClassShares()).limits(engine_slots or capacity.max_requests, capacity.max_requests)
+        shares = shares or ClassShares()
+        self.class_limits = shares.limits(engine_slots or capacity.max_requests, capacity.max_requests)
+        self.class_token_limits = shares.token_limits(capacity.kv_tokens)
         self.inflight_requests = 0
         self.inflight_tokens = 0
         self._inflight_by_class = {cls: 0 for cls in CLASSES}
+        self._tokens_by_class = {cls: 0 for cls in CLASSES}
         self._waiting: dict[PriorityClass, dict[str, deque[_Waiter]]] = {cls: {} for cls in CLASSES}
         self._depth = {cls: 0 for cls in CLASSES}
         self._service: dict[str, tuple[float, float]] = {}  # account -> (value, at)
@@ -112,9 +124,15 @@ class FairQueue:
         value, at = self._service.get(account, (0.0, self.clock.now()))
         return value * 0.5 ** ((self.clock.now() - at) / self.half_life_s)
 
+    def tokens_of(self, priority: PriorityClass) -> int:
+        return self._tokens_by_class[priority]
+
     def _group_inflight(self, priority: PriorityClass) -> int:
         """Requests in flight of ``priority`` and every less urgent class."""
         return sum(n for cls, n in self._inflight_by_class.items() if cls.rank >= priority.rank)
+
+    def _group_tokens(self, priority: PriorityClass) -> int:
+        return sum(n for cls, n in self._tokens_by_class.items() if cls.rank >= priority.rank)
 
     def _fits(self, tokens: int, priority: PriorityClass) -> bool:
         if self.inflight_requests >= self.capacity.max_requests:
@@ -122,12 +140,16 @@ class FairQueue:
         for group in CLASSES[1 : priority.rank + 1]:  # every reserved group it belongs to
             if self._group_inflight(group) >= self.class_limits[group]:
                 return False
+            held = self._group_tokens(group)
+            if held and held + tokens > self.class_token_limits[group]:
+                return False
         return self.inflight_requests == 0 or self.inflight_tokens + tokens <= self.capacity.kv_tokens
 
     def _grant(self, account: str, tokens: int, priority: PriorityClass) -> Slot:
         self.inflight_requests += 1
         self.inflight_tokens += tokens
         self._inflight_by_class[priority] += 1
+        self._tokens_by_class[priority] += tokens
         self._service[account] = (self.service(account) + tokens, self.clock.now())
         return Slot(account, tokens, priority)
 
@@ -188,6 +210,7 @@ class FairQueue:
         self.inflight_requests -= 1
         self.inflight_tokens -= slot.tokens
         self._inflight_by_class[slot.priority] -= 1
+        self._tokens_by_class[slot.priority] -= slot.tokens
         self._dispatch()
 
     def expire(self) -> int:

@@ -118,11 +118,14 @@ def test_every_class_runs_on_the_engine_with_its_scheduling_priority(server, pri
     under fcfs any non-zero priority is a 400), also from a client's own body field."""
     client = openai.OpenAI(base_url=server.base_url, api_key=server.keys["stat-clinic"], max_retries=0, timeout=120)
     before = metric(server.url, "medgemma_admission_total", outcome="admitted", priority=priority)
-    reply = client.chat.completions.create(model=MODEL, max_tokens=4, messages=chat(4)["messages"],
-                                           extra_headers={"x-priority": priority})  # fmt: skip
-    assert reply.choices[0].message.content
-    reply = client.chat.completions.create(model=MODEL, max_tokens=4, messages=chat(4)["messages"],
-                                           extra_body={"priority": {"stat": -1, "interactive": 0, "batch": 3}[priority]})  # fmt: skip
-    assert reply.choices[0].message.content
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, max_tokens=4, messages=chat(4)["messages"],
+                                                           extra_headers={"x-priority": priority})  # fmt: skip
+    assert raw.parse().choices[0].message.content
+    assert raw.headers["x-priority"] == priority  # the response names the class it ran in
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, max_tokens=4, messages=chat(4)["messages"],
+        extra_body={"priority": {"stat": -1, "interactive": 0, "batch": 3}[priority]})  # fmt: skip
+    assert raw.parse().choices[0].message.content
+    assert raw.headers["x-priority"] == priority
     # both ran in the class they asked for; vLLM accepted the priority admission gave them
     assert metric(server.url, "medgemma_admission_total", outcome="admitted", priority=priority) - before == 2

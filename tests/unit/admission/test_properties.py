@@ -130,6 +130,9 @@ class AdmissionMachine(RuleBasedStateMachine):
         for cls in PriorityClass:
             group = sum(queue.inflight_of(c) for c in PriorityClass if c.rank >= cls.rank)
             assert group <= queue.class_limits[cls], (cls, group)
+            # ... and in KV tokens, beyond the share by at most one request that runs alone in its group
+            tokens = [r.kv_tokens for r in self.admitted if r.priority.rank >= cls.rank]
+            assert sum(tokens) <= queue.class_token_limits[cls] or len(tokens) == 1, (cls, tokens)
         # No class waits that could run now (the most urgent waiting class's head does not
         # fit), and nothing less urgent runs past a more urgent request that could.
         waiting = [cls for cls in CLASSES if queue.depth_of(cls)]
@@ -140,6 +143,7 @@ class AdmissionMachine(RuleBasedStateMachine):
         assert queue.class_limits == {PriorityClass.STAT: 5, PriorityClass.INTERACTIVE: 3, PriorityClass.BATCH: 2}
         for cls in PriorityClass:  # the queue's books per class agree with the requests alive
             assert sum(r.priority is cls for r in self.admitted) == queue.inflight_of(cls), cls
+            assert sum(r.kv_tokens for r in self.admitted if r.priority is cls) == queue.tokens_of(cls), cls
         assert all(r.slot.priority is r.priority for r in self.admitted)
         # Units are held by admitted admitted and by requests waiting for an engine slot.
         assert held <= units_held(self.ledger)

@@ -165,3 +165,33 @@ def test_when_a_waiting_stat_request_leaves_the_less_urgent_ones_behind_it_run_a
         assert interactive.future.done() and q.depth == 0
 
     asyncio.run(scenario())
+
+
+def test_batch_holds_at_most_its_share_of_the_kv_cache_too():
+    """Long batch requests fill the KV cache before they fill the slots: the shares bound
+    estimated KV tokens as well, so a STAT request finds room in the cache."""
+    q = FairQueue(Capacity(20, 1000), 4, FakeClock(), shares=ClassShares(interactive=0.9, batch=0.5),
+                  engine_slots=16)  # fmt: skip
+    assert q.class_token_limits == {STAT: 1000, INTERACTIVE: 900, BATCH: 500}
+    assert q.try_acquire("b", 300, BATCH) is not None
+    assert q.try_acquire("b", 200, BATCH) is not None  # 500: exactly its share
+    assert q.try_acquire("b", 1, BATCH) is None  # a slot is free, the cache share is not
+    assert q.tokens_of(BATCH) == 500 and q.inflight_of(BATCH) == 2
+    assert q.try_acquire("i", 400, INTERACTIVE) is not None  # interactive and batch: 900
+    assert q.try_acquire("i", 1, INTERACTIVE) is None
+    assert q.try_acquire("s", 100, STAT) is not None  # the last tenth is STAT's
+
+
+def test_one_batch_request_larger_than_its_kv_share_runs_alone_in_its_class():
+    async def scenario():
+        q = FairQueue(Capacity(20, 1000), 4, FakeClock(), shares=ClassShares(interactive=0.9, batch=0.5),
+                      engine_slots=16)  # fmt: skip
+        big = q.try_acquire("b", 700, BATCH)  # over the share, but batch holds nothing: it runs
+        assert big is not None
+        second = q.enqueue("b", 10, 60, BATCH)  # nothing more of batch while it runs
+        assert not second.future.done()
+        assert q.try_acquire("s", 300, STAT) is not None  # and STAT still fits beside it
+        q.release(big)
+        assert (await asyncio.wait_for(q.wait(second), 1)).tokens == 10
+
+    asyncio.run(scenario())
