@@ -107,7 +107,7 @@ def run(settings) -> dict:
         "a": settings.url,
         "b": settings.url_b,
         "rounds": settings.rounds,
-        "config": settings.model_dump(exclude={"key", "key_b"}),
+        "config": settings.public_config(),
         "comparison": comparison,
         "rounds_a": per_round["a"],
         "rounds_b": per_round["b"],

@@ -24,7 +24,7 @@ LIST_SETTINGS = {"key", "key_b"}
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    add_setting_flags(parser, config.LoadTestSettings, repeated=LIST_SETTINGS)
+    add_setting_flags(parser, config.LoadTestSettings, repeated=LIST_SETTINGS, skip={"streams"})
     parser.add_argument("--scenario", default=None, help="YAML scenario file of settings (lowest layer).")
 
 
@@ -42,8 +42,10 @@ def run(settings: config.LoadTestSettings) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     workload = Workload(settings.workload_spec(), seed=settings.seed)
+    streams = [Workload(spec, seed=settings.seed + 1000 * (i + 1)) for i, spec in enumerate(settings.stream_specs())]
     runner = Runner(settings.url, workload, seed=settings.seed, timeout_s=settings.timeout,
-                    honor_retry_after=settings.honor_retry_after, progress=Progress(settings.progress))  # fmt: skip
+                    honor_retry_after=settings.honor_retry_after, progress=Progress(settings.progress),
+                    stream_workloads=streams)  # fmt: skip
     results = asyncio.run(runner.run(settings.stages()))
     records = [r for result in results for r in result.records]
     stages = []
@@ -56,8 +58,7 @@ def run(settings: config.LoadTestSettings) -> dict:
         "tool": "medgemma-loadtest",
         "url": settings.url,
         "started_at": started_at,
-        "config": settings.model_dump(exclude={"key", "key_b"})
-        | {"keys": [k.label for k in workload.spec.keys]},
+        "config": settings.public_config(),
         "definitions": summary.DEFINITIONS,
         "stages": stages,
         "timeline": timeline,
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = config.load_settings(flags, args.scenario)
         if args.command == "ab" and not settings.url_b:
             raise SettingsError("ab needs --url-b (the second endpoint)")
+        if args.command == "ab" and settings.streams:
+            raise SettingsError("ab runs one workload on both endpoints; run a streams scenario with 'run' per endpoint")
     except SettingsError as exc:
         print(f"medgemma-loadtest: {exc}", file=sys.stderr)
         return 2

@@ -6,6 +6,9 @@ Definitions (also printed in every report):
 - ITL: the gaps between consecutive content chunks.
 - TPOT: (E2E - TTFT) / (output tokens - 1), with output tokens from the server's ``usage``.
 
+A record's ``priority`` is the class the server says the request ran in (this project's
+``x-priority`` response header), else the class the request asked for, else None.
+
 Guarantees: no prompt or generated text is kept (only counts); an error response keeps its
 status, its OpenAI ``code`` and a short message; a transport failure is an outcome, not an
 exception.
@@ -47,6 +50,8 @@ class RequestRecord:
     itl_s: list[float] = field(default_factory=list)
     retry_after_s: float | None = None  # from a 429/503's Retry-After header
     in_window: bool = True
+    priority: str | None = None  # the class it ran in (x-priority) or asked for
+    stream: str | None = None  # its stream's name, in a streams stage
 
     @property
     def tpot_s(self) -> float | None:
@@ -100,6 +105,7 @@ async def send(
     try:
         async with client.stream("POST", url, content=request.body, headers=request.headers) as response:
             record.status = response.status_code
+            record.priority = response.headers.get("x-priority") or record.priority
             if response.status_code != 200:
                 retry_after = response.headers.get("retry-after", "")
                 record.retry_after_s = float(retry_after) if retry_after.isdigit() else None

@@ -2,8 +2,10 @@
 (``MEDGEMMA_LOADTEST_``) -> command-line flags.
 
 Guarantees: every field's description is its ``--help`` text; everything is validated
-(distribution specs, load shape, SLOs) before a single request is sent; ``stages()`` and
-``workload_spec()`` turn the settings into the runner's typed objects.
+(distribution specs, load shape, SLOs, streams) before a single request is sent;
+``stages()``, ``workload_spec()`` and ``stream_specs()`` turn the settings into the runner's
+typed objects. ``streams`` (several kinds of traffic at once: a batch flood beside a STAT
+trickle) come from a scenario file or ``MEDGEMMA_LOADTEST_STREAMS`` (JSON), not flags.
 """
 
 from __future__ import annotations
@@ -11,17 +13,87 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from loadtests.distributions import SpecError, parse
 from loadtests.images import FORMATS
-from loadtests.profiles import Stage, parse_values, sweep
-from loadtests.workload import WorkloadSpec, parse_key
+from loadtests.profiles import Stage, Stream, parse_values, sweep
+from loadtests.workload import PRIORITY_CLASSES, PRIORITY_FIELDS, ApiKey, WorkloadSpec, parse_key
 from serving.layers import load_layered
 
 ENV_PREFIX = "MEDGEMMA_LOADTEST_"
 DEFAULT_DURATION_S = 60.0
+
+
+def _check_distribution(value):
+    """A distribution spec (a YAML number, ``images: 1``, is the constant it names)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = f"{value:g}"
+    if value is not None:
+        try:
+            parse(value)
+        except SpecError as exc:
+            raise ValueError(str(exc)) from None
+    return value
+
+
+def _check_priority(value: str | None) -> str | None:
+    if value is not None and value not in PRIORITY_CLASSES:
+        raise ValueError(f"priority must be one of {', '.join(PRIORITY_CLASSES)}")
+    return value
+
+
+class StreamSettings(BaseModel):
+    """One stream of a mixed-traffic run: its own account, class, load shape and sizes (each
+    size unset: the run's). The run's duration, warm-up and cool-down bound every stream."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    key: str | None = Field(None, description="LABEL=KEY ($NAME reads the key from the environment).")
+    priority: str | None = None
+    concurrency: int | None = Field(None, ge=1)
+    rate: float | None = Field(None, gt=0)
+    arrival: str = "poisson"
+    burstiness: float = Field(1.0, gt=0)
+    max_concurrency: int | None = Field(None, ge=1)
+    requests: int | None = Field(None, ge=1)
+    images: str | None = None
+    image_size: str | None = None
+    prompt_tokens: str | None = None
+    output_tokens: str | None = None
+
+    @field_validator("images", "image_size", "prompt_tokens", "output_tokens", mode="before")
+    @classmethod
+    def _distribution(cls, value):
+        return _check_distribution(value)
+
+    @field_validator("priority")
+    @classmethod
+    def _priority(cls, value: str | None) -> str | None:
+        return _check_priority(value)
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_key(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_shape(self):
+        if (self.concurrency is None) == (self.rate is None):
+            raise ValueError(f"stream {self.name!r}: give exactly one of concurrency, rate")
+        return self
+
+    def shape(self, duration_s: float | None, warmup_s: float, cooldown_s: float) -> Stage:
+        common: dict[str, Any] = dict(duration_s=duration_s, requests=self.requests, warmup_s=warmup_s,
+                                      cooldown_s=cooldown_s)  # fmt: skip
+        if self.concurrency is not None:
+            return Stage("concurrency", concurrency=self.concurrency, **common)
+        return Stage("rate", rate=self.rate, arrival=self.arrival, burstiness=self.burstiness,
+                     max_concurrency=self.max_concurrency, **common)  # fmt: skip
 
 
 class LoadTestSettings(BaseSettings):
@@ -51,6 +123,9 @@ class LoadTestSettings(BaseSettings):
     fixed_output: bool = Field(True, description="Also send min_tokens = max_tokens (vLLM), so output lengths follow --output-tokens.")
     system_prompt: str | None = Field(None, description="A system message to send with each request.")
     key: list[str] = Field(default_factory=list, description="API key as LABEL=KEY or LABEL=KEY@WEIGHT; repeat for several accounts. Reports show labels only.")
+    priority: str | None = Field(None, description="Priority class for every request: stat, interactive or batch (default: each key's own default).")
+    priority_field: str = Field("header", description="How the class is sent: header (x-priority, this project's server) or body (vLLM's integer priority field, for vLLM run with --scheduling-policy priority).")
+    streams: list[StreamSettings] = Field(default_factory=list, description="Several kinds of traffic at once (scenario file): each a name, key, priority, concurrency or rate, and sizes.")
     slo_ttft_ms: float | None = Field(2000.0, gt=0, description="Goodput SLO on TTFT (ms).")
     slo_tpot_ms: float | None = Field(200.0, gt=0, description="Goodput SLO on TPOT (ms).")
     slo_e2e_ms: float | None = Field(None, gt=0, description="Goodput SLO on end-to-end latency (ms).")
@@ -63,13 +138,21 @@ class LoadTestSettings(BaseSettings):
     key_b: list[str] | None = Field(None, description="A/B mode: keys for the second endpoint (default: the same keys).")
     rounds: int = Field(4, ge=1, description="A/B mode: rounds; each runs the workload against both endpoints, in alternating order.")
 
-    @field_validator("images", "image_size", "prompt_tokens", "output_tokens")
+    @field_validator("images", "image_size", "prompt_tokens", "output_tokens", mode="before")
     @classmethod
-    def _distribution(cls, value: str) -> str:
-        try:
-            parse(value)
-        except SpecError as exc:
-            raise ValueError(str(exc)) from None
+    def _distribution(cls, value):
+        return _check_distribution(value)
+
+    @field_validator("priority")
+    @classmethod
+    def _priority(cls, value: str | None) -> str | None:
+        return _check_priority(value)
+
+    @field_validator("priority_field")
+    @classmethod
+    def _priority_field(cls, value: str) -> str:
+        if value not in PRIORITY_FIELDS:
+            raise ValueError(f"priority_field must be one of {', '.join(PRIORITY_FIELDS)}")
         return value
 
     @field_validator("image_format")
@@ -97,7 +180,13 @@ class LoadTestSettings(BaseSettings):
     @model_validator(mode="after")
     def _one_shape(self):
         shapes = [self.concurrency, self.rate, self.sweep_concurrency, self.sweep_rate]
-        if sum(x is not None for x in shapes) != 1:
+        if self.streams:
+            if any(x is not None for x in shapes) or self.ramp_to is not None:
+                raise ValueError("streams carry their own load shapes: leave out --concurrency, --rate and sweeps")
+            names = [stream.name for stream in self.streams]
+            if len(set(names)) != len(names):
+                raise ValueError("stream names must differ")
+        elif sum(x is not None for x in shapes) != 1:
             raise ValueError("give exactly one of --concurrency, --rate, --sweep-concurrency, --sweep-rate")
         if self.ramp_to is not None and self.rate is None:
             raise ValueError("--ramp-to needs --rate")
@@ -123,6 +212,12 @@ class LoadTestSettings(BaseSettings):
         open_loop = dict(arrival=self.arrival, burstiness=self.burstiness, max_concurrency=self.max_concurrency)
         if self.arrival not in ("poisson", "gamma"):
             raise ValueError("arrival must be poisson or gamma")
+        if self.streams:
+            streams = tuple(
+                Stream(s.name, s.shape(duration, self.warmup, self.cooldown), workload=i)
+                for i, s in enumerate(self.streams)
+            )
+            return [Stage("streams", streams=streams, **common)]
         if self.concurrency is not None:
             return [Stage("concurrency", concurrency=self.concurrency, **common)]
         if self.rate is not None:
@@ -139,10 +234,34 @@ class LoadTestSettings(BaseSettings):
             images=parse(self.images), image_size=parse(self.image_size), image_mode=self.image_mode,
             image_pool=self.image_pool, image_formats=tuple(self.image_format.split(",")),
             fixed_output=self.fixed_output, system_prompt=self.system_prompt,
+            priority=self.priority, priority_field=self.priority_field,
         )  # fmt: skip
         if parsed:
             spec.keys = parsed
         return spec
+
+    def stream_specs(self) -> list[WorkloadSpec]:
+        """One workload per stream: the run's, with the stream's key, class and sizes."""
+        specs = []
+        for stream in self.streams:
+            spec = self.workload_spec([stream.key] if stream.key else None)
+            if stream.key and not spec.keys[0].label:
+                spec.keys[0] = ApiKey(stream.name, spec.keys[0].key)
+            spec.priority = stream.priority or self.priority
+            for name in ("images", "image_size", "prompt_tokens", "output_tokens"):
+                if getattr(stream, name) is not None:
+                    setattr(spec, name, parse(getattr(stream, name)))
+            specs.append(spec)
+        return specs
+
+    def public_config(self) -> dict[str, Any]:
+        """The settings as reports show them: key labels, never keys."""
+        data = self.model_dump(exclude={"key", "key_b", "streams"})
+        data["keys"] = [key.label or f"key{i + 1}" for i, key in enumerate(map(parse_key, self.key))]
+        data["streams"] = [
+            s.model_dump(exclude={"key"}) | {"key": parse_key(s.key).label if s.key else None} for s in self.streams
+        ]
+        return data
 
     def slo_s(self) -> dict[str, float]:
         slo = {"ttft": self.slo_ttft_ms, "tpot": self.slo_tpot_ms, "e2e": self.slo_e2e_ms}

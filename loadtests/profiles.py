@@ -5,6 +5,9 @@
   gamma shape (1 = Poisson, < 1 burstier, > 1 more regular), as in ``vllm bench serve``.
 - Ramp: an open loop whose rate moves linearly from ``rate`` to ``rate_end``.
 - Sweep: several stages in a row (rates or concurrencies), one figure set each.
+- Streams: several named streams of traffic at once in one stage, each with its own shape
+  (a batch flood as a closed loop beside a STAT trickle as an open loop, say), its own key,
+  priority class and workload; the stage's duration bounds them all.
 
 Guarantees: arrival times are deterministic per seed; an open loop's arrivals do not wait
 for responses (that is the point), optionally capped by ``max_concurrency``.
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Stage:
-    kind: str  # "concurrency" | "rate" | "ramp"
+    kind: str  # "concurrency" | "rate" | "ramp" | "streams"
     duration_s: float | None = None
     requests: int | None = None
     concurrency: int | None = None
@@ -31,8 +34,11 @@ class Stage:
     max_concurrency: int | None = None
     warmup_s: float = 0.0
     cooldown_s: float = 0.0
+    streams: tuple[Stream, ...] = ()  # kind "streams": what runs at once
 
     def __post_init__(self):
+        if self.kind == "streams" and not self.streams:
+            raise ValueError("a streams stage needs at least one stream")
         if self.duration_s is None and self.requests is None:
             raise ValueError("a stage needs a duration or a request count")
         if self.kind == "concurrency" and not (self.concurrency and self.concurrency > 0):
@@ -48,6 +54,8 @@ class Stage:
 
     @property
     def label(self) -> str:
+        if self.kind == "streams":
+            return " + ".join(f"{s.name} ({s.shape.label})" for s in self.streams)
         if self.kind == "concurrency":
             return f"concurrency {self.concurrency}"
         if self.kind == "ramp":
@@ -57,6 +65,8 @@ class Stage:
     @property
     def load(self) -> float:
         """The x-axis value of a sweep: concurrency or offered rate."""
+        if self.kind == "streams":
+            return float(len(self.streams))
         if self.kind == "concurrency":
             return float(self.concurrency)
         if self.kind == "ramp":
@@ -92,6 +102,20 @@ class Stage:
                 return
             sent += 1
             yield t
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One named stream of a ``streams`` stage: its load shape (``concurrency``, ``rate`` or
+    ``ramp``; the stage's duration and windows apply) and the index of its workload."""
+
+    name: str
+    shape: Stage
+    workload: int = 0
+
+    def __post_init__(self):
+        if self.shape.kind == "streams":
+            raise ValueError("a stream's shape is a closed or open loop")
 
 
 def sweep(kind: str, values: list[float], **common) -> list[Stage]:

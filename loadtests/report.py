@@ -104,6 +104,17 @@ def plot_ttft_by_images(records) -> str:
     return svg(fig)
 
 
+def plot_ttft_by_class(records) -> str:
+    fig, ax = figure("TTFT over time by priority class", "request start (s)", "TTFT (ms)")
+    classes = sorted({r.priority for r in records if r.priority})
+    for i, cls in enumerate(classes):
+        ok = [r for r in records if r.priority == cls and r.outcome == "ok" and r.ttft_s is not None]
+        ax.scatter([r.start_s for r in ok], [r.ttft_s * 1e3 for r in ok], s=10, alpha=0.7,
+                   color=COLORS[i % len(COLORS)], label=cls)  # fmt: skip
+    ax.legend(loc="upper left", fontsize=8)
+    return svg(fig)
+
+
 def plot_goodput_vs_load(stages: list[dict]) -> str:
     kind = stages[0]["kind"]
     xlabel = "concurrency" if kind == "concurrency" else "offered rate (req/s)"
@@ -127,6 +138,24 @@ def _stage_table(stage: dict) -> str:
         rows.append(f"<tr><th>{name.upper()}</th>{cells}<td>{stats['count']}</td></tr>")
     head = "".join(f"<th>{h}</th>" for h in ("", "p50", "p90", "p95", "p99", "p99.9", "mean", "max", "n"))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _groups_table(stage: dict) -> str:
+    """The stage's figures per stream, class and account, one row each."""
+    rows = []
+    for what, name, g in breakdowns(stage):
+        lat, o = g["latency_s"], g["outcomes"]
+        good = "-" if g["goodput"]["ratio"] is None else f"{g['goodput']['ratio']:.1%}"
+        cells = [what, name, o.get("ok", 0), o.get("rate_limited", 0), sum(v for k, v in o.items() if k != "ok"),
+                 f"{g['throughput']['requests_per_s']:.2f}", f"{g['throughput']['output_tokens_per_s']:.1f}",
+                 _ms(lat["ttft"]["p50"]), _ms(lat["ttft"]["p95"]), _ms(lat["ttft"]["p99"]),
+                 _ms(lat["tpot"]["p50"]), _ms(lat["e2e"]["p50"]), _ms(lat["e2e"]["p95"]), good]  # fmt: skip
+        rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    if not rows:
+        return ""
+    head = "".join(f"<th>{h}</th>" for h in ("by", "", "ok", "429", "not ok", "req/s", "tok/s", "TTFT p50",
+                                              "TTFT p95", "TTFT p99", "TPOT p50", "E2E p50", "E2E p95", "goodput"))  # fmt: skip
+    return f"<table class='groups'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
 def _kv_table(items: dict) -> str:
@@ -169,6 +198,8 @@ def render_html(summary: dict, records, timeline: dict) -> str:
     ]
     if len(stages) > 1:
         plots.append(plot_goodput_vs_load(stages))
+    if len({r.priority for r in records if r.priority}) > 1:
+        plots.append(plot_ttft_by_class(records))
     first = stages[0]
     cards = {
         "requests ok": sum(s["requests"]["completed_ok"] for s in stages),
@@ -189,7 +220,7 @@ def render_html(summary: dict, records, timeline: dict) -> str:
                  "goodput SLOs (s)": s["goodput"]["slo_s"]}  # fmt: skip
         if "rate" in s:
             extra["offered / achieved req/s"] = f"{s['rate']['offered_per_s']:.2f} / {s['rate']['achieved_per_s']:.2f}"
-        stage_html.append(f"<h3>{html.escape(s['label'])}</h3>{_stage_table(s)}{_kv_table(extra)}")
+        stage_html.append(f"<h3>{html.escape(s['label'])}</h3>{_stage_table(s)}{_kv_table(extra)}{_groups_table(s)}")
     definitions = "".join(f"<dt>{k}</dt><dd>{html.escape(v)}</dd>" for k, v in DEFINITIONS.items())
     config = html.escape(json.dumps(summary["config"], indent=1))
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
@@ -205,22 +236,43 @@ def render_html(summary: dict, records, timeline: dict) -> str:
 """
 
 
+GROUPS = (("by_stream", "stream"), ("by_priority", "class"), ("by_key", "key"))
+
+
+def breakdowns(stage: dict) -> list[tuple[str, str, dict]]:
+    """(what, name, figures) for each group worth showing: every stream, and the classes or
+    accounts when there is more than one (or any class was asked for)."""
+    rows = []
+    for field, what in GROUPS:
+        groups = stage.get(field) or {}
+        if field == "by_stream" or len(groups) > 1 or (field == "by_priority" and set(groups) - {"unspecified"}):
+            rows += [(what, name, figures) for name, figures in groups.items()]
+    return rows
+
+
+def _row(label: str, s: dict) -> str:
+    o = s["outcomes"]
+    errors = sum(v for k, v in o.items() if k not in ("ok", "rate_limited"))
+    lat = s["latency_s"]
+    good = "-" if s["goodput"]["ratio"] is None else f"{s['goodput']['ratio']:.1%}"
+    return (
+        f"{label[:28]:<28} {o.get('ok', 0):>6} {o.get('rate_limited', 0):>5} {errors:>5} "
+        f"{s['throughput']['requests_per_s']:>7.2f} {s['throughput']['output_tokens_per_s']:>8.1f} "
+        f"{_ms(lat['ttft']['p50']):>9} {_ms(lat['ttft']['p95']):>8} {_ms(lat['ttft']['p99']):>8} "
+        f"{_ms(lat['tpot']['p50']):>9} {_ms(lat['e2e']['p50']):>9} {good:>8}"
+    )
+
+
 def terminal_table(summary: dict) -> str:
     lines = []
-    header = f"{'stage':<28} {'ok':>6} {'429':>5} {'err':>5} {'req/s':>7} {'tok/s':>8} {'TTFT p50':>9} {'p99':>8} {'TPOT p50':>9} {'E2E p50':>9} {'goodput':>8}"
+    header = (f"{'stage':<28} {'ok':>6} {'429':>5} {'err':>5} {'req/s':>7} {'tok/s':>8} {'TTFT p50':>9} {'p95':>8} "
+              f"{'p99':>8} {'TPOT p50':>9} {'E2E p50':>9} {'goodput':>8}")  # fmt: skip
     lines.append(header)
     lines.append("-" * len(header))
     for s in summary["stages"]:
-        o = s["outcomes"]
-        errors = sum(v for k, v in o.items() if k not in ("ok", "rate_limited"))
-        lat = s["latency_s"]
-        good = "-" if s["goodput"]["ratio"] is None else f"{s['goodput']['ratio']:.1%}"
-        lines.append(
-            f"{s['label'][:28]:<28} {o.get('ok', 0):>6} {o.get('rate_limited', 0):>5} {errors:>5} "
-            f"{s['throughput']['requests_per_s']:>7.2f} {s['throughput']['output_tokens_per_s']:>8.1f} "
-            f"{_ms(lat['ttft']['p50']):>9} {_ms(lat['ttft']['p99']):>8} {_ms(lat['tpot']['p50']):>9} "
-            f"{_ms(lat['e2e']['p50']):>9} {good:>8}"
-        )
+        lines.append(_row(s["label"], s))
+        for what, name, figures in breakdowns(s):
+            lines.append(_row(f"  {what} {name}", figures))
     lines.append("(latencies in ms; 429 = the account's budget, counted apart from errors)")
     for warning in summary["warnings"]:
         lines.append(f"WARNING: {warning}")

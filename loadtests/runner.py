@@ -4,7 +4,8 @@ Guarantees: request preparation (image encoding) runs ahead on a worker thread, 
 neither blocks the timing loop nor delays an open loop's arrivals unless the generator truly
 cannot keep up (then the lag is recorded and reported); warm-up and cool-down requests are
 kept in the records but marked ``in_window=False``; a stage ends when its duration or request
-count is reached and its in-flight requests have finished.
+count is reached and its in-flight requests have finished. A ``streams`` stage runs each of
+its streams' shapes at once, each with its own workload (key, class, sizes) and arrivals.
 """
 
 from __future__ import annotations
@@ -97,9 +98,11 @@ class Runner:
         timeout_s: float = 600.0,
         progress: Progress | None = None,
         honor_retry_after: bool = True,
+        stream_workloads: list[Workload] | None = None,
     ):
         self.url = url.rstrip("/") + CHAT_PATH
         self.workload = workload
+        self.stream_workloads = stream_workloads or []  # a Stream's ``workload`` indexes this
         self.seed = seed
         self.timeout_s = timeout_s
         self.progress = progress or Progress(False)
@@ -110,70 +113,35 @@ class Runner:
         return time.perf_counter() - self.t0
 
     async def run(self, stages: list[Stage]) -> list[StageResult]:
-        prefetcher = Prefetcher(self.workload)
+        prefetchers = [Prefetcher(w) for w in [self.workload, *self.stream_workloads]]
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
         timeout = httpx.Timeout(self.timeout_s, connect=30.0)
         try:
             async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
                 results = []
                 for index, stage in enumerate(stages):
-                    results.append(await self._stage(index, stage, client, prefetcher))
+                    results.append(await self._stage(index, stage, client, prefetchers))
                 return results
         finally:
-            prefetcher.close()
+            for prefetcher in prefetchers:
+                prefetcher.close()
 
-    async def _stage(self, index: int, stage: Stage, client, prefetcher) -> StageResult:
+    async def _stage(self, index: int, stage: Stage, client, prefetchers: list[Prefetcher]) -> StageResult:
         records: list[RequestRecord] = []
         inflight: set[asyncio.Task] = set()
         started = self.now()
         deadline = started + stage.duration_s if stage.duration_s is not None else None
-
-        def make_record(request: PreparedRequest, scheduled: float | None) -> RequestRecord:
-            record = RequestRecord(
-                request.index, index, request.key_label, request.images, request.image_bytes,
-                len(request.body), request.max_tokens, scheduled,
-            )  # fmt: skip
-            records.append(record)
-            return record
-
-        def more() -> bool:
-            if deadline is not None and self.now() >= deadline:
-                return False
-            return stage.requests is None or len(records) < stage.requests
-
         ticker = asyncio.ensure_future(self._tick(stage, started, records, inflight))
         try:
-            if stage.kind == "concurrency":
-                async def client_loop():
-                    while more():
-                        request = await prefetcher.get()
-                        if not more():
-                            return
-                        record = await send(client, self.url, request, make_record(request, None), self.t0)
-                        if record.retry_after_s and self.honor_retry_after:
-                            # A refused client waits as told, like a real one (and does not
-                            # turn the run into a flood of instant 429s).
-                            left = (deadline - self.now()) if deadline is not None else record.retry_after_s
-                            await asyncio.sleep(max(0.0, min(record.retry_after_s, left)))
-
-                await asyncio.gather(*(client_loop() for _ in range(stage.concurrency)))
+            if stage.kind == "streams":
+                await asyncio.gather(*(
+                    self._drive(index, stream.shape, client, prefetchers[1 + stream.workload], records, inflight,
+                                started, deadline, stream.name, self.seed + 7919 * (n + 1))
+                    for n, stream in enumerate(stage.streams)
+                ))  # fmt: skip
             else:
-                limit = asyncio.Semaphore(stage.max_concurrency) if stage.max_concurrency else None
-                for at in stage.arrivals(self.seed + index):
-                    request = await prefetcher.get()
-                    delay = started + at - self.now()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                    if limit is not None:
-                        await limit.acquire()
-                    record = make_record(request, started + at)
-                    task = asyncio.ensure_future(send(client, self.url, request, record, self.t0))
-                    inflight.add(task)
-                    task.add_done_callback(inflight.discard)
-                    if limit is not None:
-                        task.add_done_callback(lambda _: limit.release())
-                if inflight:
-                    await asyncio.gather(*inflight)
+                await self._drive(index, stage, client, prefetchers[0], records, inflight, started, deadline,
+                                  None, self.seed + index)  # fmt: skip
         finally:
             ticker.cancel()
             self.progress.end()
@@ -183,6 +151,62 @@ class Runner:
         for record in records:
             record.in_window = low <= record.start_s <= high
         return result
+
+    async def _drive(self, index: int, shape: Stage, client, prefetcher: Prefetcher, records: list[RequestRecord],
+                     inflight: set[asyncio.Task], started: float, deadline: float | None, stream: str | None,
+                     arrival_seed: int) -> None:  # fmt: skip
+        """One load shape (a closed or open loop) until the deadline or its request count;
+        its records go to ``records`` (shared by a stage's streams)."""
+        sent = 0
+
+        def make_record(request: PreparedRequest, scheduled: float | None) -> RequestRecord:
+            nonlocal sent
+            sent += 1
+            record = RequestRecord(
+                request.index, index, request.key_label, request.images, request.image_bytes,
+                len(request.body), request.max_tokens, scheduled, priority=request.priority, stream=stream,
+            )  # fmt: skip
+            records.append(record)
+            return record
+
+        def more() -> bool:
+            if deadline is not None and self.now() >= deadline:
+                return False
+            return shape.requests is None or sent < shape.requests
+
+        if shape.kind == "concurrency":
+            async def client_loop():
+                while more():
+                    request = await prefetcher.get()
+                    if not more():
+                        return
+                    record = await send(client, self.url, request, make_record(request, None), self.t0)
+                    if record.retry_after_s and self.honor_retry_after:
+                        # A refused client waits as told, like a real one (and does not
+                        # turn the run into a flood of instant 429s).
+                        left = (deadline - self.now()) if deadline is not None else record.retry_after_s
+                        await asyncio.sleep(max(0.0, min(record.retry_after_s, left)))
+
+            await asyncio.gather(*(client_loop() for _ in range(shape.concurrency)))
+            return
+        limit = asyncio.Semaphore(shape.max_concurrency) if shape.max_concurrency else None
+        mine: set[asyncio.Task] = set()
+        for at in shape.arrivals(arrival_seed):
+            request = await prefetcher.get()
+            delay = started + at - self.now()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if limit is not None:
+                await limit.acquire()
+            record = make_record(request, started + at)
+            task = asyncio.ensure_future(send(client, self.url, request, record, self.t0))
+            for tasks in (inflight, mine):
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if limit is not None:
+                task.add_done_callback(lambda _: limit.release())
+        if mine:
+            await asyncio.gather(*mine)
 
     async def _tick(self, stage: Stage, started: float, records, inflight) -> None:
         total = f"/{stage.duration_s:g}s" if stage.duration_s else f"  of {stage.requests} requests"

@@ -3,7 +3,10 @@
 Guarantees: only requests started inside a stage's window count; latency figures use
 successful requests only, while goodput puts every windowed request (errors and 429s too)
 in its denominator; token counts come from the server's ``usage``, and a disagreement with
-the client's own chunk count is reported as a warning, never silently corrected.
+the client's own chunk count is reported as a warning, never silently corrected. Every stage
+also has its figures per priority class (``by_priority``: the class the server says it ran
+in, else the one asked for, else ``unspecified``), per account label (``by_key``) and, for a
+streams stage, per stream (``by_stream``), over the same window.
 """
 
 from __future__ import annotations
@@ -30,7 +33,11 @@ DEFINITIONS = {
     "peak_concurrency": "The most requests in flight at once, seen by the client.",
     "outcomes": "ok; rate_limited (429: the account's budget, not a failure of the server); "
     "overloaded (503); client_error (other 4xx); server_error (other 5xx); transport_error.",
+    "by_priority": "The same figures per priority class: the class the server ran the request in "
+    "(its x-priority response header), else the class asked for, else 'unspecified'.",
+    "by_key": "The same figures per account (key label).",
 }
+UNSPECIFIED = "unspecified"
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
@@ -65,6 +72,34 @@ def meets(record: RequestRecord, slo: dict[str, float]) -> bool:
         if value is None or value > limit:
             return False
     return True
+
+
+def group_figures(windowed: list[RequestRecord], window_s: float, slo: dict[str, float]) -> dict:
+    """The figures of one group of a stage's windowed requests (a class, an account, a stream)."""
+    ok = [r for r in windowed if r.outcome == "ok"]
+    met = sum(1 for r in windowed if meets(r, slo))
+    return {
+        "requests": {"in_window": len(windowed), "completed_ok": len(ok)},
+        "outcomes": dict(Counter(r.outcome for r in windowed)),
+        "by_error_code": dict(Counter(r.error_code for r in windowed if r.error_code)),
+        "latency_s": {
+            "ttft": percentiles([r.ttft_s for r in ok if r.ttft_s is not None]),
+            "tpot": percentiles([r.tpot_s for r in ok if r.tpot_s is not None]),
+            "e2e": percentiles([r.e2e_s for r in ok if r.e2e_s is not None]),
+        },
+        "throughput": {
+            "requests_per_s": len(ok) / window_s,
+            "output_tokens_per_s": sum(r.output_tokens or 0 for r in ok) / window_s,
+        },
+        "goodput": {"met": met, "ratio": met / len(windowed) if windowed else None},
+    }
+
+
+def by_group(windowed: list[RequestRecord], label, window_s: float, slo: dict[str, float]) -> dict[str, dict]:
+    groups: dict[str, list[RequestRecord]] = defaultdict(list)
+    for record in windowed:
+        groups[label(record)].append(record)
+    return {name: group_figures(groups[name], window_s, slo) for name in sorted(groups)}
 
 
 def summarize_stage(result: StageResult, slo: dict[str, float]) -> dict:
@@ -124,7 +159,16 @@ def summarize_stage(result: StageResult, slo: dict[str, float]) -> dict:
             "ratio": met / len(windowed) if windowed else None,
             "requests_per_s": met / window_s,
         },
+        "by_priority": by_group(windowed, lambda r: r.priority or UNSPECIFIED, window_s, slo),
+        "by_key": by_group(windowed, lambda r: r.key, window_s, slo),
     }
+    if stage.kind == "streams":
+        summary["by_stream"] = by_group(windowed, lambda r: r.stream, window_s, slo)
+        for stream in stage.streams:
+            figures = summary["by_stream"].setdefault(stream.name, group_figures([], window_s, slo))
+            if stream.shape.kind == "rate":
+                offered = stream.shape.offered_requests(low - result.started_s, high - result.started_s) / window_s
+                figures["rate"] = {"offered_per_s": offered, "achieved_per_s": figures["requests"]["in_window"] / window_s}
     if stage.kind in ("rate", "ramp"):
         offered = stage.offered_requests(low - result.started_s, high - result.started_s) / window_s
         achieved = len(windowed) / window_s

@@ -1,16 +1,19 @@
 """The request generator: chat requests with 0..N images, prompt and output lengths from
-distributions, spread over several API keys.
+distributions, spread over several API keys, optionally in a priority class.
 
 Guarantees: the same seed gives the same sequence of requests (so an A/B run sends the
 same workload to both endpoints); a request records which key *label* it used, never the
 key; prompts are clinical-sounding text, sized in approximate tokens (exact counts come
-from the server's ``usage``).
+from the server's ``usage``). A priority class goes out as this project's ``x-priority``
+header, or as vLLM's own body field ``priority`` (stat -1, interactive 0, batch 1) for a
+plain vLLM server run with ``--scheduling-policy priority``.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import random
 from dataclasses import dataclass, field
 
@@ -26,6 +29,9 @@ VOCABULARY = (
     "study recommend follow up imaging biopsy differential diagnosis include infection "
     "inflammation neoplasm benign malignant stable interval change noted within normal limits"
 ).split()
+PRIORITY_CLASSES = ("stat", "interactive", "batch")
+PRIORITY_FIELDS = ("header", "body")
+VLLM_PRIORITY = {"stat": -1, "interactive": 0, "batch": 1}  # vLLM's field: lower runs first
 QUESTIONS = (
     "Describe the findings in this image.",
     "What is the most likely diagnosis?",
@@ -43,13 +49,19 @@ class ApiKey:
 
 
 def parse_key(text: str) -> ApiKey:
-    """``LABEL=KEY`` or ``LABEL=KEY@WEIGHT`` (a bare ``KEY`` gets its position as label)."""
+    """``LABEL=KEY`` or ``LABEL=KEY@WEIGHT`` (a bare ``KEY`` gets its position as label).
+    ``KEY`` written ``$NAME`` is read from the environment variable ``NAME``, so a scenario
+    file can name its accounts without holding their keys."""
     label, sep, rest = text.partition("=")
     if not sep:
         label, rest = "", text
     key, sep, weight = rest.rpartition("@")
     if not sep:
         key, weight = rest, "1"
+    if key.startswith("$"):
+        if key[1:] not in os.environ:
+            raise ValueError(f"key {label or key!r}: the environment variable {key[1:]} is not set")
+        key = os.environ[key[1:]]
     return ApiKey(label, key or None, float(weight))
 
 
@@ -66,6 +78,14 @@ class WorkloadSpec:
     fixed_output: bool = True  # vLLM's min_tokens = max_tokens: output lengths follow the spec
     system_prompt: str | None = None
     keys: list[ApiKey] = field(default_factory=lambda: [ApiKey("default", None)])
+    priority: str | None = None  # a class from PRIORITY_CLASSES; None: the key's default
+    priority_field: str = "header"  # or "body": vLLM's own integer field
+
+    def __post_init__(self):
+        if self.priority is not None and self.priority not in PRIORITY_CLASSES:
+            raise ValueError(f"priority must be one of {', '.join(PRIORITY_CLASSES)}")
+        if self.priority_field not in PRIORITY_FIELDS:
+            raise ValueError(f"priority_field must be one of {', '.join(PRIORITY_FIELDS)}")
 
 
 @dataclass(frozen=True)
@@ -78,6 +98,7 @@ class PreparedRequest:
     image_bytes: int
     max_tokens: int
     approx_prompt_tokens: int
+    priority: str | None = None  # the class asked for
 
 
 class Workload:
@@ -129,8 +150,12 @@ class Workload:
         headers = {"content-type": "application/json"}
         if key.key:
             headers["authorization"] = f"Bearer {key.key}"
+        if spec.priority and spec.priority_field == "body":
+            body["priority"] = VLLM_PRIORITY[spec.priority]
+        elif spec.priority:
+            headers["x-priority"] = spec.priority
         self._index += 1
         return PreparedRequest(
             self._index - 1, json.dumps(body).encode(), headers, key.label, images, image_bytes,
-            max_tokens, tokens,
+            max_tokens, tokens, spec.priority,
         )  # fmt: skip

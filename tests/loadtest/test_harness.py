@@ -157,3 +157,33 @@ def test_locust_file_drives_the_same_workload(server, tmp_path):
     assert int(stats["chat (stream)"]["Request Count"]) > 0
     assert int(stats["chat (stream)"]["Failure Count"]) == 0
     assert int(stats["ttft"]["Request Count"]) > 0
+
+
+def test_the_stat_under_batch_flood_scenario_reports_per_class_and_account(server, tmp_path):
+    """The shipped scenario file, shortened: a batch flood beside a STAT trickle on the real
+    server. Every figure comes per stream, per class (as the server ran it) and per account."""
+    out = tmp_path / "flood"
+    env = dict(os.environ, MEDGEMMA_BATCH_KEY=server.keys["backlog"], MEDGEMMA_STAT_KEY=server.keys["stat-clinic"])
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtests.cli", "run", "--scenario", "loadtests/scenarios/stat-under-batch-flood.yaml",
+         "--url", server.url, "--duration", "16", "--warmup", "2", "--cooldown", "1", "--out", str(out), *SMALL],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    (stage,) = json.loads((out / "summary.json").read_text())["stages"]
+    assert set(stage["by_stream"]) == {"backlog", "stat"}
+    assert set(stage["by_priority"]) == {"batch", "stat"}  # the classes the server says it ran
+    assert set(stage["by_key"]) == {"backlog", "clinic"}
+    stat = stage["by_priority"]["stat"]
+    assert stat["requests"]["in_window"] >= 2
+    assert stat["outcomes"] == {"ok": stat["requests"]["in_window"]}  # no STAT request refused
+    batch = stage["by_priority"]["batch"]
+    assert batch["outcomes"].get("ok", 0) > 0 and batch["throughput"]["output_tokens_per_s"] > 0
+    rows = records(out / "requests.jsonl")
+    assert {(r["stream"], r["key"], r["priority"]) for r in rows if r["outcome"] == "ok"} == {
+        ("backlog", "backlog", "batch"), ("stat", "clinic", "stat")}  # fmt: skip
+    for field in ("by_priority", "by_key", "by_stream"):
+        assert sum(g["requests"]["in_window"] for g in stage[field].values()) == stage["requests"]["in_window"]
+    assert "  class stat" in result.stdout and "  stream backlog" in result.stdout
+    written = " ".join(p.read_text(errors="replace") for p in out.rglob("*") if p.is_file())
+    assert "mgk_" not in written + result.stdout + result.stderr  # labels, never keys
