@@ -23,6 +23,7 @@ from serving.admission.keys import KeyStore
 from serving.admission.ledger import BudgetLedger, InProcessLedger
 from serving.admission.estimate import PromptEstimator, tokenizer_counter
 from serving.admission.middleware import AdmissionMiddleware
+from serving.admission.preprocess import order_preprocessing_by_class
 from serving.admission.queue import Capacity, ClassShares, FairQueue
 from serving.enginehealth import EngineHealth
 from serving.metrics import ServingMetrics
@@ -150,6 +151,7 @@ def build_admission(engine_client, settings: AdmissionSettings, metrics: Serving
         tokenizer_counter(engine_client.get_tokenizer()), image_tokens, vllm_config.model_config.max_model_len
     )
     guard = RequestGuard(settings.guard)
+    order_preprocessing_by_class(engine_client)  # a STAT image is not queued behind batch ones
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(controller.run_ticker()), loop.create_task(controller.watch_stalled(settings.stall_timeout_s))]
     if heartbeat is not None:

@@ -21,8 +21,9 @@ Guarantees:
 - A client that disconnects while queued leaves the queue and gets nothing.
 - Each request runs in one priority class (``priority``: asked for with ``x-priority`` or the
   body's ``priority``, bounded by its key), named in the response's ``x-priority`` header;
-  vLLM gets the class as the body's ``priority``, appended to the body as read. Otherwise bodies are read once and replayed to vLLM
-  unchanged; request content is never logged.
+  vLLM gets the class as the body's ``priority``, appended to the body as read, and
+  preprocesses the request's images in class order (``preprocess``). Otherwise bodies are
+  read once and replayed to vLLM unchanged; request content is never logged.
   vLLM's own errors get a string ``code`` (``engine_errors``).
 """
 
@@ -40,6 +41,7 @@ from serving.admission.estimate import PromptEstimator, RequestShape
 from serving.admission.guard import RequestGuard
 from serving.admission.keys import Account
 from serving.admission.outcomes import AdmissionError, Outcome, error_response
+from serving.admission.preprocess import preprocess_rank
 from serving.admission.priority import PRIORITY_HEADER, requested_class, with_priority
 from serving.admission.request import AdmittedRequest
 from serving.logs import request_id_var
@@ -127,6 +129,7 @@ class AdmissionMiddleware:
             return
         shape = await self.estimator.shape(path, parsed)
         shape.priority = priority
+        preprocess_rank.set(priority.rank)  # vLLM preprocesses its images in class order
         body = with_priority(body, priority.vllm_priority)  # vLLM schedules (and preempts) by class
         request = await self._admit(account, shape, receive, send)
         if request is not None:

@@ -41,18 +41,16 @@ def tight_engine(server, tmp_path_factory):
     """vLLM's own server with the product's engine arguments and a tiny KV cache."""
     root = tmp_path_factory.mktemp("tight")
     port = free_port()
-    env = {"MEDGEMMA_DEV_MODEL_DIR": str(server.dev_model_dir), "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-           "PATH": "/usr/bin:/bin"}  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDGEMMA_")}
+    env |= {"MEDGEMMA_DEV_MODEL_DIR": str(server.dev_model_dir), "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
     args = json.loads(subprocess.check_output(
         [sys.executable, "-m", "serving", "engine-args", "--json", "--port", str(port),
          "--max-model-len", str(MAX_MODEL_LEN), "--max-images-per-prompt", "1"], env=env))  # fmt: skip
     assert args[args.index("--scheduling-policy") + 1] == "priority"
     log = root / "vllm.log"
-    process = subprocess.Popen(
-        [*pid_namespace_prefix(), sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args,
-         "--kv-cache-memory-bytes", str(KV_CACHE_BYTES)],  # fmt: skip
-        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )  # fmt: skip
+    argv = [*pid_namespace_prefix(), sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args,
+            "--kv-cache-memory-bytes", str(KV_CACHE_BYTES)]  # fmt: skip
+    process = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
 
     def healthy() -> bool:

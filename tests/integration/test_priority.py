@@ -129,3 +129,11 @@ def test_every_class_runs_on_the_engine_with_its_scheduling_priority(server, pri
     assert raw.headers["x-priority"] == priority
     # both ran in the class they asked for; vLLM accepted the priority admission gave them
     assert metric(server.url, "medgemma_admission_total", outcome="admitted", priority=priority) - before == 2
+
+
+def test_the_real_vllm_renderer_preprocesses_images_in_class_order(server):
+    """vLLM 0.32's renderer has the single preprocessing worker admission replaces: if a vLLM
+    upgrade changes it, the server says so and this fails (the order would be FIFO again)."""
+    log = server.log()
+    assert "image preprocessing runs in priority-class order" in log
+    assert "image preprocessing stays first come first served" not in log
