@@ -14,9 +14,13 @@ outside a request (warm-up, cache resets) counts as interactive.
 
 Guarantees: the replacement waits for whatever the old worker still runs (vLLM's background
 warm-up) before it starts, so the two never run at once; a job whose caller gave up (the
-client left) is skipped; an exception reaches the caller; if this vLLM's renderer does not
-have the attributes we replace, nothing is replaced and a warning says so (the server then
-runs with vLLM's own order).
+client left) is skipped; an exception reaches the caller; a shutdown lets queued jobs run
+(unless told to cancel them) and refuses new ones; if this vLLM's renderer does not have the
+attributes we replace, nothing is replaced and a warning says so (the server then runs
+with vLLM's own order). Strict order has no ageing: a batch image waits while more urgent
+images keep coming (its request keeps its engine slot meanwhile), as batch waits for
+engine slots; a preprocessing worker saturated by STAT and interactive images is an
+overloaded server either way.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ logger = logging.getLogger(__name__)
 preprocess_rank: contextvars.ContextVar[int] = contextvars.ContextVar(
     "preprocess_rank", default=PriorityClass.INTERACTIVE.rank
 )
-_STOP = -1  # rank of the shutdown sentinel: ahead of everything
+_LAST = len(PriorityClass)  # the shutdown marker's rank: after every job already queued
 
 
 class ClassOrderedExecutor(Executor):
@@ -45,25 +49,31 @@ class ClassOrderedExecutor(Executor):
         self._jobs: queue.PriorityQueue = queue.PriorityQueue()
         self._seq = itertools.count()
         self._before = before  # run once in the worker before any job
+        self._lock = threading.Lock()  # a submit and a shutdown never interleave
         self._stopped = False
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, fn, /, *args, **kwargs) -> Future:
-        if self._stopped:
-            raise RuntimeError("cannot schedule new work after shutdown")
         future: Future = Future()
-        self._jobs.put((preprocess_rank.get(), next(self._seq), future, fn, args, kwargs))
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("cannot schedule new work after shutdown")
+            self._jobs.put((preprocess_rank.get(), next(self._seq), future, fn, args, kwargs))
         return future
 
     def pending(self) -> int:
         return self._jobs.qsize()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        self._jobs.put((_STOP, next(self._seq), None, None, (), {}))
+        """Stop taking work; what is queued still runs unless ``cancel_futures``."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            if cancel_futures:
+                self._cancel_queued()
+            self._jobs.put((_LAST, next(self._seq), None, None, (), {}))
         if wait and threading.current_thread() is not self._thread:
             self._thread.join()
 
@@ -75,8 +85,7 @@ class ClassOrderedExecutor(Executor):
                 logger.exception("waiting for vLLM's preprocessing worker failed")
         while True:
             rank, _, future, fn, args, kwargs = self._jobs.get()
-            if rank == _STOP:
-                self._cancel_rest()
+            if future is None:  # the shutdown marker: nothing can be queued after it
                 return
             if not future.set_running_or_notify_cancel():
                 continue  # its caller gave up (client gone)
@@ -87,7 +96,7 @@ class ClassOrderedExecutor(Executor):
             else:
                 future.set_result(result)
 
-    def _cancel_rest(self) -> None:
+    def _cancel_queued(self) -> None:
         while not self._jobs.empty():
             future = self._jobs.get_nowait()[2]
             if future is not None:

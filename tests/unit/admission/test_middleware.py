@@ -494,3 +494,24 @@ def test_client_seen_latency_is_recorded_for_completed_requests_only():
     assert 0.05 <= ttft < e2e
     assert 0.007 <= tpot < 0.05  # ~30 ms / 4 gaps
     assert b'medgemma_request_e2e_seconds_bucket{le="0.1",priority="interactive",stream="true"}' in generate_latest(registry)
+
+
+def test_a_class_reaches_vllm_as_its_priority_orders_preprocessing_and_is_named_in_the_reply():
+    from serving.admission.preprocess import preprocess_rank
+
+    class RecordingApp(FakeEngineApp):
+        async def __call__(self, scope, receive, send):
+            self.rank = preprocess_rank.get()  # what vLLM's preprocessing would be ordered by
+            await super().__call__(scope, receive, send)
+
+    async def scenario():
+        app = RecordingApp()
+        mw, _, _ = build(app)
+        scope, payload = request(CHAT)
+        scope["headers"].append((b"x-priority", b"batch"))  # below the plan's interactive: allowed
+        client = Client(payload)
+        await mw(scope, client.receive, client.send)
+        assert client.status == 200 and client.headers[b"x-priority"] == b"batch"
+        assert json.loads(app.bodies[0])["priority"] == 1  # vLLM schedules (and preempts) it as batch
+        assert app.rank == 2
+    asyncio.run(scenario())

@@ -24,19 +24,33 @@ def submit_as(executor, rank: int, fn, *args):
     return contextvars.copy_context().run(inner)
 
 
+def busy_worker(executor) -> tuple[threading.Event, object]:
+    """Occupy the worker with a batch job until the returned gate is set."""
+    started, gate = threading.Event(), threading.Event()
+
+    def job():
+        started.set()
+        gate.wait()
+        return "busy done"
+
+    future = submit_as(executor, BATCH, job)
+    assert started.wait(5)
+    return gate, future
+
+
 def test_a_stat_job_runs_before_the_batch_jobs_queued_ahead_of_it():
     executor = ClassOrderedExecutor()
-    gate = threading.Event()
     ran: list[str] = []
-    busy = submit_as(executor, BATCH, gate.wait)  # the worker is busy with a batch image
+    gate, busy = busy_worker(executor)  # the worker is busy with a batch image
     jobs = [submit_as(executor, BATCH, ran.append, f"batch{i}") for i in range(3)]
     jobs.append(submit_as(executor, INTERACTIVE, ran.append, "interactive"))
     jobs.append(submit_as(executor, STAT, ran.append, "stat"))
     jobs.append(submit_as(executor, BATCH, ran.append, "batch3"))
     gate.set()
-    for job in [busy, *jobs]:
+    assert busy.result(timeout=5) == "busy done"  # the running job is not interrupted
+    for job in jobs:
         job.result(timeout=5)
-    # the running job finishes (nothing is interrupted); then by class, first come first served within one
+    # then by class, first come first served within one
     assert ran == ["stat", "interactive", "batch0", "batch1", "batch2", "batch3"]
     executor.shutdown()
 
@@ -63,9 +77,8 @@ def test_one_job_at_a_time_on_one_thread():
 
 def test_errors_reach_the_caller_and_a_cancelled_job_never_runs():
     executor = ClassOrderedExecutor()
-    gate = threading.Event()
     ran: list[str] = []
-    submit_as(executor, BATCH, gate.wait)
+    gate, _ = busy_worker(executor)
     cancelled = submit_as(executor, STAT, ran.append, "gone")
     failing = submit_as(executor, BATCH, lambda: 1 / 0)
     assert cancelled.cancel()  # the client left before its image's turn
@@ -78,18 +91,43 @@ def test_errors_reach_the_caller_and_a_cancelled_job_never_runs():
         executor.submit(print)
 
 
-def test_asyncio_callers_get_results_through_run_in_executor():
-    executor = ClassOrderedExecutor()
+def test_the_class_set_in_a_request_task_orders_vllms_own_async_wrapper():
+    """Each request task sets its class (as the middleware does); vLLM's ``make_async``
+    wrapper, called from inside the task, submits in that task's context."""
+    from vllm.utils.async_utils import make_async
 
-    async def request(rank: int, value: int) -> int:
-        preprocess_rank.set(rank)  # what the middleware does in the request's task
-        return await asyncio.get_running_loop().run_in_executor(executor, lambda: value * 2)
+    executor = ClassOrderedExecutor()
+    ran: list[str] = []
+    process = make_async(lambda name: ran.append(name) or name.upper(), executor=executor)
+
+    async def request(rank: int, name: str) -> str:
+        preprocess_rank.set(rank)
+        await asyncio.sleep(0)
+        return await process(name)
 
     async def scenario():
-        return await asyncio.gather(request(BATCH, 1), request(STAT, 2), request(INTERACTIVE, 3))
+        gate, _ = busy_worker(executor)
+        tasks = [asyncio.ensure_future(request(rank, name))
+                 for rank, name in ((BATCH, "b1"), (BATCH, "b2"), (INTERACTIVE, "i"), (STAT, "s"))]  # fmt: skip
+        while executor.pending() < 4:
+            await asyncio.sleep(0.001)
+        gate.set()
+        return await asyncio.gather(*tasks)
 
-    assert asyncio.run(scenario()) == [2, 4, 6]
+    assert asyncio.run(scenario()) == ["B1", "B2", "I", "S"]
+    assert ran == ["s", "i", "b1", "b2"]
     executor.shutdown()
+
+
+def test_shutdown_lets_queued_jobs_finish_and_refuses_new_ones():
+    executor = ClassOrderedExecutor()
+    gate, _ = busy_worker(executor)
+    queued = submit_as(executor, BATCH, lambda: "ran")
+    threading.Timer(0.05, gate.set).start()
+    executor.shutdown(wait=True)
+    assert queued.result(timeout=1) == "ran"
+    with pytest.raises(RuntimeError):
+        executor.submit(print)
 
 
 def test_the_swap_waits_for_the_old_workers_warmup_and_rewires_vllms_wrappers():
@@ -124,10 +162,10 @@ def test_the_swap_waits_for_the_old_workers_warmup_and_rewires_vllms_wrappers():
     assert isinstance(executor, ClassOrderedExecutor) and Engine.renderer._mm_executor is executor
 
     async def scenario():
-        return await Engine.renderer._process_multimodal_async(7)
+        return await Engine.renderer._process_multimodal_async(7), await Engine.renderer._clear_mm_cache_async()
 
-    assert asyncio.run(scenario()) == 7
-    assert order == ["warmup", "process 7"]  # never at the same time as the old worker's job
+    assert asyncio.run(scenario()) == (7, None)
+    assert order == ["warmup", "process 7", "clear"]  # never at the same time as the old worker's job
     executor.shutdown()
 
 

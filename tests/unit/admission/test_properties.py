@@ -148,6 +148,8 @@ class AdmissionMachine(RuleBasedStateMachine):
         # Units are held by admitted admitted and by requests waiting for an engine slot.
         assert held <= units_held(self.ledger)
         assert queue.inflight_requests == len(self.admitted)
+        assert queue.inflight_tokens == sum(r.kv_tokens for r in self.admitted)
+        assert queue.inflight_tokens <= CAPACITY.kv_tokens or len(self.admitted) == 1
 
     def teardown(self):
         for task in self.pending:
