@@ -81,10 +81,10 @@ class ClassOrderedExecutor(Executor):
         if self._before is not None:
             try:
                 self._before()
-            except Exception:  # noqa: BLE001 - the old worker's failure is not ours to raise
+            except Exception:  # the old worker's failure is not ours to raise
                 logger.exception("waiting for vLLM's preprocessing worker failed")
         while True:
-            rank, _, future, fn, args, kwargs = self._jobs.get()
+            _, _, future, fn, args, kwargs = self._jobs.get()
             if future is None:  # the shutdown marker: nothing can be queued after it
                 return
             if not future.set_running_or_notify_cancel():

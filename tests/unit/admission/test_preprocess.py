@@ -9,7 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from serving.admission.preprocess import ClassOrderedExecutor, order_preprocessing_by_class, preprocess_rank
+from serving.admission.preprocess import (
+    ClassOrderedExecutor,
+    order_preprocessing_by_class,
+    preprocess_rank,
+)
 from serving.admission.priority import PriorityClass
 
 STAT, INTERACTIVE, BATCH = (c.rank for c in (PriorityClass.STAT, PriorityClass.INTERACTIVE, PriorityClass.BATCH))
