@@ -71,8 +71,8 @@ def settings_for(arm: str, args, keys: dict[str, str], field: str) -> LoadTestSe
 
 def run_arm(url: str, settings: LoadTestSettings, seed: int) -> tuple[list, float]:
     """The arm's windowed request records (one stage of streams)."""
-    workloads = [Workload(spec, seed=seed + 1000 * (i + 1)) for i, spec in enumerate(settings.stream_specs())]
-    runner = Runner(url, Workload(settings.workload_spec(), seed=seed), seed=seed, stream_workloads=workloads)
+    runner = Runner(url, Workload(settings.workload_spec(), seed=seed), seed=seed,
+                    stream_workloads=settings.stream_workloads(seed))  # fmt: skip
     (result,) = asyncio.run(runner.run(settings.stages()))
     summary = summarize_stage(result, settings.slo_s())
     return [r for r in result.records if r.in_window], summary["window_s"]

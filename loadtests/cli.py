@@ -42,10 +42,9 @@ def run(settings: config.LoadTestSettings) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     workload = Workload(settings.workload_spec(), seed=settings.seed)
-    streams = [Workload(spec, seed=settings.seed + 1000 * (i + 1)) for i, spec in enumerate(settings.stream_specs())]
     runner = Runner(settings.url, workload, seed=settings.seed, timeout_s=settings.timeout,
                     honor_retry_after=settings.honor_retry_after, progress=Progress(settings.progress),
-                    stream_workloads=streams)  # fmt: skip
+                    stream_workloads=settings.stream_workloads())  # fmt: skip
     results = asyncio.run(runner.run(settings.stages()))
     records = [r for result in results for r in result.records]
     stages = []

@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from loadtests.distributions import SpecError, parse
 from loadtests.images import FORMATS
 from loadtests.profiles import Stage, Stream, parse_values, sweep
-from loadtests.workload import PRIORITY_CLASSES, PRIORITY_FIELDS, ApiKey, WorkloadSpec, parse_key
+from loadtests.workload import PRIORITY_CLASSES, PRIORITY_FIELDS, ApiKey, Workload, WorkloadSpec, parse_key
 from serving.layers import load_layered
 
 ENV_PREFIX = "MEDGEMMA_LOADTEST_"
@@ -253,6 +253,12 @@ class LoadTestSettings(BaseSettings):
                     setattr(spec, name, parse(getattr(stream, name)))
             specs.append(spec)
         return specs
+
+    def stream_workloads(self, seed: int | None = None) -> list[Workload]:
+        """One workload per stream, each seeded apart from the run's (``seed``, default the
+        settings'), so the same seed sends the same mixed traffic."""
+        seed = self.seed if seed is None else seed
+        return [Workload(spec, seed=seed + 1000 * (i + 1)) for i, spec in enumerate(self.stream_specs())]
 
     def public_config(self) -> dict[str, Any]:
         """The settings as reports show them: key labels, never keys."""
