@@ -38,7 +38,7 @@ from pathlib import Path
 
 import yaml
 
-from serving.admission.keysfile import KeysFileError, parse_keys_file
+from serving.admission.keysfile import KEY_ID_CHARS, KeysFileError, parse_keys_file
 from serving.admission.priority import PriorityClass
 
 KEY_PREFIX = "mgk_"
@@ -71,6 +71,7 @@ class Account:
     plan: Plan
     max_class: PriorityClass | None = None  # None: the plan's
     default_class: PriorityClass | None = None
+    key_id: str | None = None  # the key's short public id (``key_id``); None: no key (open mode)
 
     def __post_init__(self) -> None:
         if self.max_class is None:
@@ -81,6 +82,13 @@ class Account:
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_id(digest: str) -> str:
+    """A key's short public id: the first 12 hex digits of its stored SHA-256 digest. It
+    names the key in usage records, audit lines and ``keys revoke``; 48 bits of a hash of
+    a 256-bit random key say nothing useful about the key."""
+    return digest[:KEY_ID_CHARS]
 
 
 def new_key() -> str:
@@ -124,12 +132,13 @@ class KeyStore:
         }
         accounts = {name: Account(name, plans[account.plan]) for name, account in spec.accounts.items()}
         store = cls(accounts, {key.sha256: key.account for key in spec.keys})
-        for key in spec.keys:
-            if key.priority is not None:  # this key's classes in place of its plan's
-                store._key_accounts[key.sha256] = Account(
-                    key.account, plans[spec.accounts[key.account].plan],
-                    PriorityClass(key.priority.max), PriorityClass(key.priority.default),
-                )  # fmt: skip
+        for key in spec.keys:  # each key's view: its id, and its classes when they differ from its plan's
+            store._key_accounts[key.sha256] = Account(
+                key.account, plans[spec.accounts[key.account].plan],
+                PriorityClass(key.priority.max) if key.priority else None,
+                PriorityClass(key.priority.default) if key.priority else None,
+                key_id=key_id(key.sha256),
+            )  # fmt: skip
         return store
 
     def __post_init__(self) -> None:
@@ -138,7 +147,7 @@ class KeyStore:
         self._buckets: dict[str, list[tuple[str, str]]] = {}
         for digest, account in self.key_hashes.items():
             self._buckets.setdefault(digest[:4], []).append((digest, account))
-        self._key_accounts: dict[str, Account] = {}  # keys whose classes differ from their plan's
+        self._key_accounts: dict[str, Account] = {}  # digest -> the account as that key sees it
 
     def authenticate(self, key: str | None) -> Account | None:
         """The account ``key`` belongs to, or None. Open mode accepts any key or none."""

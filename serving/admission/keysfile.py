@@ -18,6 +18,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 
+KEY_ID_CHARS = 12  # a key's public id: this many leading hex digits of its digest (``keys.key_id``)
+
+
 class KeysFileError(ValueError):
     """The keys file cannot be used; the message says why."""
 
@@ -99,12 +102,16 @@ class KeysFile(_Strict):
             if account.plan not in self.plans:
                 problems.append(f"account {name!r} has unknown plan {account.plan!r}")
         seen: set[str] = set()
+        ids: set[str] = set()
         for i, key in enumerate(self.keys):
             if key.account not in self.accounts:
                 problems.append(f"keys[{i}] names unknown account {key.account!r}")
             if key.sha256 in seen:
                 problems.append(f"keys[{i}] repeats a key")
+            elif key.sha256[:KEY_ID_CHARS] in ids:
+                problems.append(f"keys[{i}] has the same key id (first {KEY_ID_CHARS} hex digits) as another key")
             seen.add(key.sha256)
+            ids.add(key.sha256[:KEY_ID_CHARS])
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -34,7 +34,9 @@ def test_accounts_share_a_budget_across_keys(keys_file):
     k1 = add_key(keys_file, "acme", "small")
     k2 = add_key(keys_file, "acme", "small")
     store = KeyStore.load(keys_file)
-    assert k1 != k2 and store.authenticate(k1) is store.authenticate(k2)
+    a1, a2 = store.authenticate(k1), store.authenticate(k2)
+    assert k1 != k2 and a1.name == a2.name == "acme" and a1.plan is a2.plan  # one ledger budget
+    assert a1.key_id != a2.key_id and a1.key_id == hash_key(k1)[:12]  # each key its own public id
 
 
 def test_add_key_refuses_unknown_plan_and_plan_change(keys_file):
