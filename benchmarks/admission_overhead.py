@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COOLDOWN_S = 3.0
 sys.path.insert(0, str(ROOT))
 
-from serving.admission.keys import add_key
+from serving.admission.keyadmin import add_key
 from tests.redis_server import RedisServer, free_port
 
 

@@ -45,7 +45,7 @@ from loadtests.config import LoadTestSettings
 from loadtests.runner import Runner
 from loadtests.summary import percentiles, summarize_stage
 from loadtests.workload import Workload
-from serving.admission.keys import add_key
+from serving.admission.keyadmin import add_key
 from tests.redis_server import free_port
 
 PLANS = """plans:

@@ -38,7 +38,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving.admission.keys import add_key  # noqa: E402
+from serving.admission.keyadmin import add_key  # noqa: E402
 from tests.redis_server import RedisServer, free_port  # noqa: E402
 
 PLANS = {"clinic": 6, "practice": 4, "trial": 2}  # account -> concurrency units

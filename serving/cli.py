@@ -44,13 +44,9 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_setting_flags(args_cmd)
     args_cmd.add_argument("--json", action="store_true", help="Print a JSON list.")
     sub.add_parser("profiles", help="Print the engine profile table as JSON.")
-    keys = sub.add_parser("keys", help="Manage API keys in a keys file.")
-    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
-    add = keys_sub.add_parser("add", help="Create a key for an account; prints it once.")
-    add.add_argument("--file", required=True, help="The keys file (created if missing).")
-    add.add_argument("--account", required=True, help="Account the key belongs to.")
-    add.add_argument("--plan", required=True, help="The account's plan (must exist in the file).")
-    add.add_argument("--label", default=None, help="Free-text label stored beside the hash.")
+    from serving import keyscli
+
+    keyscli.add_parser(sub)  # keys add/list/revoke/restore/rotate/expire/suspend/resume
     ray_cmd = sub.add_parser(
         "ray", help="Serve on a Ray cluster (Ray Serve replicas, cost-unit autoscaling)."
     )
@@ -69,6 +65,16 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     idle.add_argument("--url", default="http://127.0.0.1:8000", help="The server's base URL.")
     idle.add_argument("--timeout-s", type=float, default=120.0, help="Give up after this long.")
+    usage = sub.add_parser("usage", help="Report usage records per account/plan/key/day (billing, audit).")
+    usage.add_argument("paths", nargs="+", metavar="PATH",
+                       help="usage.jsonl files, directories (every usage.jsonl* in them) or globs.")  # fmt: skip
+    usage.add_argument("--by", default="account", help="Group by these, comma-separated: account, plan, key, day, "
+                       "priority, outcome (default: account).")  # fmt: skip
+    usage.add_argument("--since", default=None,
+                       help="From this time, inclusive: 2026-12-01 (00:00 UTC) or ISO with Z/offset.")  # fmt: skip
+    usage.add_argument("--until", default=None, help="Up to this time, exclusive: same forms as --since.")
+    usage.add_argument("--format", dest="output_format", choices=("table", "csv", "json"), default="table",
+                       help="Aligned text, CSV (with a total row) or JSON.")  # fmt: skip
     dev = sub.add_parser("devmodel", help="Write the dev checkpoint (tiny random MedGemma).")
     dev.add_argument("path", help="Folder to write the checkpoint into.")
     dev.add_argument("--seed", type=int, default=0, help="Random seed (same seed, same bytes).")
@@ -97,15 +103,31 @@ def resolve_engine_args(ns: argparse.Namespace, passthrough: list[str], for_serv
 
 
 def _keys_command(ns: argparse.Namespace) -> int:
-    from serving.admission.keys import KeysFileError, add_key
+    from serving import keyscli
+
+    return keyscli.run(ns)
+
+
+def _usage_command(ns: argparse.Namespace) -> int:
+    from serving.usage import report
+    from serving.usage.reader import UsageFileError, UsageReader, find_usage_files
 
     try:
-        key = add_key(ns.file, ns.account, ns.plan, ns.label)
-    except KeysFileError as exc:
-        print(f"medgemma-serve: {exc}", file=sys.stderr)
+        by = report.parse_group_keys(ns.by)
+        since = report.parse_time_bound(ns.since, "--since") if ns.since else None
+        until = report.parse_time_bound(ns.until, "--until") if ns.until else None
+        reader = UsageReader(find_usage_files(ns.paths))
+        result = report.build_report(reader, by, since, until)
+    except (report.ReportArgumentError, UsageFileError) as exc:
+        print(f"medgemma-serve usage: {exc}", file=sys.stderr)
         return 2
-    print(key)
-    print(f"(stored only as a SHA-256 hash in {ns.file}; this is the only time it is shown)", file=sys.stderr)
+    except OSError as exc:  # a file that vanished or failed mid-read
+        print(f"medgemma-serve usage: cannot read {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    result["skipped_lines"] = reader.skipped_lines
+    if reader.skipped_lines:
+        print(f"medgemma-serve usage: skipped {reader.skipped_lines} unreadable line(s)", file=sys.stderr)
+    sys.stdout.write(report.render(result, ns.output_format))
     return 0
 
 
@@ -144,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         return _keys_command(ns)
     if ns.command == "ray":
         return _ray_command(ns, passthrough)
+    if ns.command == "usage":
+        return _usage_command(ns)
     if ns.command == "wait-idle":
         from serving.idle import wait_idle
 

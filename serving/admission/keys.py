@@ -6,8 +6,14 @@ Guarantees:
 - The file has one schema (``serving.admission.keysfile``), used at start-up and on every
   reload: a malformed file of any shape is refused with a message naming the problem
   (``KeysFileError``), never half-loaded.
+- A revoked key (``disabled: true``), a key past its ``expires`` and every key of a
+  ``suspended`` account authenticate as None (401). Expiry is checked on each request
+  against ``now()`` (wall-clock epoch seconds), so a key stops at its instant without a
+  reload; the check is a set lookup and one float comparison, no date parsing.
 - Without a keys file, ``KeyStore.open_mode`` serves one anonymous account with a fixed
   budget, so a fresh ``make serve`` works (the launcher logs a warning).
+
+Editing the file (add, revoke, rotate, ...) lives in ``serving.admission.keyadmin``.
 
 File format::
 
@@ -17,10 +23,13 @@ File format::
                 priority: {max: stat, default: interactive}}
     accounts:
       st-marys: {plan: clinic}
+      old-client: {plan: starter, suspended: true}
     keys:
-      - {sha256: 9f86d0..., account: st-marys, label: "radiology PACS"}
+      - {sha256: 9f86d0..., account: st-marys, label: "radiology PACS",
+         created: "2025-06-01T09:00:00Z", expires: "2026-06-01T09:00:00Z"}
       - {sha256: 3c1b7e..., account: st-marys, label: "overnight drafts",
          priority: {max: batch, default: batch}}
+      - {sha256: 5d41a4..., account: st-marys, disabled: true, disabled_at: "2025-06-02T10:00:00Z"}
 
 A plan's ``priority`` names the most urgent class its requests may ask for and the class
 they get unasked (both ``interactive`` when absent); a key's ``priority`` replaces its
@@ -33,6 +42,8 @@ import hashlib
 import hmac
 import os
 import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,8 +109,11 @@ def new_key() -> str:
 @dataclass
 class KeyStore:
     accounts: dict[str, Account]
-    key_hashes: dict[str, str] = field(default_factory=dict)  # sha256 hex -> account name
+    key_hashes: dict[str, str] = field(default_factory=dict)  # sha256 hex -> account name (every key in the file)
     open_mode: bool = False
+    refused: frozenset[str] = frozenset()  # digests refused outright: revoked, or of a suspended account
+    expires_at: dict[str, float] = field(default_factory=dict)  # digest -> epoch seconds it stops working
+    now: Callable[[], float] = time.time  # wall clock for expiry; tests inject their own
 
     @classmethod
     def open(cls, budget: int) -> KeyStore:
@@ -108,17 +122,17 @@ class KeyStore:
         return cls({OPEN_ACCOUNT: Account(OPEN_ACCOUNT, plan)}, open_mode=True)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> KeyStore:
+    def load(cls, path: str | os.PathLike, now: Callable[[], float] = time.time) -> KeyStore:
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
         except OSError as exc:
             raise KeysFileError(f"cannot read keys file {path}: {exc.strerror}") from exc
         except yaml.YAMLError as exc:
             raise KeysFileError(f"keys file {path} is not valid YAML: {exc}") from exc
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(data, source=str(path), now=now)
 
     @classmethod
-    def from_dict(cls, data: object, source: str = "keys file") -> KeyStore:
+    def from_dict(cls, data: object, source: str = "keys file", now: Callable[[], float] = time.time) -> KeyStore:
         spec = parse_keys_file(data, source)
         plans = {
             name: Plan(
@@ -131,7 +145,13 @@ class KeyStore:
             for name, plan in spec.plans.items()
         }
         accounts = {name: Account(name, plans[account.plan]) for name, account in spec.accounts.items()}
-        store = cls(accounts, {key.sha256: key.account for key in spec.keys})
+        suspended = {name for name, account in spec.accounts.items() if account.suspended}
+        store = cls(
+            accounts, {key.sha256: key.account for key in spec.keys},
+            refused=frozenset(key.sha256 for key in spec.keys if key.disabled or key.account in suspended),
+            expires_at={key.sha256: key.expires.timestamp() for key in spec.keys if key.expires is not None},
+            now=now,
+        )  # fmt: skip
         for key in spec.keys:  # each key's view: its id, and its classes when they differ from its plan's
             store._key_accounts[key.sha256] = Account(
                 key.account, plans[spec.accounts[key.account].plan],
@@ -150,7 +170,8 @@ class KeyStore:
         self._key_accounts: dict[str, Account] = {}  # digest -> the account as that key sees it
 
     def authenticate(self, key: str | None) -> Account | None:
-        """The account ``key`` belongs to, or None. Open mode accepts any key or none."""
+        """The account ``key`` belongs to, or None (unknown, revoked, expired, or its account
+        suspended). Open mode accepts any key or none."""
         if self.open_mode:
             return self.accounts[OPEN_ACCOUNT]
         if not key:
@@ -160,41 +181,10 @@ class KeyStore:
         for candidate, account in self._buckets.get(digest[:4], ()):
             if hmac.compare_digest(candidate, digest):
                 found = candidate, account
-        if found is None:
+        if found is None or found[0] in self.refused:
+            return None
+        expires = self.expires_at.get(found[0])
+        if expires is not None and self.now() >= expires:
             return None
         return self._key_accounts.get(found[0]) or self.accounts[found[1]]
 
-
-def add_key(
-    path: str | os.PathLike, account: str, plan: str, label: str | None = None
-) -> str:
-    """Add a key for ``account`` (created on ``plan`` if new) and return the key, shown once."""
-    file = Path(path)
-    try:
-        data = yaml.safe_load(file.read_text()) if file.exists() else None
-    except yaml.YAMLError as exc:
-        raise KeysFileError(f"keys file {file} is not valid YAML: {exc}") from exc
-    parse_keys_file(data or {}, str(file))  # the file as it is must load before we touch it
-    data = data or {}
-    for section, empty in (("plans", {}), ("accounts", {}), ("keys", [])):
-        if data.get(section) is None:
-            data[section] = empty
-    if plan not in data["plans"]:
-        raise KeysFileError(
-            f"plan {plan!r} is not in {file}; add it under plans: with a concurrency first"
-        )
-    existing = data["accounts"].get(account)
-    if existing and existing.get("plan") != plan:
-        raise KeysFileError(f"account {account!r} is on plan {existing.get('plan')!r}, not {plan!r}")
-    data["accounts"][account] = {"plan": plan}
-    key = new_key()
-    entry = {"sha256": hash_key(key), "account": account}
-    if label:
-        entry["label"] = label
-    data["keys"].append(entry)
-    KeyStore.from_dict(data, source=str(file))  # never write a file we could not load
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, file)
-    return key

@@ -8,14 +8,22 @@ Guarantees:
 - Counts are strict integers: ``concurrency: true`` or ``"2"`` is refused, not read as 1/2.
 - Cross-references hold: every account's plan exists, every key's account exists, and no
   key digest appears twice.
+- Times (``created``, ``expires``, ``disabled_at``) are timezone-aware: an ISO 8601 string
+  or a YAML timestamp with an offset (``2025-07-01T00:00:00Z``); a naive time or a bare
+  date is refused, since the server could not tell which instant it names.
+- Flags are strict booleans: ``disabled: "no"`` or ``suspended: 1`` is refused.
 - Messages never quote a value (a value could be a pasted secret); the file holds hashes.
 """
 
 from __future__ import annotations
 
+from datetime import date, datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator,
+    model_validator,
+)  # fmt: skip
 
 
 KEY_ID_CHARS = 12  # a key's public id: this many leading hex digits of its digest (``keys.key_id``)
@@ -23,6 +31,26 @@ KEY_ID_CHARS = 12  # a key's public id: this many leading hex digits of its dige
 
 class KeysFileError(ValueError):
     """The keys file cannot be used; the message says why."""
+
+
+def aware_time(value: object) -> datetime:
+    """A timezone-aware datetime from YAML's timestamp or an ISO 8601 string; ValueError
+    (never quoting the value) for anything else."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise ValueError("must be an ISO 8601 date-time with a timezone, like 2025-07-01T00:00:00Z") from None
+    if isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError("has no timezone; write it with one, like 2025-07-01T00:00:00Z or +02:00")
+        return value
+    if isinstance(value, date):
+        raise ValueError("is a date without a time; write a date-time with a timezone, like 2025-07-01T00:00:00Z")
+    raise ValueError("must be an ISO 8601 date-time with a timezone, like 2025-07-01T00:00:00Z")
+
+
+AwareTime = Annotated[datetime, BeforeValidator(aware_time)]
 
 
 class _Strict(BaseModel):
@@ -68,6 +96,7 @@ class PlanSpec(_Strict):
 
 class AccountSpec(_Strict):
     plan: Annotated[str, Field(min_length=1, strict=True)]
+    suspended: StrictBool = False  # every key of a suspended account is refused
 
 
 class KeySpec(_Strict):
@@ -75,6 +104,10 @@ class KeySpec(_Strict):
     account: Annotated[str, Field(min_length=1, strict=True)]
     label: Annotated[str, Field(strict=True)] | None = None
     priority: PrioritySpec | None = None  # this key's classes, in place of its plan's
+    created: AwareTime | None = None
+    expires: AwareTime | None = None  # refused from this instant on (checked per request)
+    disabled: StrictBool = False  # revoked
+    disabled_at: AwareTime | None = None
 
     @field_validator("sha256")
     @classmethod

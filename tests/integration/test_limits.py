@@ -17,7 +17,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from serving.admission.keys import add_key
+from serving.admission.keyadmin import add_key
 from tests.live_server import launch, raw_post, stop, wait_for, wait_ready, write_keys
 from tests.metrics_text import metric as metric_of
 

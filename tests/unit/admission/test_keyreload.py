@@ -7,7 +7,7 @@ import os
 from prometheus_client import CollectorRegistry
 
 from serving.admission.keyreload import KeyReloader
-from serving.admission.keys import add_key
+from serving.admission.keyadmin import add_key
 from serving.metrics import ServingMetrics
 
 

@@ -1,10 +1,12 @@
 import os
 import stat
+from datetime import UTC, datetime
 
 import pytest
 import yaml
 
-from serving.admission.keys import KeysFileError, KeyStore, add_key, hash_key
+from serving.admission.keyadmin import add_key
+from serving.admission.keys import KeysFileError, KeyStore, hash_key
 
 PLANS = {"plans": {"small": {"concurrency": 2}, "clinic": {"concurrency": 8, "queue": {"max_waiting": 4, "timeout_s": 5}}}}
 
@@ -50,6 +52,7 @@ def test_add_key_refuses_unknown_plan_and_plan_change(keys_file):
 PLAN = {"p": {"concurrency": 1}}
 ACCOUNT = {"a": {"plan": "p"}}
 DIGEST = "a" * 64
+_KEY = f"plans: {{p: {{concurrency: 1}}}}\naccounts: {{a: {{plan: p}}}}\nkeys: [{{sha256: {DIGEST}, account: a"
 
 # Every shape a hand-edited file can take that is not a keys file: (YAML text, what the
 # message must name). The same table drives the reload test (tests/unit/admission/test_keyreload.py).
@@ -80,6 +83,15 @@ MALFORMED = [
     (f"plans: {{p: {{concurrency: 1}}}}\naccounts: {{a: {{plan: p}}}}\nkeys: [{{sha256: {DIGEST}, account: a}}, {{sha256: {DIGEST}, account: a}}]", "repeats a key"),
     (f"plans: {{p: {{concurrency: 1}}}}\naccounts: {{a: {{plan: p}}}}\nkeys: [{{sha256: {DIGEST}}}]", "keys.0.account"),
     ("plans: {p: {concurrency: 1}}\nplanz: {}", "planz"),
+    (f"{_KEY}, expires: 2030-01-01 00:00:00}}]", "keys.0.expires: has no timezone"),
+    (f"{_KEY}, expires: 2030-01-01}}]", "keys.0.expires: is a date without a time"),
+    (f"{_KEY}, expires: 'next tuesday'}}]", "keys.0.expires: must be an ISO 8601"),
+    (f"{_KEY}, expires: 1893456000}}]", "keys.0.expires: must be an ISO 8601"),
+    (f"{_KEY}, created: '2030-01-01T00:00:00'}}]", "keys.0.created: has no timezone"),
+    (f"{_KEY}, disabled_at: [2030]}}]", "keys.0.disabled_at"),
+    (f"{_KEY}, disabled: 'no'}}]", "keys.0.disabled"),
+    (f"{_KEY}, disabled: 1}}]", "keys.0.disabled"),
+    ("plans: {p: {concurrency: 1}}\naccounts: {a: {plan: p, suspended: 'yes'}}", "accounts.a.suspended"),
     ("plans: [", "not valid YAML"),
 ]  # fmt: skip
 
@@ -125,3 +137,33 @@ def test_open_mode_accepts_anyone_into_one_account():
     assert store.open_mode
     assert store.authenticate(None) is store.authenticate("anything")
     assert store.authenticate(None).plan.concurrency == 4
+
+
+def test_time_errors_never_quote_the_value(tmp_path):
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"{_KEY}, expires: 'mgk_pasted-secret-by-mistake'}}]")
+    with pytest.raises(KeysFileError) as info:
+        KeyStore.load(path)
+    assert "keys.0.expires" in str(info.value) and "pasted-secret" not in str(info.value)
+
+
+def key_entry(key: str, **extra) -> dict:
+    return {"sha256": hash_key(key), "account": extra.pop("account", "a"), **extra}
+
+
+def test_revoked_expired_and_suspended_keys_are_refused_at_authentication():
+    clock = [1_000_000.0]
+    store = KeyStore.from_dict({
+        "plans": PLAN, "accounts": {"a": {"plan": "p"}, "b": {"plan": "p", "suspended": True}},
+        "keys": [
+            key_entry("live", created="2020-01-01T00:00:00Z"),
+            key_entry("revoked", disabled=True, disabled_at="2020-01-02T00:00:00+02:00"),
+            key_entry("ending", expires=datetime.fromtimestamp(1_000_060, UTC)),  # YAML's own datetime
+            key_entry("suspended", account="b"),
+        ],
+    }, now=lambda: clock[0])  # fmt: skip
+    assert store.authenticate("live").name == "a" and store.authenticate("ending").name == "a"
+    assert store.authenticate("revoked") is None and store.authenticate("suspended") is None
+    clock[0] = 1_000_060.0  # the expiry instant itself: refused, without a reload
+    assert store.authenticate("ending") is None and store.authenticate("live").name == "a"
+    assert set(store.key_hashes) == {hash_key(k) for k in ("live", "revoked", "ending", "suspended")}
