@@ -117,6 +117,11 @@ def context_from_settings(settings: config.ServeSettings, resolved: engine.Engin
             redis_timeout_s=settings.redis_timeout_s,
             ledger_fallback=settings.ledger_fallback,
             stall_timeout_s=settings.stream_stall_timeout_s,
+            usage_log=config.usage_log_target(settings),
+            usage_log_max_bytes=int(settings.usage_log_max_mib * 2**20),
+            usage_log_backups=settings.usage_log_backups,
+            account_metrics_max=settings.account_metrics_max if settings.account_metrics else None,
+            served_models=frozenset({resolved.served_model_name, *settings.model_costs}),
             guard=GuardSettings(
                 max_body_bytes=int(settings.max_body_mib * 2**20),
                 body_timeout_s=settings.body_timeout_s,

@@ -88,6 +88,26 @@ class ServeSettings(BaseSettings):
         gt=0,
         description="How often the keys file is checked for changes (SIGHUP reloads it at once).",
     )
+    usage_log: str | None = Field(
+        None,
+        description="Where usage records go (one JSON line per request, no content): a file "
+        "path (size-rotated), '-' for stdout, or 'off'. Default: off in open mode; with a keys "
+        "file, usage/usage.jsonl under the cache folder. One file per server process.",
+    )
+    usage_log_max_mib: float = Field(
+        100.0, gt=0, description="Size at which the usage file is rotated (usage.jsonl -> usage.jsonl.1)."
+    )
+    usage_log_backups: int = Field(
+        10, ge=0, description="Rotated usage files kept; the oldest is deleted (retention on disk)."
+    )
+    account_metrics: bool = Field(
+        False,
+        description="Label the per-account metrics (unit-seconds, tokens, requests, units held) "
+        "by account, at most account_metrics_max accounts; the rest count as 'other'.",
+    )
+    account_metrics_max: int = Field(
+        50, ge=1, description="Accounts labelled by name in the per-account metrics (cardinality cap)."
+    )
     open_budget: int = Field(
         4, ge=1, description="Concurrency units of the anonymous account in open mode."
     )
@@ -335,6 +355,28 @@ def resolve(
     except engine.ProfileError as exc:
         raise SettingsError(str(exc)) from None
     return resolved
+
+
+def usage_log_target(settings: ServeSettings) -> str | None:
+    """Where this server's usage records go (None: nowhere); a file's folder is created and
+    checked for writing here, before the model loads. Raises ``SettingsError``."""
+    target = settings.usage_log
+    if target is None:
+        if settings.keys_file is None:
+            return None  # open mode: nobody to charge
+        target = str(default_cache_dir() / "usage" / "usage.jsonl")
+    if target.lower() == "off":
+        return None
+    if target == "-":
+        return target
+    folder = Path(target).expanduser().absolute().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SettingsError(f"usage_log: cannot create {folder}: {exc.strerror}") from None
+    if not os.access(folder, os.W_OK) or Path(target).is_dir():
+        raise SettingsError(f"usage_log: cannot write {target}; give a writable file path, '-' or 'off'")
+    return str(Path(target).expanduser().absolute())
 
 
 def uses_dev_model(settings: ServeSettings, resolved: engine.EngineSettings) -> bool:

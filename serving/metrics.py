@@ -112,6 +112,47 @@ class ServingMetrics:
         for result in ("ok", "error"):  # exposed from the start, so rate() and alerts see 0
             self.keys_reloads_total.labels(result=result)
 
+        # Usage: the records' own health, and per-account figures (labelled only with
+        # --account-metrics, at most account_metrics_max accounts, the rest as "other").
+        self.usage_records_written = Counter(
+            "medgemma_usage_records_written",
+            "Usage records written to the usage log.",
+            registry=self.registry,
+        )
+        self.usage_records_dropped = Counter(
+            "medgemma_usage_records_dropped",
+            "Usage records dropped: queue_full (the writer fell behind), write_error (a full "
+            "disk, a vanished folder). The requests themselves were served.",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in ("queue_full", "write_error"):
+            self.usage_records_dropped.labels(reason=reason)
+        self.account_unit_seconds = Counter(
+            "medgemma_account_unit_seconds",
+            "Concurrency units x seconds held from admission to release, by account.",
+            ["account"],
+            registry=self.registry,
+        )
+        self.account_tokens = Counter(
+            "medgemma_account_tokens",
+            "Tokens the engine counted, by account and direction (prompt, completion).",
+            ["account", "direction"],
+            registry=self.registry,
+        )
+        self.account_requests = Counter(
+            "medgemma_account_requests",
+            "Requests to the model endpoints by account and outcome (none: the key was refused).",
+            ["account", "outcome"],
+            registry=self.registry,
+        )
+        self.account_inflight_units = Gauge(
+            "medgemma_account_inflight_units",
+            "Concurrency units held right now on this replica, by account.",
+            ["account"],
+            registry=self.registry,
+        )
+
     def set_build(self, *, profile: str, model: str, served_model_name: str, vllm_version: str):
         self.build.info(
             {

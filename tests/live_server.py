@@ -25,7 +25,7 @@ import psutil
 import pytest
 import yaml
 
-from serving.admission.keys import add_key
+from serving.admission.keyadmin import add_key
 from tests.redis_server import free_port
 
 # Plans of the session server: "main" for the API tests, "pair" (2 units) for budget tests,
@@ -41,7 +41,7 @@ TEST_PLANS = {
 TEST_ACCOUNTS = {
     "main": "big", "pair": "two", "pair-disconnect": "two", "loadtest": "big", "loadtest-small": "one",
     "batch-one": "one", "batch-two": "two", "prop-a": "prop1", "prop-b": "prop2", "prop-c": "prop3",
-    "stat-clinic": "clinic", "backlog": "bulk",
+    "stat-clinic": "clinic", "backlog": "bulk", "usage-a": "two", "usage-b": "two",
 }  # fmt: skip
 START_TIMEOUT_S = float(os.environ.get("MEDGEMMA_TEST_START_TIMEOUT_S", "300"))
 
@@ -55,6 +55,7 @@ class Server:
     keys: dict[str, str]  # account -> API key
     namespaced: bool = False  # pid 1 of a pid namespace of its own (unshare)
     keys_file: Path | None = None
+    usage_log: Path | None = None  # where its usage records go (MEDGEMMA_USAGE_LOG)
     ready_history: list[int] = field(default_factory=list)
     # What the port answered while the engine was still loading (first 503 from /ready).
     while_loading: dict[str, httpx.Response] = field(default_factory=dict)
@@ -183,8 +184,9 @@ def launch(root: Path, keys_file: Path | None, keys: dict[str, str], *args: str,
         env=env,
         start_new_session=True,
     )
+    usage_log = env.get("MEDGEMMA_USAGE_LOG")
     return Server(f"http://127.0.0.1:{port}", process, log_path, dev_model_dir, keys, namespaced=True,
-                  keys_file=keys_file)  # fmt: skip
+                  keys_file=keys_file, usage_log=Path(usage_log) if usage_log else None)  # fmt: skip
 
 
 def stop(server: Server, sig: int = signal.SIGTERM) -> None:
@@ -201,7 +203,9 @@ def stop(server: Server, sig: int = signal.SIGTERM) -> None:
 def server(tmp_path_factory) -> Server:
     root = tmp_path_factory.mktemp("server")
     keys_file = root / "keys.yaml"
-    srv = launch(root, keys_file, write_keys(keys_file, TEST_ACCOUNTS))
+    # Usage records in the server's folder, per-account metrics on (the dashboard's account row).
+    srv = launch(root, keys_file, write_keys(keys_file, TEST_ACCOUNTS),
+                 env_extra={"MEDGEMMA_USAGE_LOG": str(root / "usage.jsonl"), "MEDGEMMA_ACCOUNT_METRICS": "true"})
     try:
         wait_ready(srv)
         yield srv

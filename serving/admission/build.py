@@ -27,6 +27,9 @@ from serving.admission.preprocess import order_preprocessing_by_class
 from serving.admission.queue import Capacity, ClassShares, FairQueue
 from serving.enginehealth import EngineHealth
 from serving.metrics import ServingMetrics
+from serving.usage.engine_tokens import count_engine_tokens
+from serving.usage.recorder import UsageRecorder
+from serving.usage.writer import UsageLog
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,11 @@ class AdmissionSettings:
     ledger_fallback: str = "share"
     guard: GuardSettings = field(default_factory=GuardSettings)
     stall_timeout_s: float = 60.0
+    usage_log: str | None = None  # a file path, "-" (stdout) or None (no records)
+    usage_log_max_bytes: int = 100 * 2**20
+    usage_log_backups: int = 10
+    account_metrics_max: int | None = None  # None: per-account metrics unlabelled (off)
+    served_models: frozenset[str] = frozenset({"medgemma-4b-it"})
 
 
 def engine_capacity(vllm_config, headroom: float = 0.25) -> Capacity:
@@ -119,6 +127,23 @@ class Admission:
     controller: AdmissionController
     middleware: Callable[[object], AdmissionMiddleware]  # wraps vLLM's ASGI app
     tasks: list[asyncio.Task]  # ticker, stall watch, key watch, ledger heartbeat
+    usage: UsageRecorder
+
+
+def build_usage(settings: AdmissionSettings, metrics: ServingMetrics, engine_client=None) -> UsageRecorder:
+    """The usage recorder the settings ask for; the engine's token counts hooked when records
+    or per-account metrics are on."""
+    log = None
+    if settings.usage_log is not None:
+        log = UsageLog(settings.usage_log, metrics, max_bytes=settings.usage_log_max_bytes,
+                       backups=settings.usage_log_backups)  # fmt: skip
+        logger.info("usage records: %s (rotated at %d MiB, %d kept)", "stdout" if settings.usage_log == "-"
+                    else settings.usage_log, settings.usage_log_max_bytes // 2**20, settings.usage_log_backups)  # fmt: skip
+    recorder = UsageRecorder(metrics, log, served_models=settings.served_models,
+                             account_metrics_max=settings.account_metrics_max)  # fmt: skip
+    if engine_client is not None and (log is not None or settings.account_metrics_max):
+        count_engine_tokens(engine_client)
+    return recorder
 
 
 def build_admission(engine_client, settings: AdmissionSettings, metrics: ServingMetrics,
@@ -151,6 +176,7 @@ def build_admission(engine_client, settings: AdmissionSettings, metrics: Serving
         tokenizer_counter(engine_client.get_tokenizer()), image_tokens, vllm_config.model_config.max_model_len
     )
     guard = RequestGuard(settings.guard)
+    usage = build_usage(settings, metrics, engine_client)
     order_preprocessing_by_class(engine_client)  # a STAT image is not queued behind batch ones
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(controller.run_ticker()), loop.create_task(controller.watch_stalled(settings.stall_timeout_s))]
@@ -174,4 +200,4 @@ def build_admission(engine_client, settings: AdmissionSettings, metrics: Serving
         settings.queue_timeout_s,
         settings.batch_queue_timeout_s,
     )
-    return Admission(controller, lambda app: AdmissionMiddleware(app, controller, estimator, guard), tasks)
+    return Admission(controller, lambda app: AdmissionMiddleware(app, controller, estimator, guard, usage), tasks, usage)

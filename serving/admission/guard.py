@@ -112,8 +112,9 @@ class RequestGuard:
 
     # --- images -----------------------------------------------------------------------
 
-    async def check_images(self, body: dict) -> None:
-        """Refuse media we do not serve, too many images, then check each image's source."""
+    async def check_images(self, body: dict) -> tuple[int, int]:
+        """Refuse media we do not serve, too many images, then check each image's source.
+        Returns the image count and the pixels of the inline images whose header was read."""
         images = []
         for part, kinds in media_parts(body):
             unsupported = kinds - IMAGE_PART_TYPES
@@ -130,17 +131,20 @@ class RequestGuard:
                 f"At most {self.settings.max_images} images are allowed in one request; "
                 f"this one has {len(images)}.",
             )
+        pixels = 0
         for part in images:
             url = image_url(part)
             if url is None:
                 continue  # no URL string: vLLM refuses the part (400) without fetching
             if url.startswith("data:"):
-                self._check_data_url(url)
+                pixels += self._check_data_url(url)
             else:
                 await self._check_remote_url(url)
             await asyncio.sleep(0)  # each header read is bounded; others run between them
+        return len(images), pixels
 
-    def _check_data_url(self, url: str) -> None:
+    def _check_data_url(self, url: str) -> int:
+        """Its pixels (0 when its header cannot be read here)."""
         header, _, payload = url.partition(",")
         if not header[5:].lower().startswith("image/"):
             raise AdmissionError(
@@ -148,10 +152,10 @@ class RequestGuard:
                 "An image data URL must have an image/* media type (data:image/png;base64,...).",
             )
         if not header.lower().endswith(";base64"):
-            return  # vLLM decodes (or refuses) it
+            return 0  # vLLM decodes (or refuses) it
         size = _declared_size(payload)
         if size is None:
-            return  # not a readable image header: vLLM refuses it with a 400
+            return 0  # not a readable image header: vLLM refuses it with a 400
         width, height = size
         if width * height > self.settings.max_image_pixels:
             what = "An image" if size == HUGE else f"An image of {width}x{height} pixels"
@@ -159,6 +163,7 @@ class RequestGuard:
                 Outcome.REJECTED_IMAGE_TOO_LARGE,
                 f"{what} is larger than the {self.settings.max_image_pixels} pixels allowed.",
             )
+        return width * height
 
     async def _check_remote_url(self, url: str) -> None:
         hosts = self.settings.remote_image_hosts

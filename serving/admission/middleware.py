@@ -45,6 +45,9 @@ from serving.admission.preprocess import preprocess_rank
 from serving.admission.priority import PRIORITY_HEADER, requested_class, with_priority
 from serving.admission.request import AdmittedRequest
 from serving.logs import request_id_var
+from serving.usage.engine_tokens import token_tally
+from serving.usage.record import RequestUsage
+from serving.usage.recorder import UsageRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -89,11 +92,12 @@ def _bearer(scope) -> str | None:
 
 class AdmissionMiddleware:
     def __init__(self, app, controller: AdmissionController, estimator: PromptEstimator,
-                 guard: RequestGuard | None = None):  # fmt: skip
+                 guard: RequestGuard | None = None, usage: UsageRecorder | None = None):  # fmt: skip
         self.app = app
         self.controller = controller
         self.estimator = estimator
         self.guard = guard or RequestGuard()
+        self.usage = usage or UsageRecorder(controller.metrics)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -107,13 +111,22 @@ class AdmissionMiddleware:
         if path in PUBLIC_PATHS or (path in MODEL_PATHS and scope["method"] != "POST"):
             await self.app(scope, receive, send)
             return
+        usage = self.usage.start(rid.decode(), path if path in MODEL_PATHS else "other", arrived)
+        try:
+            await self._handle(scope, receive, send, path, usage)
+        finally:
+            self.usage.finish(usage)  # exactly one record, whatever the end
+
+    async def _handle(self, scope, receive, send, path: str, usage: RequestUsage) -> None:
         if path not in MODEL_PATHS:
+            usage.refusal = AdmissionError(Outcome.REJECTED_NOT_FOUND, f"There is no {path} endpoint here.")
             self.controller.count(Outcome.REJECTED_NOT_FOUND)
-            await _send_error(send, AdmissionError(Outcome.REJECTED_NOT_FOUND, f"There is no {path} endpoint here."))
+            await _send_error(send, usage.refusal)
             return
         try:
-            account = self.controller.authenticate(_bearer(scope))
+            account = usage.account = self.controller.authenticate(_bearer(scope))
         except AdmissionError as error:
+            usage.refusal = error
             await _send_error(send, error, limit=0, remaining=0)
             return
         try:
@@ -121,24 +134,30 @@ class AdmissionMiddleware:
             if body is None:
                 return  # the client left while sending its body
             parsed = self.guard.parse(body)
-            await self.guard.check_images(parsed)
-            priority = requested_class(scope, parsed, account.default_class, account.max_class)
+            usage.body_read(parsed, self.usage.served_models)
+            usage.images, usage.image_pixels = await self.guard.check_images(parsed)
+            priority = usage.priority = requested_class(scope, parsed, account.default_class, account.max_class)
         except AdmissionError as error:
+            usage.refusal = error
             self.controller.count(error.outcome)
             await _send_error(send, error, account.plan.concurrency, await self.controller.remaining(account))
             return
         shape = await self.estimator.shape(path, parsed)
         shape.priority = priority
         preprocess_rank.set(priority.rank)  # vLLM preprocesses its images in class order
+        token_tally.set(usage.tally)  # the engine's token counts land in the usage record
         body = with_priority(body, priority.vllm_priority)  # vLLM schedules (and preempts) by class
-        request = await self._admit(account, shape, receive, send)
+        request = await self._admit(account, shape, receive, send, usage)
         if request is not None:
-            await self._serve(scope, body, receive, send, request, arrived, shape.prompts)
+            self.usage.admitted(usage, request)
+            await self._serve(scope, body, receive, send, request, usage.arrived, shape.prompts)
 
-    async def _admit(self, account: Account, shape: RequestShape, receive, send) -> AdmittedRequest | None:
+    async def _admit(self, account: Account, shape: RequestShape, receive, send,
+                     usage: RequestUsage) -> AdmittedRequest | None:  # fmt: skip
         try:
             return self.controller.decide(account, shape) or await self._wait(account, shape, receive)
         except AdmissionError as error:
+            usage.refusal = error
             limit = account.plan.concurrency
             if error.outcome is Outcome.REJECTED_CONCURRENCY_LIMIT:
                 remaining = 0

@@ -23,7 +23,8 @@ def rule_groups() -> list[dict]:
 
 def queries() -> list[str]:
     dashboard = json.loads((ROOT / "deploy" / "grafana" / "medgemma-serving.json").read_text())
-    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", ())]  # rows have none
+    exprs += [v["query"]["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
     exprs += [rule["expr"] for group in rule_groups() for rule in group["rules"]]
     return exprs
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import signal
 
 import httpx
@@ -21,7 +22,8 @@ def debug_server(tmp_path_factory, server):
     root = tmp_path_factory.mktemp("patient-data")
     keys_file = root / "keys.yaml"
     keys = write_keys(keys_file, {"main": "big"})
-    srv = launch(root, keys_file, keys, "--log-level", "debug", dev_model_dir=server.dev_model_dir)
+    srv = launch(root, keys_file, keys, "--log-level", "debug", dev_model_dir=server.dev_model_dir,
+                 env_extra={"MEDGEMMA_USAGE_LOG": str(root / "usage.jsonl")})  # fmt: skip
     try:
         wait_ready(srv)
         yield srv
@@ -76,3 +78,12 @@ def test_canary_text_image_and_outputs_never_reach_the_logs(debug_server):
         assert secret not in log, f"{secret[:20]!r} leaked into the log"
     for text in outputs:
         assert len(text) > 20 and text not in log
+    # The usage records of these requests (one each, written at shutdown at the latest) hold
+    # none of it either.
+    usage = srv.usage_log.read_text()
+    records = [json.loads(line) for line in usage.splitlines()]
+    assert [r["request_id"] for r in records].count("rid-canary-0001") == 8
+    for secret in ("CANARY-7f3e9b21", "Jane Roe", "00482913", encoded[100:160], srv.keys["main"], "no-such-model"):
+        assert secret not in usage, f"{secret[:20]!r} leaked into a usage record"
+    for text in outputs:
+        assert text not in usage

@@ -1,0 +1,1 @@
+"""Usage records: one per request, written as JSON lines, read back and reported on (billing, audit)."""

@@ -1,0 +1,97 @@
+"""Where a request's end becomes its usage record and its per-account figures.
+
+Guarantees:
+- ``UsageRecorder.finish`` runs once per request that reached a model endpoint (the
+  middleware calls it in a ``finally``), whatever the end: success, error, refusal,
+  disconnect, drain, engine failure. It emits exactly one record when a usage log is set,
+  and updates the per-account metrics when they are on.
+- Per-account labels have bounded cardinality (``AccountLabels``): only with
+  ``--account-metrics``, the first ``account_metrics_max`` accounts seen get their own
+  label, every later one is counted as ``other``; a refused key counts as ``none``.
+  Account names come from the keys file (an operator's names), never from a client.
+- Nothing here blocks or raises into the request: the log's ``emit`` only queues.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from serving.usage.record import RequestUsage, request_record
+
+if TYPE_CHECKING:
+    from serving.admission.request import AdmittedRequest
+    from serving.metrics import ServingMetrics
+    from serving.usage.writer import UsageLog
+
+logger = logging.getLogger(__name__)
+
+OTHER_ACCOUNTS = "other"
+NO_ACCOUNT = "none"
+
+
+def replica_name() -> str:
+    """This server in a record: host name and process id."""
+    return f"{socket.gethostname()}:{os.getpid()}"[:128]
+
+
+class AccountLabels:
+    """Account -> its metric label: itself for the first ``cap`` accounts seen, else ``other``."""
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self._labels: dict[str, str] = {}
+
+    def of(self, account: str | None) -> str:
+        if account is None:
+            return NO_ACCOUNT
+        label = self._labels.get(account)
+        if label is None:
+            label = account if len(self._labels) < self.cap else OTHER_ACCOUNTS
+            self._labels[account] = label
+        return label
+
+
+class UsageRecorder:
+    def __init__(self, metrics: ServingMetrics, log: UsageLog | None = None, *,
+                 served_models: frozenset[str] = frozenset(), account_metrics_max: int | None = None,
+                 replica: str | None = None):  # fmt: skip
+        self.metrics = metrics
+        self.log = log
+        self.served_models = served_models
+        self.accounts = AccountLabels(account_metrics_max) if account_metrics_max else None
+        self.replica = replica or replica_name()
+
+    def start(self, request_id: str, endpoint: str, arrived: float) -> RequestUsage:
+        return RequestUsage(request_id, endpoint, arrived)
+
+    def admitted(self, usage: RequestUsage, request: AdmittedRequest) -> None:
+        usage.request = request
+        if self.accounts is not None:
+            label = self.accounts.of(request.account.name)
+            self.metrics.account_inflight_units.labels(account=label).inc(request.units)
+
+    def finish(self, usage: RequestUsage) -> None:
+        """The request has ended: its record, its per-account figures."""
+        if self.log is None and self.accounts is None:
+            return
+        record = request_record(usage, self.replica, time.monotonic())
+        if self.log is not None:
+            self.log.emit(record)
+        if self.accounts is not None:
+            self._count(usage, record)
+
+    def _count(self, usage: RequestUsage, record: dict) -> None:
+        metrics, label = self.metrics, self.accounts.of(record["account"])
+        metrics.account_requests.labels(account=label, outcome=record["outcome"]).inc()
+        if usage.request is None:
+            return
+        metrics.account_inflight_units.labels(account=label).dec(record["units"])
+        metrics.account_unit_seconds.labels(account=label).inc(record["unit_seconds"])
+        if record["prompt_tokens"]:
+            metrics.account_tokens.labels(account=label, direction="prompt").inc(record["prompt_tokens"])
+        if record["completion_tokens"]:
+            metrics.account_tokens.labels(account=label, direction="completion").inc(record["completion_tokens"])
