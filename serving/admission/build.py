@@ -183,7 +183,8 @@ def build_admission(engine_client, settings: AdmissionSettings, metrics: Serving
     if heartbeat is not None:
         tasks.append(loop.create_task(heartbeat))
     if settings.keys_file is not None:
-        reloader = KeyReloader(settings.keys_file, controller, metrics)
+        reloader = KeyReloader(settings.keys_file, controller, metrics,
+                               audit=usage.log.emit if usage.log is not None else None, replica=usage.replica)  # fmt: skip
         tasks.append(reloader.install(loop, signal.SIGHUP, settings.keys_reload_interval_s))
     limits = controller.queue.class_limits
     logger.info(

@@ -10,6 +10,9 @@ Guarantees:
 - ``append_records`` writes whole lines with one unbuffered ``write`` to a file opened for
   append and created with mode 0600, so concurrent writers never interleave within a line.
 - The default audit file sits beside the keys file: ``<keys file>.audit.jsonl``.
+- ``store_changes`` names every difference between two loaded key stores (what a server's
+  reload saw, however the file was edited): keys added, removed, revoked, restored or given
+  another expiry, accounts suspended, resumed or moved to another plan.
 """
 
 from __future__ import annotations
@@ -91,3 +94,29 @@ def append_records(audit_file, records: Iterable[dict]) -> None:
     text = "".join(json.dumps(record, separators=(",", ":")) + "\n" for record in records)
     if text:
         audit_file.write(text.encode())
+
+
+def store_changes(old, new, source: str = "reload", **extra: object) -> list[dict]:
+    """The ``key_change`` records that turn key store ``old`` into ``new`` (``KeyStore``s)."""
+    records = []
+
+    def key_record(action: str, digest: str, store, **more: object) -> None:
+        records.append(key_change_record(action, store.key_hashes[digest], digest[:12], source, **extra, **more))
+
+    for digest in new.key_hashes.keys() - old.key_hashes.keys():
+        key_record("added", digest, new, expires=new.expires_at.get(digest))
+    for digest in old.key_hashes.keys() - new.key_hashes.keys():
+        key_record("removed", digest, old)
+    for digest in new.key_hashes.keys() & old.key_hashes.keys():
+        if (digest in new.revoked) != (digest in old.revoked):
+            key_record("revoked" if digest in new.revoked else "restored", digest, new)
+        if new.expires_at.get(digest) != old.expires_at.get(digest):
+            key_record("expiry_set", digest, new, expires=new.expires_at.get(digest))
+    for name in sorted(new.suspended ^ old.suspended):
+        action = "account_suspended" if name in new.suspended else "account_resumed"
+        records.append(key_change_record(action, name, None, source, **extra))
+    for name in sorted(new.accounts.keys() & old.accounts.keys()):
+        if new.accounts[name].plan.name != old.accounts[name].plan.name:
+            records.append(key_change_record("account_plan_changed", name, None, source, **extra,
+                                             plan=new.accounts[name].plan.name))  # fmt: skip
+    return records

@@ -8,6 +8,9 @@ Guarantees:
   ``medgemma_keys_reloads_total{result="error"}``; the watch keeps running and the next
   good file is picked up. Nothing a file holds can stop the reloads.
 - The file is polled by (mtime, size, inode), so an editor's atomic replace is seen too.
+- Every change a reload brings (keys added, removed, revoked, restored, given another
+  expiry; accounts suspended, resumed, moved to another plan) becomes a ``key_change``
+  record for the audit trail (``audit``: the usage log), however the file was edited.
 """
 
 from __future__ import annotations
@@ -18,16 +21,19 @@ import os
 import signal
 from pathlib import Path
 
+from serving.admission.keyaudit import store_changes
 from serving.admission.keys import KeysFileError, KeyStore
 
 logger = logging.getLogger(__name__)
 
 
 class KeyReloader:
-    def __init__(self, path: str | os.PathLike, controller, metrics):
+    def __init__(self, path: str | os.PathLike, controller, metrics, audit=None, replica: str | None = None):
         self.path = Path(path)
         self.controller = controller
         self.metrics = metrics
+        self.audit = audit  # takes each key_change record (the usage log's emit)
+        self.replica = replica
         self._seen = self._stamp()
 
     def _stamp(self) -> tuple[int, int, int] | None:
@@ -50,12 +56,26 @@ class KeyReloader:
             logger.error("keys file reload (%s) failed unexpectedly (%s); keeping the previous keys",
                          reason, type(exc).__name__)  # fmt: skip
             return False
-        self.controller.keys = keys
+        old, self.controller.keys = self.controller.keys, keys
         self.metrics.keys_reloads_total.labels(result="ok").inc()
-        logger.info(
-            "keys file reloaded (%s): %d accounts, %d keys", reason, len(keys.accounts), len(keys.key_hashes)
-        )
+        changes = self._changes(old, keys)
+        logger.info("keys file reloaded (%s): %d accounts, %d keys, %d changes", reason, len(keys.accounts),
+                    len(keys.key_hashes), len(changes))  # fmt: skip
         return True
+
+    def _changes(self, old: KeyStore, new: KeyStore) -> list[dict]:
+        """The reload's key_change records, handed to ``audit``; never fails the reload."""
+        if old is None:
+            return []
+        try:
+            extra = {"replica": self.replica} if self.replica else {}
+            changes = store_changes(old, new, "reload", **extra)
+            for record in changes if self.audit is not None else ():
+                self.audit(record)
+            return changes
+        except Exception:  # noqa: BLE001 - the new keys are in force; the audit must not undo that
+            logger.exception("keys file reload: could not record its changes")
+            return []
 
     def check(self) -> bool:
         """Reload if the file changed since the last look; True if it reloaded."""

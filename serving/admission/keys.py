@@ -114,6 +114,8 @@ class KeyStore:
     refused: frozenset[str] = frozenset()  # digests refused outright: revoked, or of a suspended account
     expires_at: dict[str, float] = field(default_factory=dict)  # digest -> epoch seconds it stops working
     now: Callable[[], float] = time.time  # wall clock for expiry; tests inject their own
+    suspended: frozenset[str] = frozenset()  # accounts suspended in the file
+    revoked: frozenset[str] = frozenset()  # digests of revoked keys (disabled in the file)
 
     @classmethod
     def open(cls, budget: int) -> KeyStore:
@@ -150,7 +152,8 @@ class KeyStore:
             accounts, {key.sha256: key.account for key in spec.keys},
             refused=frozenset(key.sha256 for key in spec.keys if key.disabled or key.account in suspended),
             expires_at={key.sha256: key.expires.timestamp() for key in spec.keys if key.expires is not None},
-            now=now,
+            now=now, suspended=frozenset(suspended),
+            revoked=frozenset(key.sha256 for key in spec.keys if key.disabled),
         )  # fmt: skip
         for key in spec.keys:  # each key's view: its id, and its classes when they differ from its plan's
             store._key_accounts[key.sha256] = Account(

@@ -81,3 +81,46 @@ def test_the_watch_survives_every_malformed_shape_and_picks_up_the_next_good_fil
     assert holder.keys is not kept and holder.keys.authenticate(first).name == "acme"
     assert caplog.text.count("keeping the previous keys") == len(MALFORMED)
     assert first not in caplog.text
+
+
+def test_every_change_a_reload_sees_is_an_audit_record_however_the_file_was_edited(tmp_path):
+    import json
+    from pathlib import Path
+
+    import jsonschema
+    import yaml
+
+    from serving.admission import keyadmin
+    from serving.admission.keys import KeyStore, hash_key
+
+    schema = json.loads((Path(__file__).parents[3] / "serving/usage/usage-record.schema.json").read_text())
+    path = tmp_path / "keys.yaml"
+    path.write_text("plans: {two: {concurrency: 2}, four: {concurrency: 4}}\n")
+    first = add_key(path, "acme", "two")
+    second = add_key(path, "beta", "two")
+    holder, metrics, audit = Holder(), ServingMetrics(CollectorRegistry()), []
+    holder.keys = KeyStore.load(path)
+    reloader = KeyReloader(path, holder, metrics, audit=audit.append, replica="pod-a:1")
+
+    keyadmin.revoke_key(path, hash_key(first)[:12])
+    new = keyadmin.rotate_key(path, "beta", grace_s=3600)
+    keyadmin.suspend_account(path, "acme")
+    data = yaml.safe_load(path.read_text())  # a hand edit: beta moves to another plan
+    data["accounts"]["beta"]["plan"] = "four"
+    path.write_text(yaml.safe_dump(data))
+    assert reloader.check()
+
+    seen = sorted((r["action"], r["account"], r["key_id"]) for r in audit)
+    assert seen == sorted([
+        ("revoked", "acme", hash_key(first)[:12]),
+        ("added", "beta", hash_key(new)[:12]),
+        ("expiry_set", "beta", hash_key(second)[:12]),
+        ("account_suspended", "acme", None),
+        ("account_plan_changed", "beta", None),
+    ])  # fmt: skip
+    for record in audit:
+        assert record["source"] == "reload" and record["replica"] == "pod-a:1"
+        jsonschema.Draft202012Validator(schema).validate(record)
+        assert all(secret not in json.dumps(record) for secret in (first, new, hash_key(first), hash_key(new)))
+    audit.clear()
+    assert not reloader.reload() or audit == []  # nothing changed: nothing recorded
