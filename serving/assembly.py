@@ -122,6 +122,7 @@ def context_from_settings(settings: config.ServeSettings, resolved: engine.Engin
             usage_log_backups=settings.usage_log_backups,
             account_metrics_max=settings.account_metrics_max if settings.account_metrics else None,
             served_models=frozenset({resolved.served_model_name, *settings.model_costs}),
+            otlp_traces_endpoint=settings.otlp_traces_endpoint,
             guard=GuardSettings(
                 max_body_bytes=int(settings.max_body_mib * 2**20),
                 body_timeout_s=settings.body_timeout_s,

@@ -100,6 +100,12 @@ class ServeSettings(BaseSettings):
     usage_log_backups: int = Field(
         10, ge=0, description="Rotated usage files kept; the oldest is deleted (retention on disk)."
     )
+    otlp_traces_endpoint: str | None = Field(
+        None,
+        description="OpenTelemetry collector (OTLP; gRPC host:port, or http/protobuf with "
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL) for request traces: admission's spans and vLLM's "
+        "request span in one trace, ids and timings only. Off when unset.",
+    )
     account_metrics: bool = Field(
         False,
         description="Label the per-account metrics (unit-seconds, tokens, requests, units held) "
@@ -348,6 +354,7 @@ def resolve(
         host=settings.host,
         port=settings.port,
         remote_image_hosts=tuple(settings.remote_image_hosts),
+        otlp_traces_endpoint=settings.otlp_traces_endpoint,
         extra_args=tuple(settings.vllm_args),
     )
     try:

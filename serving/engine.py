@@ -188,6 +188,7 @@ class EngineSettings:
     host: str | None = None
     port: int | None = None
     remote_image_hosts: tuple[str, ...] = ()  # vLLM fetches image URLs only from these
+    otlp_traces_endpoint: str | None = None  # vLLM's request spans go there (and admission's)
     extra_args: tuple[str, ...] = ()
 
 
@@ -275,6 +276,8 @@ def engine_args(settings: EngineSettings) -> list[str]:
     # Defence in depth: the request guard already refuses other hosts. vLLM reads an empty
     # list as "any host", so with remote images off it gets one that can never match.
     args += ["--allowed-media-domains", *(settings.remote_image_hosts or (NO_MEDIA_DOMAIN,))]
+    if settings.otlp_traces_endpoint:
+        args += ["--otlp-traces-endpoint", settings.otlp_traces_endpoint]
     return args + list(settings.extra_args)
 
 

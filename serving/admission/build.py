@@ -29,6 +29,7 @@ from serving.enginehealth import EngineHealth
 from serving.metrics import ServingMetrics
 from serving.usage.engine_tokens import count_engine_tokens
 from serving.usage.recorder import UsageRecorder
+from serving.usage.tracing import request_tracer
 from serving.usage.writer import UsageLog
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class AdmissionSettings:
     usage_log_max_bytes: int = 100 * 2**20
     usage_log_backups: int = 10
     account_metrics_max: int | None = None  # None: per-account metrics unlabelled (off)
+    otlp_traces_endpoint: str | None = None  # request traces (admission's spans and vLLM's)
     served_models: frozenset[str] = frozenset({"medgemma-4b-it"})
 
 
@@ -139,8 +141,11 @@ def build_usage(settings: AdmissionSettings, metrics: ServingMetrics, engine_cli
                        backups=settings.usage_log_backups)  # fmt: skip
         logger.info("usage records: %s (rotated at %d MiB, %d kept)", "stdout" if settings.usage_log == "-"
                     else settings.usage_log, settings.usage_log_max_bytes // 2**20, settings.usage_log_backups)  # fmt: skip
+    tracer = request_tracer(settings.otlp_traces_endpoint)
+    if tracer is not None:
+        logger.info("request traces: admission spans and vLLM's request span to %s", settings.otlp_traces_endpoint)
     recorder = UsageRecorder(metrics, log, served_models=settings.served_models,
-                             account_metrics_max=settings.account_metrics_max)  # fmt: skip
+                             account_metrics_max=settings.account_metrics_max, tracer=tracer)  # fmt: skip
     if engine_client is not None and (log is not None or settings.account_metrics_max):
         count_engine_tokens(engine_client)
     return recorder

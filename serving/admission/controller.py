@@ -124,7 +124,7 @@ class AdmissionController:
         self._waiting_units[request.priority] += request.units  # demand while it waits
         try:
             grant = await self._acquire_budget(account, request.units, request.priority)
-            request.lease = grant.lease
+            request.lease, request.budget_at = grant.lease, time.monotonic()
             slot = await self._acquire_slot(account.name, request.kv_tokens, request.priority)
         except BaseException as exc:
             outcome = exc.outcome if isinstance(exc, AdmissionError) else Outcome.EVICTED_CLIENT_GONE

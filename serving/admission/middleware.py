@@ -111,7 +111,7 @@ class AdmissionMiddleware:
         if path in PUBLIC_PATHS or (path in MODEL_PATHS and scope["method"] != "POST"):
             await self.app(scope, receive, send)
             return
-        usage = self.usage.start(rid.decode(), path if path in MODEL_PATHS else "other", arrived)
+        usage = self.usage.start(rid.decode(), path if path in MODEL_PATHS else "other", arrived, scope)
         try:
             await self._handle(scope, receive, send, path, usage)
         finally:
@@ -126,9 +126,11 @@ class AdmissionMiddleware:
         try:
             account = usage.account = self.controller.authenticate(_bearer(scope))
         except AdmissionError as error:
+            usage.authenticated_at = time.monotonic()
             usage.refusal = error
             await _send_error(send, error, limit=0, remaining=0)
             return
+        usage.authenticated_at = time.monotonic()
         try:
             body = await self.guard.read_body(scope, receive)
             if body is None:
@@ -147,9 +149,10 @@ class AdmissionMiddleware:
         preprocess_rank.set(priority.rank)  # vLLM preprocesses its images in class order
         token_tally.set(usage.tally)  # the engine's token counts land in the usage record
         body = with_priority(body, priority.vllm_priority)  # vLLM schedules (and preempts) by class
+        usage.deciding_at = time.monotonic()
         request = await self._admit(account, shape, receive, send, usage)
         if request is not None:
-            self.usage.admitted(usage, request)
+            self.usage.admitted(usage, request, scope)
             await self._serve(scope, body, receive, send, request, usage.arrived, shape.prompts)
 
     async def _admit(self, account: Account, shape: RequestShape, receive, send,

@@ -61,7 +61,7 @@ class AdmittedRequest:
 
     __slots__ = ("account", "units", "kv_tokens", "priority", "state", "outcome", "forced_end", "end_message", "lease", "slot",
                  "inflight_after", "engine_request_ids", "_release", "_abort", "_task", "_released", "_ended",
-                 "began", "admitted_at", "released_at", "status", "streaming", "finished", "send_since", "first_body_at", "last_body_at",
+                 "began", "budget_at", "admitted_at", "released_at", "status", "streaming", "finished", "send_since", "first_body_at", "last_body_at",
                  "body_events", "__weakref__")  # fmt: skip
 
     def __init__(self, account: Account, units: int, tokens: int,
@@ -87,6 +87,7 @@ class AdmittedRequest:
         self._ended: asyncio.Event | None = None  # made only for a caller that must wait
         # progress: what the stall watch and client-seen latency read
         self.began = time.monotonic()
+        self.budget_at: float | None = None  # when its plan's budget granted its units
         self.admitted_at: float | None = None  # when it got its units and slot
         self.released_at: float | None = None  # when its end began releasing them
         self.status: int | None = None
@@ -119,6 +120,8 @@ class AdmittedRequest:
         self.lease, self.slot, self.inflight_after = lease, slot, inflight_after
         self.state = RequestState.ADMITTED
         self.admitted_at = time.monotonic()
+        if self.budget_at is None:
+            self.budget_at = self.admitted_at  # budget and slot in one step
 
     def serve(self, task: asyncio.Future, engine_request_ids: list[str]) -> None:
         """The vLLM app now serves it, under these engine request ids."""

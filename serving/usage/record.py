@@ -38,7 +38,8 @@ class RequestUsage:
     """What one request's record will say; the middleware fills it in as the request goes."""
 
     __slots__ = ("request_id", "endpoint", "arrived", "arrived_wall", "account", "priority", "model", "stream",
-                 "images", "image_pixels", "tally", "refusal", "request")  # fmt: skip
+                 "images", "image_pixels", "tally", "refusal", "request", "authenticated_at", "deciding_at",
+                 "spans")  # fmt: skip
 
     def __init__(self, request_id: str, endpoint: str, arrived: float):
         self.request_id = request_id
@@ -54,6 +55,9 @@ class RequestUsage:
         self.tally = TokenTally()
         self.refusal: AdmissionError | None = None  # how it was refused, when it was
         self.request: AdmittedRequest | None = None  # what served it, when admitted
+        self.authenticated_at: float | None = None  # its key was checked, accepted or not (monotonic)
+        self.deciding_at: float | None = None  # checked and shaped: the admission decision began
+        self.spans = None  # its trace spans, when tracing is on (``serving.usage.tracing``)
 
     def body_read(self, body: dict, served_models: frozenset[str]) -> None:
         """Model name (only a served one, else ``other``) and stream flag from the parsed body."""

@@ -25,6 +25,7 @@ from serving.usage.record import RequestUsage, request_record
 if TYPE_CHECKING:
     from serving.admission.request import AdmittedRequest
     from serving.metrics import ServingMetrics
+    from serving.usage.tracing import RequestTracer
     from serving.usage.writer import UsageLog
 
 logger = logging.getLogger(__name__)
@@ -58,31 +59,41 @@ class AccountLabels:
 class UsageRecorder:
     def __init__(self, metrics: ServingMetrics, log: UsageLog | None = None, *,
                  served_models: frozenset[str] = frozenset(), account_metrics_max: int | None = None,
-                 replica: str | None = None):  # fmt: skip
+                 replica: str | None = None, tracer: RequestTracer | None = None):  # fmt: skip
         self.metrics = metrics
         self.log = log
+        self.tracer = tracer
         self.served_models = served_models
         self.accounts = AccountLabels(account_metrics_max) if account_metrics_max else None
         self.replica = replica or replica_name()
 
-    def start(self, request_id: str, endpoint: str, arrived: float) -> RequestUsage:
-        return RequestUsage(request_id, endpoint, arrived)
+    def start(self, request_id: str, endpoint: str, arrived: float, scope=None) -> RequestUsage:
+        usage = RequestUsage(request_id, endpoint, arrived)
+        if self.tracer is not None:
+            self.tracer.start(usage, scope or {})
+        return usage
 
-    def admitted(self, usage: RequestUsage, request: AdmittedRequest) -> None:
+    def admitted(self, usage: RequestUsage, request: AdmittedRequest, scope=None) -> None:
+        """Admitted: its units count as held; its trace context goes to vLLM (in ``scope``)."""
         usage.request = request
+        if self.tracer is not None and scope is not None:
+            self.tracer.admitted(usage, request, scope)
         if self.accounts is not None:
             label = self.accounts.of(request.account.name)
             self.metrics.account_inflight_units.labels(account=label).inc(request.units)
 
     def finish(self, usage: RequestUsage) -> None:
         """The request has ended: its record, its per-account figures."""
-        if self.log is None and self.accounts is None:
+        if self.log is None and self.accounts is None and self.tracer is None:
             return
-        record = request_record(usage, self.replica, time.monotonic())
+        now = time.monotonic()
+        record = request_record(usage, self.replica, now)
         if self.log is not None:
             self.log.emit(record)
         if self.accounts is not None:
             self._count(usage, record)
+        if self.tracer is not None:
+            self.tracer.finish(usage, record, now)
 
     def _count(self, usage: RequestUsage, record: dict) -> None:
         metrics, label = self.metrics, self.accounts.of(record["account"])

@@ -13,17 +13,27 @@ import pytest
 from PIL import Image, ImageDraw
 
 from tests.live_server import launch, stop, wait_ready, write_keys
+from tests.otlp_receiver import OtlpReceiver
 
 CANARY = "CANARY-7f3e9b21 patient Jane Roe MRN 00482913 chest pain since Tuesday"
 
 
 @pytest.fixture(scope="module")
-def debug_server(tmp_path_factory, server):
+def receiver():
+    """An OTLP collector the debug server exports its traces to."""
+    collector = OtlpReceiver().start()
+    yield collector
+    collector.stop()
+
+
+@pytest.fixture(scope="module")
+def debug_server(tmp_path_factory, server, receiver):
     root = tmp_path_factory.mktemp("patient-data")
     keys_file = root / "keys.yaml"
     keys = write_keys(keys_file, {"main": "big"})
-    srv = launch(root, keys_file, keys, "--log-level", "debug", dev_model_dir=server.dev_model_dir,
-                 env_extra={"MEDGEMMA_USAGE_LOG": str(root / "usage.jsonl")})  # fmt: skip
+    srv = launch(root, keys_file, keys, "--log-level", "debug", "--otlp-traces-endpoint", receiver.endpoint,
+                 dev_model_dir=server.dev_model_dir,
+                 env_extra={"MEDGEMMA_USAGE_LOG": str(root / "usage.jsonl"), "OTEL_BSP_SCHEDULE_DELAY": "200"})  # fmt: skip
     try:
         wait_ready(srv)
         yield srv
@@ -39,7 +49,33 @@ def canary_image() -> bytes:
     return buffer.getvalue()
 
 
-def test_canary_text_image_and_outputs_never_reach_the_logs(debug_server):
+def test_a_request_is_one_trace_of_admission_spans_with_vllms_span_under_the_engine_slot(debug_server, receiver):
+    srv = debug_server
+    parent_trace, parent_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    headers = {"Authorization": f"Bearer {srv.keys['main']}", "x-request-id": "rid-trace-0001",
+               "traceparent": f"00-{parent_trace}-{parent_span}-01"}  # the client's own trace
+    body = {"model": "medgemma-4b-it", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6,
+            "min_tokens": 6}  # fmt: skip
+    assert httpx.post(srv.url + "/v1/chat/completions", json=body, headers=headers, timeout=120).status_code == 200
+    wanted = {"medgemma.request", "admission.authenticate", "admission.budget", "admission.queue",
+              "admission.engine", "admission.release", "llm_request"}  # fmt: skip
+    spans = receiver.wait_for(lambda got: wanted <= {s["name"] for s in got if s["trace_id"] == parent_trace})
+    trace = {s["name"]: s for s in spans if s["trace_id"] == parent_trace}
+    assert wanted <= set(trace), sorted(trace)
+    root, engine, vllm = trace["medgemma.request"], trace["admission.engine"], trace["llm_request"]
+    assert root["parent_span_id"] == parent_span  # under the client's trace
+    for name in wanted - {"medgemma.request", "llm_request"}:
+        assert trace[name]["parent_span_id"] == root["span_id"], name
+    assert vllm["parent_span_id"] == engine["span_id"]  # vLLM's own span, under the engine slot
+    assert vllm["resource"]["vllm.instrumenting_module_name"] == "vllm.llm_engine" and vllm["attributes"]["gen_ai.usage.completion_tokens"] == 6
+    attributes = root["attributes"]
+    assert attributes["medgemma.request_id"] == "rid-trace-0001" and attributes["medgemma.account"] == "main"
+    assert attributes["medgemma.outcome"] == "completed" and attributes["medgemma.completion_tokens"] == 6
+    assert root["start_ns"] <= trace["admission.queue"]["start_ns"] <= engine["start_ns"] <= vllm["start_ns"]
+    assert vllm["end_ns"] <= engine["end_ns"] <= trace["admission.release"]["end_ns"] <= root["end_ns"]
+
+
+def test_canary_text_image_and_outputs_never_reach_the_logs(debug_server, receiver):
     srv = debug_server
     headers = {"Authorization": f"Bearer {srv.keys['main']}", "x-request-id": "rid-canary-0001"}
     encoded = base64.b64encode(canary_image()).decode()
@@ -87,3 +123,12 @@ def test_canary_text_image_and_outputs_never_reach_the_logs(debug_server):
         assert secret not in usage, f"{secret[:20]!r} leaked into a usage record"
     for text in outputs:
         assert text not in usage
+    # Nor do the traces of these requests (ids, names, counts and timings only).
+    spans = receiver.wait_for(lambda got: sum(s["attributes"].get("medgemma.request_id") == "rid-canary-0001"
+                                              for s in got) >= 8, 15)  # fmt: skip
+    traced = json.dumps(spans)
+    assert '"rid-canary-0001"' in traced and '"llm_request"' in traced
+    for secret in ("CANARY-7f3e9b21", "Jane Roe", "00482913", encoded[100:160], srv.keys["main"]):
+        assert secret not in traced, f"{secret[:20]!r} leaked into a trace"
+    for text in outputs:
+        assert text not in traced

@@ -127,3 +127,10 @@ def test_vllm_always_gets_a_media_allow_list():
     assert args[args.index("--allowed-media-domains") + 1] == engine.NO_MEDIA_DOMAIN  # matches no URL
     args = engine.engine_args(settings("cpu-dev", remote_image_hosts=("pacs.example.org",)))
     assert args[args.index("--allowed-media-domains") + 1:][:1] == ["pacs.example.org"]
+
+
+def test_a_traces_endpoint_reaches_vllm_and_none_adds_nothing():
+    traced = engine.engine_args(EngineSettings(model="m", profile="cpu-dev", otlp_traces_endpoint="otel:4317"))
+    plain = engine.engine_args(EngineSettings(model="m", profile="cpu-dev"))
+    assert traced[traced.index("--otlp-traces-endpoint") + 1] == "otel:4317"
+    assert "--otlp-traces-endpoint" not in plain
