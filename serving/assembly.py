@@ -92,8 +92,10 @@ def prepare_model(settings: config.ServeSettings, resolved: engine.EngineSetting
         config.check_model_access(resolved.model)
 
 
-def context_from_settings(settings: config.ServeSettings, resolved: engine.EngineSettings, keys: KeyStore) -> ServerContext:
-    """The ServerContext for validated settings, their resolved engine settings and the keys."""
+def context_from_settings(settings: config.ServeSettings, resolved: engine.EngineSettings, keys: KeyStore,
+                          usage_file: str = config.DEFAULT_USAGE_FILE) -> ServerContext:  # fmt: skip
+    """The ServerContext for validated settings, their resolved engine settings and the keys
+    (``usage_file``: the usage file's default name)."""
     return ServerContext(
         profile=resolved.profile,
         model=resolved.model,
@@ -117,7 +119,7 @@ def context_from_settings(settings: config.ServeSettings, resolved: engine.Engin
             redis_timeout_s=settings.redis_timeout_s,
             ledger_fallback=settings.ledger_fallback,
             stall_timeout_s=settings.stream_stall_timeout_s,
-            usage_log=config.usage_log_target(settings),
+            usage_log=config.usage_log_target(settings, usage_file),
             usage_log_max_bytes=int(settings.usage_log_max_mib * 2**20),
             usage_log_backups=settings.usage_log_backups,
             account_metrics_max=settings.account_metrics_max if settings.account_metrics else None,
@@ -137,9 +139,11 @@ def context_from_settings(settings: config.ServeSettings, resolved: engine.Engin
     )
 
 
-def prepare_server(settings: config.ServeSettings, resolved: engine.EngineSettings) -> tuple[list[str], ServerContext]:
+def prepare_server(settings: config.ServeSettings, resolved: engine.EngineSettings,
+                   usage_file: str = config.DEFAULT_USAGE_FILE) -> tuple[list[str], ServerContext]:  # fmt: skip
     """Keys, model and environment checked and set up; returns vLLM's argv and the server's
-    context. Raises ``SettingsError`` before any engine process starts."""
+    context (``usage_file``: the usage file's default name). Raises ``SettingsError`` before
+    any engine process starts."""
     keys = load_keys(settings)
     prepare_model(settings, resolved)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", settings.log_level.upper())
@@ -147,7 +151,7 @@ def prepare_server(settings: config.ServeSettings, resolved: engine.EngineSettin
     if config.uses_dev_model(settings, resolved):
         logger.warning(DEV_MODEL_BANNER, resolved.model)
     logger.info("profile %s, model %s, settings %s", resolved.profile, resolved.model, config.describe(settings))
-    return engine.engine_args(resolved), context_from_settings(settings, resolved, keys)
+    return engine.engine_args(resolved), context_from_settings(settings, resolved, keys, usage_file)
 
 
 def watch_shutdown(engine_client, health: EngineHealth) -> None:

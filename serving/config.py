@@ -91,8 +91,9 @@ class ServeSettings(BaseSettings):
     usage_log: str | None = Field(
         None,
         description="Where usage records go (one JSON line per request, no content): a file "
-        "path (size-rotated), '-' for stdout, or 'off'. Default: off in open mode; with a keys "
-        "file, usage/usage.jsonl under the cache folder. One file per server process.",
+        "path (size-rotated; {host} and {pid} are replaced), '-' for stdout, or 'off'. Default: "
+        "off in open mode; with a keys file, usage/usage.jsonl under the cache folder "
+        "(usage-{host}-{pid}.jsonl for Ray replicas). One file per server process.",
     )
     usage_log_max_mib: float = Field(
         100.0, gt=0, description="Size at which the usage file is rotated (usage.jsonl -> usage.jsonl.1)."
@@ -364,18 +365,30 @@ def resolve(
     return resolved
 
 
-def usage_log_target(settings: ServeSettings) -> str | None:
-    """Where this server's usage records go (None: nowhere); a file's folder is created and
-    checked for writing here, before the model loads. Raises ``SettingsError``."""
+DEFAULT_USAGE_FILE = "usage.jsonl"
+REPLICA_USAGE_FILE = "usage-{host}-{pid}.jsonl"  # several servers on one host (Ray replicas)
+
+
+def usage_log_target(settings: ServeSettings, default_name: str = DEFAULT_USAGE_FILE) -> str | None:
+    """Where this server's usage records go (None: nowhere). ``{host}`` and ``{pid}`` in the
+    path become this process's host name and id (one file per server, also for replicas that
+    share a host); a file's folder is created and checked for writing here, before the model
+    loads. Raises ``SettingsError``."""
     target = settings.usage_log
     if target is None:
         if settings.keys_file is None:
             return None  # open mode: nobody to charge
-        target = str(default_cache_dir() / "usage" / "usage.jsonl")
+        target = str(default_cache_dir() / "usage" / default_name)
     if target.lower() == "off":
         return None
     if target == "-":
         return target
+    import socket
+
+    try:
+        target = target.format(host=socket.gethostname(), pid=os.getpid())
+    except (KeyError, IndexError, ValueError):
+        raise SettingsError("usage_log: the only placeholders are {host} and {pid}") from None
     folder = Path(target).expanduser().absolute().parent
     try:
         folder.mkdir(parents=True, exist_ok=True)

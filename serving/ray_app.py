@@ -179,6 +179,9 @@ def exit_failed_replica() -> None:
     logger.error("engine failed: exiting this replica so that Ray replaces it")
     for handler in logging.getLogger("serving").handlers:
         handler.flush()
+    from serving.usage.writer import close_all
+
+    close_all()  # the usage records of the requests just ended
     for child in psutil.Process().children(recursive=True):
         try:
             child.kill()
@@ -201,7 +204,8 @@ class MedGemmaReplica:
         settings = config.ServeSettings(**serve_settings)
         configure_logging(settings.log_level.upper())
         resolved = config.resolve(settings, hardware.detect_gpu(), serving=True)
-        vllm_argv, self.context = prepare_server(settings, resolved)
+        # replicas may share a host: each writes its own usage file
+        vllm_argv, self.context = prepare_server(settings, resolved, usage_file=config.REPLICA_USAGE_FILE)
         args = parse_vllm_args(vllm_argv)
         self._drained = asyncio.Event()
         self._engine = build_async_engine_client(args)

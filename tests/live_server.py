@@ -172,6 +172,7 @@ def launch(root: Path, keys_file: Path | None, keys: dict[str, str], *args: str,
             "HF_HUB_OFFLINE": "1",
             "VLLM_NO_USAGE_STATS": "1",
             "DO_NOT_TRACK": "1",
+            "MEDGEMMA_USAGE_LOG": str(root / "usage.jsonl"),  # each test server its own records
             **(env_extra or {}),
         }
     )
@@ -203,9 +204,8 @@ def stop(server: Server, sig: int = signal.SIGTERM) -> None:
 def server(tmp_path_factory) -> Server:
     root = tmp_path_factory.mktemp("server")
     keys_file = root / "keys.yaml"
-    # Usage records in the server's folder, per-account metrics on (the dashboard's account row).
-    srv = launch(root, keys_file, write_keys(keys_file, TEST_ACCOUNTS),
-                 env_extra={"MEDGEMMA_USAGE_LOG": str(root / "usage.jsonl"), "MEDGEMMA_ACCOUNT_METRICS": "true"})
+    # Per-account metrics on: the dashboard's account row queries them.
+    srv = launch(root, keys_file, write_keys(keys_file, TEST_ACCOUNTS), env_extra={"MEDGEMMA_ACCOUNT_METRICS": "true"})
     try:
         wait_ready(srv)
         yield srv

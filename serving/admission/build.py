@@ -144,11 +144,11 @@ def build_usage(settings: AdmissionSettings, metrics: ServingMetrics, engine_cli
     tracer = request_tracer(settings.otlp_traces_endpoint)
     if tracer is not None:
         logger.info("request traces: admission spans and vLLM's request span to %s", settings.otlp_traces_endpoint)
-    recorder = UsageRecorder(metrics, log, served_models=settings.served_models,
-                             account_metrics_max=settings.account_metrics_max, tracer=tracer)  # fmt: skip
-    if engine_client is not None and (log is not None or settings.account_metrics_max):
-        count_engine_tokens(engine_client)
-    return recorder
+    engine_tokens = None
+    if engine_client is not None and (log is not None or settings.account_metrics_max or tracer is not None):
+        engine_tokens = count_engine_tokens(engine_client)
+    return UsageRecorder(metrics, log, served_models=settings.served_models, tracer=tracer,
+                         account_metrics_max=settings.account_metrics_max, engine_tokens=engine_tokens)  # fmt: skip
 
 
 def build_admission(engine_client, settings: AdmissionSettings, metrics: ServingMetrics,

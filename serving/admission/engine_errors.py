@@ -31,12 +31,15 @@ class ErrorRewriter:
         self.streaming = False
         self._held_start: dict | None = None  # a non-streaming error's start, held back
         self._held_body: list[bytes] = []
+        self.error_code: str | None = None  # the code of the error the client got (in a stream too)
 
     def rewrite(self, message: dict) -> dict | None:
         """The message to send in place of ``message``; None while an error is held."""
         if self._held_start is None and message["type"] == "http.response.body":  # the hot path
             if self.streaming and message.get("body", b"").startswith(SSE_ERROR_PREFIX):
-                return {**message, "body": normalised_sse_error(message["body"])}
+                body = normalised_sse_error(message["body"])
+                self.error_code = _event_code(body)
+                return {**message, "body": body}
             return message
         if message["type"] == "http.response.start":
             self.started = True
@@ -61,7 +64,18 @@ class ErrorRewriter:
         if isinstance(failure, TimeoutError):
             start, body = {**start, "status": 504}, msgspec.json.encode(UPSTREAM_TIMEOUT)
         self._held_start = None
-        return normalised_error(start, body)
+        start, body = normalised_error(start, body)
+        self.error_code = _event_code(b"data: " + body)
+        return start, body
+
+
+def _event_code(event: bytes) -> str | None:
+    """The string ``code`` of an error event (``data: {"error": ...}``), if it has one."""
+    try:
+        code = msgspec.json.decode(event.partition(b"\n\n")[0][6:])["error"]["code"]
+    except (msgspec.DecodeError, KeyError, TypeError):
+        return None
+    return code if isinstance(code, str) else None
 
 
 def _string_code(error: dict, status: int) -> bool:

@@ -254,6 +254,7 @@ class AdmissionMiddleware:
             held = None if request.forced_end else rewriter.held_error(failure)
             if held is not None:
                 await _send_held(report, *held)
+            request.error_code = rewriter.error_code
             if not request.ended:
                 await request.end(outcome)
             elif not request.released:  # a forced end in progress: its release completes first

@@ -61,7 +61,7 @@ class AdmittedRequest:
 
     __slots__ = ("account", "units", "kv_tokens", "priority", "state", "outcome", "forced_end", "end_message", "lease", "slot",
                  "inflight_after", "engine_request_ids", "_release", "_abort", "_task", "_released", "_ended",
-                 "began", "budget_at", "admitted_at", "released_at", "status", "streaming", "finished", "send_since", "first_body_at", "last_body_at",
+                 "began", "budget_at", "admitted_at", "released_at", "status", "error_code", "streaming", "finished", "send_since", "first_body_at", "last_body_at",
                  "body_events", "__weakref__")  # fmt: skip
 
     def __init__(self, account: Account, units: int, tokens: int,
@@ -91,6 +91,7 @@ class AdmittedRequest:
         self.admitted_at: float | None = None  # when it got its units and slot
         self.released_at: float | None = None  # when its end began releasing them
         self.status: int | None = None
+        self.error_code: str | None = None  # the error the client got from vLLM (in a stream too)
         self.streaming = False
         self.finished = False  # the response's last chunk reached the client
         self.send_since: float | None = None  # when the send in progress began

@@ -20,6 +20,8 @@ Guarantees:
   every token generated, also those of a request aborted midway.
 - Cost: nothing per generated token; one weak-dictionary entry per engine request, one
   lookup when it leaves. Work outside a request (no tally) costs one context-variable read.
+- A request whose engine died or hung under it still gets the counts vLLM's API process
+  saw (``settle``, when its record is written).
 - A vLLM whose engine client lacks these attributes is left alone with a warning; records
   then carry null token counts.
 """
@@ -71,6 +73,19 @@ class EngineTokens:
         if tally is not None:
             prompt = state.prompt_len if getattr(state, "request_index", 0) == 0 else 0
             tally.add(prompt or 0, _generated(state))
+
+    def settle(self, tally: TokenTally) -> None:
+        """Count what the engine requests of ``tally`` that never left hold so far: the
+        engine died or hung (it neither finished nor aborted them). Called once, when the
+        request's record is written; a walk of the live ids, so only on that rare path."""
+        processor = self.output_processor
+        for external_id, owner in list(self.tallies.items()):
+            if owner is tally:
+                for internal_id in processor.external_req_ids.get(external_id, ()):
+                    state = processor.request_states.get(internal_id)
+                    if state is not None:
+                        self.left(state)
+                        self.tallies.pop(external_id, None)
 
     def states_of(self, request_ids, internal: bool) -> list:
         """The request states ``abort_requests(request_ids, internal)`` is about to drop."""

@@ -1,8 +1,9 @@
 """Reading usage files: paths -> the files to read -> one record (dict) per readable line.
 
 Guarantees:
-- ``find_usage_files``: a file is read as given; a directory means every ``usage.jsonl*``
-  file in it (the live file and its rotations ``usage.jsonl.1``, ``.2``, ...); any other
+- ``find_usage_files``: a file is read as given; a directory means every ``usage*.jsonl*``
+  file in it (``usage.jsonl``, a replica's ``usage-<host>-<pid>.jsonl``, and their
+  rotations ``.1``, ``.2``, ...); any other
   path with ``*``, ``?`` or ``[`` is a glob. Each file is read once, however many paths name
   it. A path that is missing, unreadable or matches nothing is refused up front
   (``UsageFileError``), before anything is read.
@@ -24,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 
-USAGE_FILE_PATTERN = "usage.jsonl*"
+USAGE_FILE_PATTERN = "usage*.jsonl*"  # usage.jsonl, usage-<host>-<pid>.jsonl, and their rotations
 GLOB_CHARACTERS = frozenset("*?[")
 # Request fields the report sums or ranks: each must be one of these types (bool is not an int here).
 COUNTED_INTEGERS = ("images", "prompt_tokens", "completion_tokens", "status")

@@ -119,11 +119,14 @@ def request_record(usage: RequestUsage, replica: str, now: float | None = None) 
 
 
 def _status_and_code(request: AdmittedRequest) -> tuple[int | None, str | None]:
-    """The status the client was sent and the error code its body carried."""
+    """The status the client was sent and the error code its body carried: a stream that
+    ended with an error event is a 200 with that event's code."""
     status = request.status
     spec = HTTP_ERRORS.get(request.outcome) if request.outcome is not None else None
     if spec is not None and request.outcome not in CLIENT_LEFT:  # the server ended it (drain, engine)
         return (spec.status if status is None else status), spec.code
+    if request.error_code is not None:  # vLLM's error, as the client got it (an in-stream one too)
+        return status, request.error_code
     if status is not None and status >= 400:
         return status, engine_error_code(status)
     return status, None

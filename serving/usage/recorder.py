@@ -25,6 +25,7 @@ from serving.usage.record import RequestUsage, request_record
 if TYPE_CHECKING:
     from serving.admission.request import AdmittedRequest
     from serving.metrics import ServingMetrics
+    from serving.usage.engine_tokens import EngineTokens
     from serving.usage.tracing import RequestTracer
     from serving.usage.writer import UsageLog
 
@@ -59,8 +60,10 @@ class AccountLabels:
 class UsageRecorder:
     def __init__(self, metrics: ServingMetrics, log: UsageLog | None = None, *,
                  served_models: frozenset[str] = frozenset(), account_metrics_max: int | None = None,
-                 replica: str | None = None, tracer: RequestTracer | None = None):  # fmt: skip
+                 replica: str | None = None, tracer: RequestTracer | None = None,
+                 engine_tokens: EngineTokens | None = None):  # fmt: skip
         self.metrics = metrics
+        self.engine_tokens = engine_tokens
         self.log = log
         self.tracer = tracer
         self.served_models = served_models
@@ -87,6 +90,8 @@ class UsageRecorder:
         if self.log is None and self.accounts is None and self.tracer is None:
             return
         now = time.monotonic()
+        if usage.request is not None and usage.tally.prompt is None and self.engine_tokens is not None:
+            self.engine_tokens.settle(usage.tally)  # its engine requests never left (engine failed)
         record = request_record(usage, self.replica, now)
         if self.log is not None:
             self.log.emit(record)

@@ -12,7 +12,8 @@ Guarantees:
 - Rotation by size, as ``logging.handlers.RotatingFileHandler`` does: ``usage.jsonl`` ->
   ``usage.jsonl.1`` -> ... -> ``usage.jsonl.<backups>`` (the oldest is deleted); each line
   is one whole record. ``backups`` x ``max_bytes`` bounds the disk it uses (retention).
-- ``close`` writes what is queued (up to its timeout); it runs at interpreter exit too.
+- ``close`` writes what is queued (up to its timeout); it runs at interpreter exit too, and
+  ``close_all`` runs it for an exit that skips that (a failed Ray replica's ``os._exit``).
 - One writer per file: two processes must not share one path (each server its own file,
   or stdout).
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import weakref
 import logging
 import os
 import queue
@@ -34,6 +36,13 @@ logger = logging.getLogger(__name__)
 STDOUT = "-"
 BATCH = 512  # records written per write call at most
 _STOP = object()
+_OPEN: weakref.WeakSet = weakref.WeakSet()  # every log not closed yet
+
+
+def close_all(timeout_s: float = 2.0) -> None:
+    """Write what every open log holds: for an exit that skips ``atexit`` (``os._exit``)."""
+    for log in list(_OPEN):
+        log.close(timeout_s)
 
 
 def utc_iso(epoch_s: float) -> str:
@@ -65,6 +74,7 @@ class UsageLog:
         self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
         self._thread.start()
         atexit.register(self.close)
+        _OPEN.add(self)
 
     # --- the event loop's side ------------------------------------------------------------
     def emit(self, record: dict) -> None:
@@ -81,6 +91,7 @@ class UsageLog:
         self._pending.put(_STOP)
         self._thread.join(timeout_s)
         atexit.unregister(self.close)
+        _OPEN.discard(self)
 
     # --- the writer thread -------------------------------------------------------------
     def _run(self) -> None:

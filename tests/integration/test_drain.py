@@ -129,3 +129,13 @@ def test_sigterm_drains_admitted_requests_then_exits_0(draining_server, spawn_cl
     assert "2 admitted requests may finish" in log
     assert f"drain: grace period of {GRACE_S}s over; ending 1 requests" in log
     assert "drain: done" in log
+    # One usage record each (written before the process exited): the short stream completed
+    # with all its tokens, the long one was drained, the refusal is a 503 draining.
+    records = [json.loads(line) for line in srv.usage_log.read_text().splitlines()]
+    by_outcome = sorted((r["outcome"], r["status"], r["error_code"]) for r in records if r["kind"] == "request")
+    assert by_outcome == [("completed", 200, None), ("evicted_drained", 200, "draining"),
+                          ("rejected_draining", 503, "draining")], by_outcome  # fmt: skip
+    completed = next(r for r in records if r.get("outcome") == "completed")
+    drained = next(r for r in records if r.get("outcome") == "evicted_drained")
+    assert completed["completion_tokens"] == SHORT and 0 < drained["completion_tokens"] < LONG
+    assert drained["unit_seconds"] >= GRACE_S - 1

@@ -188,6 +188,18 @@ def test_engine_failure_ends_requests_clearly_and_exits_1(victim, spawn_client, 
         assert all(a == (503, "engine_unavailable", True) for a in answers[first:]), answers[first:]
         log = srv.log()
         assert ("engine died" if fault == signal.SIGKILL else "engine hung") in log
+        # One usage record per request: the stream ended by the failure, each refusal after it.
+        records = [json.loads(line) for line in srv.usage_log.read_text().splitlines()]
+        # (vLLM may end the stream with its own error event before admission ends it: then it
+        # ran to its end, with that event's code)
+        ended = [r for r in records if r["stream"] and r["error_code"] == "engine_unavailable"]
+        assert len(ended) == 1, [(r["outcome"], r["status"], r["error_code"]) for r in records]
+        assert ended[0]["outcome"] in ("evicted_engine_failed", "completed") and ended[0]["status"] == 200
+        assert ended[0]["units"] == 1 and ended[0]["completion_tokens"] is not None
+        refused = [r for r in records if r["outcome"] in ("rejected_engine_failed", "evicted_engine_failed")
+                   and r["status"] == 503 and r["error_code"] == "engine_unavailable"]  # fmt: skip
+        # every 503 a probe read has its record (one whose client timed out first has one too)
+        assert len(refused) >= sum(a[0] == 503 for a in answers) > 0, (len(refused), answers)
     finally:
         if fault == signal.SIGSTOP:
             try:

@@ -33,7 +33,7 @@ def debug_server(tmp_path_factory, server, receiver):
     keys = write_keys(keys_file, {"main": "big"})
     srv = launch(root, keys_file, keys, "--log-level", "debug", "--otlp-traces-endpoint", receiver.endpoint,
                  dev_model_dir=server.dev_model_dir,
-                 env_extra={"MEDGEMMA_USAGE_LOG": str(root / "usage.jsonl"), "OTEL_BSP_SCHEDULE_DELAY": "200"})  # fmt: skip
+                 env_extra={"OTEL_BSP_SCHEDULE_DELAY": "200"})  # fmt: skip
     try:
         wait_ready(srv)
         yield srv

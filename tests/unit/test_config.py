@@ -184,3 +184,25 @@ def test_vllm_api_key_beside_a_keys_file_is_refused_without_echoing_it(tmp_path)
         load_settings({"keys_file": str(tmp_path / "keys.yaml"), "vllm_args": ["--api-key=top-secret"]})
     assert "top-secret" not in str(info.value)
     assert load_settings({"vllm_args": ["--api-key", "x"]}).vllm_args == ["--api-key", "x"]  # open mode
+
+
+def test_usage_records_are_off_in_open_mode_and_on_with_a_keys_file(tmp_path, monkeypatch):
+    import os
+    import socket
+
+    from serving.config import REPLICA_USAGE_FILE, ServeSettings, usage_log_target
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    keys = tmp_path / "keys.yaml"
+    assert usage_log_target(ServeSettings()) is None
+    assert usage_log_target(ServeSettings(keys_file=keys)) == str(tmp_path / "cache/medgemma-serving/usage/usage.jsonl")
+    replica = usage_log_target(ServeSettings(keys_file=keys), REPLICA_USAGE_FILE)
+    assert replica.endswith(f"usage-{socket.gethostname()}-{os.getpid()}.jsonl")  # replicas sharing a host
+    assert usage_log_target(ServeSettings(keys_file=keys, usage_log="off")) is None
+    assert usage_log_target(ServeSettings(usage_log="-")) == "-"
+    assert usage_log_target(ServeSettings(usage_log=str(tmp_path / "u" / "{pid}.jsonl"))) == str(tmp_path / f"u/{os.getpid()}.jsonl")
+    (tmp_path / "file").write_text("")
+    for bad, why in ((str(tmp_path / "file" / "usage.jsonl"), "cannot create"), (str(tmp_path), "cannot write"),
+                     (str(tmp_path / "{user}.jsonl"), "placeholders")):  # fmt: skip
+        with pytest.raises(SettingsError, match=why):
+            usage_log_target(ServeSettings(usage_log=bad))

@@ -303,7 +303,7 @@ def test_cli_refuses_bad_arguments_with_exit_2(usage_dir, capsys, args, message)
 
 def test_cli_refuses_an_empty_directory(tmp_path, capsys):
     code, _, err = run_usage(capsys, str(tmp_path))
-    assert code == 2 and "no usage.jsonl*" in err
+    assert code == 2 and "no usage*.jsonl*" in err
 
 
 def test_an_unreadable_file_is_refused(tmp_path, monkeypatch):
