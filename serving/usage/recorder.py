@@ -68,6 +68,9 @@ class UsageRecorder:
         self.tracer = tracer
         self.served_models = served_models
         self.accounts = AccountLabels(account_metrics_max) if account_metrics_max else None
+        self._metric = {"requests": metrics.account_requests, "inflight": metrics.account_inflight_units,
+                        "unit_seconds": metrics.account_unit_seconds, "tokens": metrics.account_tokens}  # fmt: skip
+        self._children: dict[tuple[str, ...], object] = {}
         self.replica = replica or replica_name()
 
     def start(self, request_id: str, endpoint: str, arrived: float, scope=None) -> RequestUsage:
@@ -82,8 +85,7 @@ class UsageRecorder:
         if self.tracer is not None and scope is not None:
             self.tracer.admitted(usage, request, scope)
         if self.accounts is not None:
-            label = self.accounts.of(request.account.name)
-            self.metrics.account_inflight_units.labels(account=label).inc(request.units)
+            self._child("inflight", self.accounts.of(request.account.name)).inc(request.units)
 
     def finish(self, usage: RequestUsage) -> None:
         """The request has ended: its record, its per-account figures."""
@@ -101,13 +103,22 @@ class UsageRecorder:
             self.tracer.finish(usage, record, now)
 
     def _count(self, usage: RequestUsage, record: dict) -> None:
-        metrics, label = self.metrics, self.accounts.of(record["account"])
-        metrics.account_requests.labels(account=label, outcome=record["outcome"]).inc()
+        label = self.accounts.of(record["account"])
+        self._child("requests", label, record["outcome"]).inc()
         if usage.request is None:
             return
-        metrics.account_inflight_units.labels(account=label).dec(record["units"])
-        metrics.account_unit_seconds.labels(account=label).inc(record["unit_seconds"])
+        self._child("inflight", label).dec(record["units"])
+        self._child("unit_seconds", label).inc(record["unit_seconds"])
         if record["prompt_tokens"]:
-            metrics.account_tokens.labels(account=label, direction="prompt").inc(record["prompt_tokens"])
+            self._child("tokens", label, "prompt").inc(record["prompt_tokens"])
         if record["completion_tokens"]:
-            metrics.account_tokens.labels(account=label, direction="completion").inc(record["completion_tokens"])
+            self._child("tokens", label, "completion").inc(record["completion_tokens"])
+
+    def _child(self, name: str, *labels: str):
+        """A per-account metric's child for ``labels``, looked up once (``labels()`` costs
+        microseconds; this runs on the event loop for every request)."""
+        key = (name, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._metric[name].labels(*labels)
+        return child
