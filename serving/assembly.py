@@ -35,6 +35,7 @@ from serving.enginehealth import EngineHealth
 from serving.enginewatch import EngineProgress, EngineWatch
 from serving.metrics import ServingMetrics
 from serving.probes import attach_probes
+from serving.usage.destination import DEFAULT_USAGE_FILE, usage_log_target
 from serving.vllm_app import build_vllm_app, limit_openapi, wrap_app
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def prepare_model(settings: config.ServeSettings, resolved: engine.EngineSetting
 
 
 def context_from_settings(settings: config.ServeSettings, resolved: engine.EngineSettings, keys: KeyStore,
-                          usage_file: str = config.DEFAULT_USAGE_FILE) -> ServerContext:  # fmt: skip
+                          usage_file: str = DEFAULT_USAGE_FILE) -> ServerContext:  # fmt: skip
     """The ServerContext for validated settings, their resolved engine settings and the keys
     (``usage_file``: the usage file's default name)."""
     return ServerContext(
@@ -119,7 +120,7 @@ def context_from_settings(settings: config.ServeSettings, resolved: engine.Engin
             redis_timeout_s=settings.redis_timeout_s,
             ledger_fallback=settings.ledger_fallback,
             stall_timeout_s=settings.stream_stall_timeout_s,
-            usage_log=config.usage_log_target(settings, usage_file),
+            usage_log=usage_log_target(settings, usage_file),
             usage_log_max_bytes=int(settings.usage_log_max_mib * 2**20),
             usage_log_backups=settings.usage_log_backups,
             account_metrics_max=settings.account_metrics_max if settings.account_metrics else None,
@@ -140,7 +141,7 @@ def context_from_settings(settings: config.ServeSettings, resolved: engine.Engin
 
 
 def prepare_server(settings: config.ServeSettings, resolved: engine.EngineSettings,
-                   usage_file: str = config.DEFAULT_USAGE_FILE) -> tuple[list[str], ServerContext]:  # fmt: skip
+                   usage_file: str = DEFAULT_USAGE_FILE) -> tuple[list[str], ServerContext]:  # fmt: skip
     """Keys, model and environment checked and set up; returns vLLM's argv and the server's
     context (``usage_file``: the usage file's default name). Raises ``SettingsError`` before
     any engine process starts."""

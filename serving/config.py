@@ -365,40 +365,6 @@ def resolve(
     return resolved
 
 
-DEFAULT_USAGE_FILE = "usage.jsonl"
-REPLICA_USAGE_FILE = "usage-{host}-{pid}.jsonl"  # several servers on one host (Ray replicas)
-
-
-def usage_log_target(settings: ServeSettings, default_name: str = DEFAULT_USAGE_FILE) -> str | None:
-    """Where this server's usage records go (None: nowhere). ``{host}`` and ``{pid}`` in the
-    path become this process's host name and id (one file per server, also for replicas that
-    share a host); a file's folder is created and checked for writing here, before the model
-    loads. Raises ``SettingsError``."""
-    target = settings.usage_log
-    if target is None:
-        if settings.keys_file is None:
-            return None  # open mode: nobody to charge
-        target = str(default_cache_dir() / "usage" / default_name)
-    if target.lower() == "off":
-        return None
-    if target == "-":
-        return target
-    import socket
-
-    try:
-        target = target.format(host=socket.gethostname(), pid=os.getpid())
-    except (KeyError, IndexError, ValueError):
-        raise SettingsError("usage_log: the only placeholders are {host} and {pid}") from None
-    folder = Path(target).expanduser().absolute().parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SettingsError(f"usage_log: cannot create {folder}: {exc.strerror}") from None
-    if not os.access(folder, os.W_OK) or Path(target).is_dir():
-        raise SettingsError(f"usage_log: cannot write {target}; give a writable file path, '-' or 'off'")
-    return str(Path(target).expanduser().absolute())
-
-
 def uses_dev_model(settings: ServeSettings, resolved: engine.EngineSettings) -> bool:
     """True when the resolved model is the dev checkpoint (built on first use)."""
     return resolved.model == str(settings.dev_model_dir)

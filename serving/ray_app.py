@@ -204,8 +204,10 @@ class MedGemmaReplica:
         settings = config.ServeSettings(**serve_settings)
         configure_logging(settings.log_level.upper())
         resolved = config.resolve(settings, hardware.detect_gpu(), serving=True)
+        from serving.usage.destination import REPLICA_USAGE_FILE
+
         # replicas may share a host: each writes its own usage file
-        vllm_argv, self.context = prepare_server(settings, resolved, usage_file=config.REPLICA_USAGE_FILE)
+        vllm_argv, self.context = prepare_server(settings, resolved, usage_file=REPLICA_USAGE_FILE)
         args = parse_vllm_args(vllm_argv)
         self._drained = asyncio.Event()
         self._engine = build_async_engine_client(args)

@@ -190,7 +190,8 @@ def test_usage_records_are_off_in_open_mode_and_on_with_a_keys_file(tmp_path, mo
     import os
     import socket
 
-    from serving.config import REPLICA_USAGE_FILE, ServeSettings, usage_log_target
+    from serving.config import ServeSettings
+    from serving.usage.destination import REPLICA_USAGE_FILE, usage_log_target
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     keys = tmp_path / "keys.yaml"
