@@ -38,7 +38,7 @@ import uuid
 from serving.admission.controller import AdmissionController
 from serving.admission.engine_errors import ErrorRewriter
 from serving.admission.estimate import PromptEstimator, RequestShape
-from serving.admission.guard import RequestGuard
+from serving.admission.guard import RequestGuard, count_images
 from serving.admission.keys import Account
 from serving.admission.outcomes import AdmissionError, Outcome, error_response
 from serving.admission.preprocess import preprocess_rank
@@ -55,6 +55,8 @@ MODEL_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/v1/models", "/version", "/openapi.json"})
 REQUEST_ID_HEADER = b"x-request-id"
 REQUEST_ID_PATTERN = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+IMAGE_REFUSALS = frozenset({Outcome.REJECTED_IMAGE_URL, Outcome.REJECTED_IMAGE_TOO_LARGE, Outcome.REJECTED_INVALID_IMAGE,
+                            Outcome.REJECTED_TOO_MANY_IMAGES, Outcome.REJECTED_UNSUPPORTED_MEDIA})  # fmt: skip
 LIMIT_HEADER = "x-ratelimit-limit-concurrency"
 REMAINING_HEADER = "x-ratelimit-remaining-concurrency"
 
@@ -141,6 +143,8 @@ class AdmissionMiddleware:
             priority = usage.priority = requested_class(scope, parsed, account.default_class, account.max_class)
         except AdmissionError as error:
             usage.refusal = error
+            if error.outcome in IMAGE_REFUSALS:  # refused midway: the record still counts them
+                usage.images = count_images(parsed)
             self.controller.count(error.outcome)
             await _send_error(send, error, account.plan.concurrency, await self.controller.remaining(account))
             return

@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 
 from serving.admission.keys import hash_key
-from tests.live_server import raw_post, wait_for
+from tests.live_server import wait_for
 from tests.metrics_text import metric
 
 SCHEMA = json.loads((Path(__file__).parents[2] / "serving/usage/usage-record.schema.json").read_text())
@@ -26,8 +26,7 @@ def records_of(server, *request_ids: str, timeout_s: float = 15.0) -> dict[str, 
 
     def read() -> bool:
         found.clear()
-        for line in server.usage_log.read_text().splitlines():
-            record = json.loads(line)
+        for record in written(server):
             if record.get("request_id") in request_ids:
                 found.setdefault(record["request_id"], []).append(record)
         return all(rid in found for rid in request_ids)
@@ -36,6 +35,12 @@ def records_of(server, *request_ids: str, timeout_s: float = 15.0) -> dict[str, 
     time.sleep(0.3)  # a second record of the same request would be written by now
     read()
     return found
+
+
+def written(server) -> list[dict]:
+    """The records written so far (a last line still being written is left for later)."""
+    lines = server.usage_log.read_text().split("\n")
+    return [json.loads(line) for line in lines[:-1] if line]
 
 
 def rid(name: str) -> str:
@@ -51,9 +56,28 @@ def chat(content="Describe the image findings.", **extra) -> dict:
     return {"model": MODEL, "messages": [{"role": "user", "content": content}], **extra}
 
 
+def leave_mid_stream(server, account: str, request_id: str) -> None:
+    """A streaming client that reads its first event, then disconnects."""
+    import socket
+
+    body = json.dumps(chat(max_tokens=2000, stream=True, ignore_eos=True)).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=120) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Authorization: Bearer {server.keys[account]}\r\nx-request-id: {request_id}\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
+        received = b""
+        while b"data: {" not in received:
+            chunk = sock.recv(4096)
+            assert chunk, "the server closed the stream before its first event"
+            received += chunk
+    # closed: the client left after its first event
+
+
 def test_every_outcome_has_exactly_one_valid_record(server):
-    ids = {name: rid(name) for name in ("ok", "stream", "badkey", "notfound", "badjson", "vllm404", "toolong",
-                                         "gone", "completion")}  # fmt: skip
+    names = ("ok", "stream", "badkey", "notfound", "badjson", "vllm404", "toolong", "completion", "imageurl",
+             "overbudget", "gone")  # fmt: skip
+    ids = {name: rid(name) for name in names}
     assert post(server, "usage-a", chat(max_tokens=4), ids["ok"]).status_code == 200
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=chat(max_tokens=4, stream=True),
                       headers={"Authorization": f"Bearer {server.keys['usage-a']}", "x-request-id": ids["stream"]},
@@ -62,21 +86,30 @@ def test_every_outcome_has_exactly_one_valid_record(server):
         reply.read()
     assert post(server, "usage-a", chat(), ids["badkey"], key="mgk_not-a-key").status_code == 401
     assert post(server, "usage-a", chat(), ids["notfound"], path="/v1/embeddings").status_code == 404
-    bad = httpx.post(server.url + "/v1/chat/completions", content=b"{not json",
+    bad = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", timeout=60,
                      headers={"Authorization": f"Bearer {server.keys['usage-a']}", "x-request-id": ids["badjson"]})
     assert bad.status_code == 400
     assert post(server, "usage-a", {**chat(max_tokens=4), "model": "no-such-model"}, ids["vllm404"]).status_code == 404
     assert post(server, "usage-a", chat(max_tokens=10**6), ids["toolong"]).status_code == 400
     assert post(server, "usage-a", {"model": MODEL, "prompt": "x", "max_tokens": 3}, ids["completion"],
                 path="/v1/completions").status_code == 200  # fmt: skip
-    sock = raw_post(server, "/v1/chat/completions", server.keys["usage-a"],
-                    chat(max_tokens=2000, stream=True, ignore_eos=True))  # fmt: skip
-    time.sleep(1.0)
-    sock.close()  # the client leaves mid-stream
+    remote = [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "https://example.com/x.png"}}]
+    assert post(server, "usage-a", chat(remote, max_tokens=4), ids["imageurl"]).status_code == 400
+    # Both of usage-a's units held by one n=2 stream: the next request is over its budget.
+    holder = rid("holder")
+    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=120,
+                      json=chat(max_tokens=2000, ignore_eos=True, stream=True, n=2),
+                      headers={"Authorization": f"Bearer {server.keys['usage-a']}", "x-request-id": holder}) as held:  # fmt: skip
+        assert held.status_code == 200
+        lines = held.iter_lines()  # kept: a dropped line iterator closes the stream (the client leaves)
+        next(lines)  # admitted and streaming: it holds both units until it ends
+        assert post(server, "usage-a", chat(max_tokens=4), ids["overbudget"]).status_code == 429
+    # (leaving the block closed the stream: the holder left early)
+    leave_mid_stream(server, "usage-a", ids["gone"])
 
-    found = records_of(server, *(v for k, v in ids.items() if k != "gone"))
+    found = records_of(server, holder, *ids.values())
     assert all(len(records) == 1 for records in found.values()), {k: len(v) for k, v in found.items()}
-    one = {name: found[ids[name]][0] for name in ids if name != "gone"}
+    one = {name: found[ids[name]][0] for name in ids}
     for record in one.values():
         jsonschema.Draft202012Validator(SCHEMA).validate(record)
     expected = {
@@ -87,22 +120,21 @@ def test_every_outcome_has_exactly_one_valid_record(server):
         "vllm404": ("completed", 404, "model_not_found"),
         "toolong": ("rejected_context_length", 400, "context_length_exceeded"),
         "completion": ("completed", 200, None),
+        "imageurl": ("rejected_image_url", 400, "image_url_not_allowed"),
+        "overbudget": ("rejected_concurrency_limit", 429, "concurrency_limit_exceeded"),
+        "gone": ("evicted_client_gone", 200, None),
     }  # fmt: skip
     assert {k: (r["outcome"], r["status"], r["error_code"]) for k, r in one.items()} == expected
     key_id = hash_key(server.keys["usage-a"])[:12]
     assert one["ok"]["account"] == "usage-a" and one["ok"]["key_id"] == key_id and one["ok"]["plan"] == "two"
     assert one["badkey"]["account"] is None and one["vllm404"]["model"] == "other"
     assert one["stream"]["stream"] is True and one["ok"]["stream"] is False
-    assert one["completion"]["endpoint"] == "/v1/completions"
-
-    def gone_record():
-        lines = [json.loads(line) for line in server.usage_log.read_text().splitlines()]
-        return [r for r in lines if r["account"] == "usage-a" and r["outcome"] == "evicted_client_gone"]
-
-    assert wait_for(lambda: len(gone_record()) == 1, 30), gone_record()
-    [gone] = gone_record()
-    assert gone["client_left"] is True and gone["status"] == 200 and gone["units"] == 1
-    assert gone["completion_tokens"] > 0  # what the engine generated before the client left
+    assert one["completion"]["endpoint"] == "/v1/completions" and one["imageurl"]["images"] == 1
+    assert found[holder][0]["units"] == 2 and found[holder][0]["outcome"] == "evicted_client_gone"
+    assert one["overbudget"]["units"] == 0
+    gone = one["gone"]
+    assert gone["client_left"] is True and gone["units"] == 1
+    assert 0 < gone["completion_tokens"] < 2000  # what the engine generated before the client left
 
 
 def test_token_counts_are_the_engines_own_also_for_streams_without_usage(server):
@@ -139,9 +171,11 @@ def test_unit_seconds_of_a_long_stream_are_its_held_time(server):
     held = ended - started
     assert held > 1.0, "the stream was too short to measure"
     assert record["units"] == 2
-    # units x (admission -> release): at most the client's whole wait, and all of it but the
-    # connection set-up and the body read before admission
-    assert 2 * (held - 0.5) <= record["unit_seconds"] <= 2 * held
+    # units x (admission -> release), where release is the last chunk's send: the server's
+    # own admission-to-end time, and within the client's whole wait
+    served = record["e2e_s"] - record["queue_wait_s"]
+    assert record["unit_seconds"] == pytest.approx(2 * served, rel=0.02, abs=0.1)
+    assert 0.5 * held <= record["unit_seconds"] / 2 <= held
     assert record["ttft_s"] <= first - started + 0.05 and record["e2e_s"] <= held
 
 
@@ -163,3 +197,21 @@ def test_per_account_metrics_match_the_records(server):
     assert metric(server.url, "medgemma_account_inflight_units", account="usage-b") == 0
     assert metric(server.url, "medgemma_account_requests_total", account="usage-b",
                   outcome="rejected_context_length") >= 1  # fmt: skip
+
+
+def test_the_usage_report_of_the_servers_own_file_sums_its_records(server, capsys):
+    from serving import cli
+
+    request_id = rid("report")
+    assert post(server, "usage-b", chat(max_tokens=3), request_id).status_code == 200
+    records_of(server, request_id)  # written: the file holds every record so far
+    assert cli.main(["usage", str(server.usage_log), "--by", "account", "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    records = [r for r in written(server) if r["kind"] == "request"]
+    for row in report["groups"]:
+        if row["account"] in ("usage-a", "usage-b"):
+            mine = [r for r in records if r["account"] == row["account"]]
+            assert row["requests"] == len(mine)
+            assert row["completion_tokens"] == sum(r["completion_tokens"] or 0 for r in mine)
+            assert row["unit_seconds"] == pytest.approx(sum(r["unit_seconds"] for r in mine))
+    assert report["total"]["requests"] == len(records)

@@ -123,4 +123,4 @@ def test_every_change_a_reload_sees_is_an_audit_record_however_the_file_was_edit
         jsonschema.Draft202012Validator(schema).validate(record)
         assert all(secret not in json.dumps(record) for secret in (first, new, hash_key(first), hash_key(new)))
     audit.clear()
-    assert not reloader.reload() or audit == []  # nothing changed: nothing recorded
+    assert reloader.reload() and audit == []  # a reload that changed nothing records nothing

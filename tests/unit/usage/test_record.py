@@ -175,3 +175,45 @@ def test_images_and_their_pixels_are_counted_not_kept():
         assert (record["images"], record["image_pixels"]) == (2, 30 * 20 + 8 * 8)
         assert "base64" not in json.dumps(record) and CANARY not in json.dumps(record)
     asyncio.run(scenario())
+
+
+def test_a_full_disk_never_fails_a_request():
+    from serving.usage.writer import UsageLog
+
+    async def scenario():
+        mw, controller, _ = build_recorded(FakeEngineApp())
+        log = UsageLog("/dev/full", controller.metrics)  # every write fails with ENOSPC
+        mw.usage.log = log
+        client = await run(mw)
+        log.close()
+        assert client.status == 200 and client.sent[-1]["more_body"] is False
+        dropped = controller.metrics.registry.get_sample_value("medgemma_usage_records_dropped_total",
+                                                               {"reason": "write_error"})  # fmt: skip
+        assert dropped == 1
+    asyncio.run(scenario())
+
+
+def test_per_account_labels_are_capped_and_refused_keys_count_as_none():
+    from serving.admission.keys import KeyStore
+
+    second = "mgk_second"
+
+    async def scenario():
+        mw, controller, _ = build_recorded(FakeEngineApp())
+        controller.keys = KeyStore.from_dict({
+            "plans": {"two": {"concurrency": 2}}, "accounts": {"acme": {"plan": "two"}, "beta": {"plan": "two"}},
+            "keys": [{"sha256": hash_key(KEY), "account": "acme"}, {"sha256": hash_key(second), "account": "beta"}],
+        })  # fmt: skip
+        mw.usage = UsageRecorder(controller.metrics, CaptureLog(), account_metrics_max=1)
+        await run(mw)
+        await run(mw, key=second)
+        await run(mw, key="mgk_wrong")
+        value = controller.metrics.registry.get_sample_value
+        requests = "medgemma_account_requests_total"
+        assert value(requests, {"account": "acme", "outcome": "completed"}) == 1  # the first account seen
+        assert value(requests, {"account": "other", "outcome": "completed"}) == 1  # beyond the cap
+        assert value(requests, {"account": "beta", "outcome": "completed"}) is None
+        assert value(requests, {"account": "none", "outcome": "rejected_invalid_api_key"}) == 1
+        assert value("medgemma_account_inflight_units", {"account": "acme"}) == 0
+        assert value("medgemma_account_unit_seconds_total", {"account": "other"}) > 0
+    asyncio.run(scenario())

@@ -52,11 +52,11 @@ def test_rotation_keeps_backups_files_of_whole_records(tmp_path):
     assert files == ["usage.jsonl", "usage.jsonl.1", "usage.jsonl.2"]  # the oldest were deleted
     kept = lines_of(path.with_name("usage.jsonl.2"), path.with_name("usage.jsonl.1"), path)
     ids = [int(r["request_id"][1:]) for r in kept]
-    assert ids == sorted(ids) and ids[-1] == 19  # oldest to newest, the newest kept
+    assert ids == list(range(ids[0], 20))  # oldest to newest, none lost between the files kept
     assert all(p.stat().st_size <= size * 3 for p in tmp_path.iterdir())
 
 
-def test_a_full_disk_drops_and_counts_records_and_never_raises(tmp_path):
+def test_a_full_disk_drops_and_counts_records(tmp_path):
     metrics = ServingMetrics()
     log = UsageLog("/dev/full", metrics)  # every write fails with ENOSPC
     for record in records(7):
@@ -82,10 +82,10 @@ def test_the_writer_recovers_when_the_folder_comes_back(tmp_path):
 def test_a_writer_that_falls_behind_drops_instead_of_queueing_without_bound(tmp_path):
     metrics = ServingMetrics()
     log = UsageLog(tmp_path / "usage.jsonl", metrics, max_pending=3)
-    gate = threading.Event()
-    log._write = lambda data, write=log._write: (gate.wait(10), write(data))  # a disk that hangs
+    gate, entered = threading.Event(), threading.Event()
+    log._write = lambda data, write=log._write: (entered.set(), gate.wait(10), write(data))  # a disk that hangs
     log.emit(records(1)[0])
-    _wait_for(lambda: log._pending.qsize() == 0)  # the writer holds it, blocked
+    assert entered.wait(5)  # the writer holds the first record, blocked in its write
     for record in records(10)[1:]:
         log.emit(record)  # returns at once: 3 wait, 6 are dropped
     assert sample(metrics.registry, "medgemma_usage_records_dropped_total", reason="queue_full") == 6
