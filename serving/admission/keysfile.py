@@ -26,6 +26,7 @@ from pydantic import (
 )  # fmt: skip
 
 
+NAME_MAX = 256  # plan and account names, as usage records allow them
 KEY_ID_CHARS = 12  # a key's public id: this many leading hex digits of its digest (``keys.key_id``)
 
 
@@ -131,6 +132,10 @@ class KeysFile(_Strict):
     @model_validator(mode="after")
     def _references(self) -> KeysFile:
         problems = []
+        for section, names in (("plans", self.plans), ("accounts", self.accounts)):
+            long = [n for n in names if len(n) > NAME_MAX]
+            if long:  # names land in usage records and metric labels: keep them bounded
+                problems.append(f"{section}: a name is longer than {NAME_MAX} characters")
         for name, account in self.accounts.items():
             if account.plan not in self.plans:
                 problems.append(f"account {name!r} has unknown plan {account.plan!r}")

@@ -167,3 +167,10 @@ def test_revoked_expired_and_suspended_keys_are_refused_at_authentication():
     clock[0] = 1_000_060.0  # the expiry instant itself: refused, without a reload
     assert store.authenticate("ending") is None and store.authenticate("live").name == "a"
     assert set(store.key_hashes) == {hash_key(k) for k in ("live", "revoked", "ending", "suspended")}
+
+
+def test_names_longer_than_a_usage_record_allows_are_refused():
+    data = {"plans": {"p": {"concurrency": 1}}, "accounts": {"a" * 257: {"plan": "p"}}, "keys": []}
+    with pytest.raises(KeysFileError, match="accounts: a name is longer than 256"):
+        KeyStore.from_dict(data)
+    KeyStore.from_dict({**data, "accounts": {"a" * 256: {"plan": "p"}}})
