@@ -103,7 +103,9 @@ def test_under_kv_pressure_the_engine_never_preempts_the_stat_request(tight_engi
     assert ends[-1][1] == 3 and ends[-1][2] >= 1, f"the cache never ran out, nothing shows the policy: {ends}"
     # STAT ended first, alone, never preempted: under fcfs STAT, scheduled last, is the
     # first victim and ends last
-    assert (first, first_count, first_preempted) == (PriorityClass.STAT, 1, 0), ends
+    # (its metrics are read after its stream ends: another request may have ended in between,
+    # then the count is 2, and 0 preemptions over both still says STAT was never preempted)
+    assert first is PriorityClass.STAT and first_count in (1, 2) and first_preempted == 0, ends
     (second, second_count, second_preempted), (last, _, total) = rest
     # When interactive and batch end apart, each one's own preemptions show batch went first
     # (by hand: batch 4, interactive 1); they often end together, and then only their sum is known.
