@@ -28,8 +28,9 @@ import os
 import queue
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+from serving.admission.keyaudit import utc_iso  # the records' one time format
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +44,6 @@ def close_all(timeout_s: float = 2.0) -> None:
     """Write what every open log holds: for an exit that skips ``atexit`` (``os._exit``)."""
     for log in list(_OPEN):
         log.close(timeout_s)
-
-
-def utc_iso(epoch_s: float) -> str:
-    """``2026-12-05T21:50:00.123Z``"""
-    return datetime.fromtimestamp(epoch_s, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def encode(record: dict) -> bytes:
