@@ -33,7 +33,7 @@ class Sampler:
     def __init__(self, url: str, *names: str, interval_s: float = 0.05, labels: dict[str, str] | None = None):
         import threading
 
-        self.url, self.names, self.interval_s, self.labels = url, names, interval_s, labels or {}
+        self.url, self.names, self.interval_s, self.labels = url, tuple(names), interval_s, labels or {}
         self.readings: list[dict[str, float]] = []
         self.errors: list[str] = []
         self._stop = threading.Event()
@@ -46,7 +46,13 @@ class Sampler:
             while not self._stop.is_set():
                 try:
                     text = client.get(self.url.rstrip("/") + "/metrics").text
-                    reading = {name: total(text, name, **self.labels) for name in self.names}
+                    # only the named samples' lines are parsed: a vLLM server's whole text
+                    # takes the parser a good part of a second on a busy host
+                    found = samples("\n".join(line for line in text.splitlines() if line.startswith(self.names)))
+                    reading = {name: 0.0 for name in self.names}
+                    for name, labels, value in found:
+                        if name in reading and self.labels.items() <= labels.items():
+                            reading[name] += value
                 except Exception as exc:  # noqa: BLE001 - kept, and raised by highest()
                     self.errors.append(repr(exc))
                     self._stop.wait(self.interval_s)
