@@ -149,6 +149,7 @@ def prepare_server(settings: config.ServeSettings, resolved: engine.EngineSettin
     prepare_model(settings, resolved)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", settings.log_level.upper())
     os.environ.update(engine.media_env(settings.remote_image_timeout_s, settings.remote_image_max_mib))
+    os.environ.update(engine.image_env(settings.image_preprocessing))
     if config.uses_dev_model(settings, resolved):
         logger.warning(DEV_MODEL_BANNER, resolved.model)
     logger.info("profile %s, model %s, settings %s", resolved.profile, resolved.model, config.describe(settings))

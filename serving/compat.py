@@ -1,10 +1,18 @@
-"""vLLM plugin that lets the CPU build of vLLM run Gemma 3 without torchvision.
+"""vLLM plugin that picks Gemma 3's image preprocessing in every vLLM process.
 
-Guarantee: in a process where ``torchvision`` imports, this does nothing. Where it does
-not (the CPU environment: PyPI's torchvision cannot load beside torch+cpu), it makes
-``transformers.models.gemma3.image_processing_gemma3`` importable, with
-``Gemma3ImageProcessor`` being transformers' PIL-backed ``Gemma3ImageProcessorPil``
-(same preprocessing: resize to 896x896, rescale, normalise).
+``MEDGEMMA_IMAGE_PREPROCESSING`` (the ``image_preprocessing`` setting, exported by the
+launcher) chooses:
+ - ``fast`` (default): ``serving.images``: reduced JPEG decoding (the ``medgemma`` media
+   connector, selected by ``VLLM_MEDIA_CONNECTOR``) and ``FastImageProcessor``;
+ - ``exact``: ``ExactImageProcessor``, bit-identical to transformers' PIL processor;
+ - ``reference``: what vLLM does alone. Where ``torchvision`` imports, that is
+   transformers' torchvision processor and this plugin does nothing; where it does not
+   (the CPU environment: PyPI's torchvision cannot load beside torch+cpu), it makes
+   ``transformers.models.gemma3.image_processing_gemma3`` importable with
+   ``Gemma3ImageProcessor`` being transformers' PIL-backed ``Gemma3ImageProcessorPil``
+   (same preprocessing: resize to 896x896, rescale, normalise).
+``fast`` and ``exact`` replace the processor on every host, torchvision or not, so the
+model gets the same pixels on GPU hosts as in this project's fidelity tests.
 
 vLLM's gemma3 model module imports that name, and vLLM loads models in several
 processes (the API server, the engine core, a model-inspection subprocess). It runs
@@ -16,10 +24,13 @@ make every Python process pay for importing transformers.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import types
 
 GEMMA3_IMAGE_MODULE = "transformers.models.gemma3.image_processing_gemma3"
+PREPROCESSING_ENV = "MEDGEMMA_IMAGE_PREPROCESSING"
+PREPROCESSING_MODES = ("fast", "exact", "reference")
 
 
 def torchvision_available() -> bool:
@@ -33,14 +44,32 @@ def torchvision_available() -> bool:
     return True
 
 
+def preprocessing_mode() -> str:
+    mode = os.environ.get(PREPROCESSING_ENV, "fast")
+    if mode not in PREPROCESSING_MODES:
+        raise ValueError(f"{PREPROCESSING_ENV}={mode!r}: choose one of {PREPROCESSING_MODES}")
+    return mode
+
+
 def register() -> None:
-    """Entry point (``vllm.general_plugins``): install the shim when torchvision is missing."""
-    if GEMMA3_IMAGE_MODULE in sys.modules or torchvision_available():
+    """Entry point (``vllm.general_plugins``): install the chosen image preprocessing."""
+    mode = preprocessing_mode()
+    if mode == "fast":
+        from serving.images import decode
+
+        decode.register()
+    if GEMMA3_IMAGE_MODULE in sys.modules or (mode == "reference" and torchvision_available()):
         return
     from transformers.models.gemma3 import image_processing_pil_gemma3 as pil
 
+    if mode == "reference":
+        processor, origin = pil.Gemma3ImageProcessorPil, "transformers' PIL processor (torchvision missing)"
+    else:
+        from serving.images.processor import PROCESSORS
+
+        processor, origin = PROCESSORS[mode], f"serving.images.processor ({mode})"
     shim = types.ModuleType(GEMMA3_IMAGE_MODULE)
-    shim.__doc__ = "serving.compat: Gemma3ImageProcessor backed by PIL (torchvision missing)."
-    shim.Gemma3ImageProcessor = pil.Gemma3ImageProcessorPil
+    shim.__doc__ = f"serving.compat: Gemma3ImageProcessor is {origin}."
+    shim.Gemma3ImageProcessor = processor
     shim.Gemma3ImageProcessorKwargs = pil.Gemma3ImageProcessorKwargs
     sys.modules[GEMMA3_IMAGE_MODULE] = shim

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -224,6 +224,12 @@ class ServeSettings(BaseSettings):
     )
     remote_image_max_mib: int = Field(
         16, ge=1, description="Size limit of one remote image, in MiB."
+    )
+    image_preprocessing: Literal["fast", "exact", "reference"] = Field(
+        "fast",
+        description="Image decoding and preprocessing in the API process: 'fast' (reduced "
+        "JPEG decoding and two-step resizing, never below 896 px; bounded in docs/images.md), "
+        "'exact' (transformers' PIL result, bit for bit, at less cost) or 'reference' (vLLM's own).",
     )
     vllm_args: list[str] = Field(
         default_factory=list,

@@ -294,6 +294,16 @@ def media_env(timeout_s: int, max_mib: int) -> dict[str, str]:
     }
 
 
+def image_env(preprocessing: str) -> dict[str, str]:
+    """The environment every vLLM process reads its image preprocessing from
+    (``serving.compat``): the mode, and for ``fast`` the media connector that decodes JPEGs
+    at reduced scale (``serving.images.decode``)."""
+    from serving.compat import PREPROCESSING_ENV
+    from serving.images.decode import CONNECTOR_NAME
+
+    return {PREPROCESSING_ENV: preprocessing, "VLLM_MEDIA_CONNECTOR": CONNECTOR_NAME if preprocessing == "fast" else "http"}
+
+
 def _passthrough_value(extra_args: tuple[str, ...], flag: str) -> str | None:
     """The last value given for ``flag`` in pass-through arguments (``--f v`` or ``--f=v``)."""
     value = None

@@ -53,6 +53,28 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def preprocessor_config() -> dict:
+    """google/medgemma-4b-it's image processor configuration (the real model's values)."""
+    return {
+        "do_convert_rgb": None,
+        "do_normalize": True,
+        "do_pan_and_scan": None,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_processor_type": "Gemma3ImageProcessor",
+        "image_seq_length": MM_TOKENS_PER_IMAGE,
+        "image_std": [0.5, 0.5, 0.5],
+        "pan_and_scan_max_num_crops": None,
+        "pan_and_scan_min_crop_size": None,
+        "pan_and_scan_min_ratio_to_activate": None,
+        "processor_class": "Gemma3Processor",
+        "resample": 2,
+        "rescale_factor": 1 / 255,
+        "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    }
+
+
 def build(path: str | os.PathLike, seed: int = 0) -> Path:
     """Write the dev checkpoint into ``path`` (created; existing files are overwritten)."""
     out = Path(path)
@@ -132,27 +154,7 @@ def build(path: str | os.PathLike, seed: int = 0) -> Path:
             "image_token": "<image_soft_token>",
         },
     )
-    _write_json(
-        out / "preprocessor_config.json",
-        {
-            "do_convert_rgb": None,
-            "do_normalize": True,
-            "do_pan_and_scan": None,
-            "do_rescale": True,
-            "do_resize": True,
-            "image_mean": [0.5, 0.5, 0.5],
-            "image_processor_type": "Gemma3ImageProcessor",
-            "image_seq_length": MM_TOKENS_PER_IMAGE,
-            "image_std": [0.5, 0.5, 0.5],
-            "pan_and_scan_max_num_crops": None,
-            "pan_and_scan_min_crop_size": None,
-            "pan_and_scan_min_ratio_to_activate": None,
-            "processor_class": "Gemma3Processor",
-            "resample": 2,
-            "rescale_factor": 1 / 255,
-            "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        },
-    )
+    _write_json(out / "preprocessor_config.json", preprocessor_config())
     _write_json(
         out / "processor_config.json",
         {"image_seq_length": MM_TOKENS_PER_IMAGE, "processor_class": "Gemma3Processor"},

@@ -1,5 +1,7 @@
-"""The gemma3 image-processor shim: needed without torchvision, applied in every vLLM process."""
+"""The image preprocessing plugin: the gemma3 processor shim (needed without torchvision) and
+the chosen preprocessing, applied in every vLLM process."""
 
+import os
 import subprocess
 import sys
 from importlib import metadata
@@ -13,8 +15,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def run_python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
+def run_python(code: str, mode: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != compat.PREPROCESSING_ENV}
+    if mode is not None:
+        env[compat.PREPROCESSING_ENV] = mode
+    return subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300,
+                          env=env)  # fmt: skip
 
 
 def test_plugin_is_registered_as_a_vllm_general_plugin():
@@ -28,15 +34,35 @@ def test_without_the_shim_vllm_gemma3_cannot_import():
     assert "torchvision" in result.stderr.lower() or "Gemma3ImageProcessor" in result.stderr
 
 
-def test_vllm_plugin_loading_makes_gemma3_importable():
+@pytest.mark.parametrize(("mode", "processor", "connector"), [
+    (None, "FastImageProcessor", True),  # the default
+    ("fast", "FastImageProcessor", True),
+    ("exact", "ExactImageProcessor", False),
+    ("reference", "Gemma3ImageProcessorPil", False),
+])  # fmt: skip
+def test_vllm_plugin_loading_installs_the_chosen_preprocessing(mode, processor, connector):
     result = run_python(
         "from vllm.plugins import load_general_plugins\n"
         "load_general_plugins()\n"
         "import vllm.model_executor.models.gemma3_mm as m\n"
-        "print(m.Gemma3ImageProcessor.__name__)\n"
+        "from vllm.multimodal.media import MEDIA_CONNECTOR_REGISTRY\n"
+        "print(m.Gemma3ImageProcessor.__name__, 'medgemma' in MEDIA_CONNECTOR_REGISTRY.name2class)\n",
+        mode,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().endswith("Gemma3ImageProcessorPil")
+    assert result.stdout.strip().splitlines()[-1] == f"{processor} {connector}"
+
+
+def test_an_unknown_preprocessing_mode_stops_the_plugin():
+    result = run_python("from serving import compat\ncompat.register()\n", "fastest")
+    assert result.returncode != 0 and "MEDGEMMA_IMAGE_PREPROCESSING='fastest'" in result.stderr
+
+
+def test_the_launcher_environment_selects_the_connector_with_the_mode():
+    from serving.engine import image_env
+
+    assert image_env("fast") == {compat.PREPROCESSING_ENV: "fast", "VLLM_MEDIA_CONNECTOR": "medgemma"}
+    assert image_env("exact")["VLLM_MEDIA_CONNECTOR"] == image_env("reference")["VLLM_MEDIA_CONNECTOR"] == "http"
 
 
 def test_register_is_idempotent_and_does_not_replace_a_loaded_module():

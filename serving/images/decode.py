@@ -1,0 +1,112 @@
+"""Image decoding for MedGemma: no more pixels than the model's 896x896 input can use.
+
+Guarantee: the image handed to the processor is what vLLM's ``ImageMediaIO`` hands it
+(same size checks, EXIF orientation, mode conversion and errors), except that
+ - a JPEG at least twice ``MODEL_SIDE`` on both sides is decoded with Pillow's DCT
+   scaling (``Image.draft``) at the smallest of 1/2, 1/4, 1/8 of its size that keeps both
+   sides at least ``MODEL_SIDE``: the processor resizes it to 896x896 anyway, so no side
+   ever goes below what the model sees;
+ - a greyscale ("L") image stays greyscale: the processor's RGB conversion copies the one
+   band three times, ``serving.images.processor`` does that after the resize, on a third
+   of the data.
+The first changes pixel values slightly (the bound is measured in
+tests/unit/images/test_fidelity.py and stated in docs/images.md); the second does not.
+
+vLLM looks its media connector up by name (``VLLM_MEDIA_CONNECTOR``) in
+``MEDIA_CONNECTOR_REGISTRY``; ``register`` adds ours there, in every vLLM process, from the
+project's ``vllm.general_plugins`` entry point (``serving.compat``). The processor cache
+key is the image's bytes plus ``io_config``, which names this decoder, so results of the
+two decoders are never mixed up.
+"""
+
+from __future__ import annotations
+
+from io import BytesIO
+
+from PIL import Image
+
+CONNECTOR_NAME = "medgemma"
+MODEL_SIDE = 896  # Gemma 3's SigLIP input: every image becomes 896x896
+DECODER = "medgemma-v1"  # part of the processor cache key; change it when the pixels change
+
+
+def decode_reduced(image: Image.Image, side: int = MODEL_SIDE) -> int:
+    """Ask Pillow to decode a JPEG at a reduced scale (before anything loads it); returns
+    the scale denominator (1: full size, or not a JPEG). Pillow picks the largest of 8, 4,
+    2, 1 not above ``min(width // side, height // side)`` and rounds the scaled sides up, so
+    both stay at least ``side``."""
+    if image.format != "JPEG" or min(image.size) < 2 * side:
+        return 1
+    image.draft(image.mode, (side, side))
+    return image.decoderconfig[0] if image.decoderconfig else 1
+
+
+def media_classes():
+    """``(ImageMediaIO subclass, MediaConnector subclass)``, defined on first use so that
+    importing this module does not import vLLM."""
+    import vllm.envs as envs
+    from vllm.multimodal.image import normalize_image, open_image
+    from vllm.multimodal.media import MediaConnector
+    from vllm.multimodal.media.base import MediaWithBytes
+    from vllm.multimodal.media.image import ImageMediaIO
+
+    class MedGemmaImageMediaIO(ImageMediaIO):
+        """``ImageMediaIO.load_bytes`` with the two changes above; the rest is its code."""
+
+        def load_bytes(self, data: bytes) -> MediaWithBytes[Image.Image]:
+            try:
+                image = open_image(BytesIO(data))
+                w, h = image.size
+                max_pixels = envs.VLLM_MAX_IMAGE_PIXELS
+                if max_pixels > 0 and w * h > max_pixels:
+                    raise ValueError(
+                        f"Image dimensions {w}x{h} ({w * h} pixels) exceed the maximum of "
+                        f"{max_pixels} pixels. Set VLLM_MAX_IMAGE_PIXELS to increase this limit."
+                    )
+                decode_reduced(image)
+                image = normalize_image(image)
+                image.load()
+                keep_grey = image.mode == "L" and self.image_mode == "RGB"
+                converted = image if keep_grey else self._convert_image_mode(image)
+            except (OSError, Image.UnidentifiedImageError) as e:
+                raise ValueError(f"Failed to load image: {e}") from e
+            io_config = {"decoder": DECODER, "image_mode": self.image_mode,
+                         "rgba_background_color": self.rgba_background_color}  # fmt: skip
+            return MediaWithBytes(converted, data, io_config)
+
+    class MedGemmaMediaConnector(MediaConnector):
+        """vLLM's connector, loading images with ``MedGemmaImageMediaIO``."""
+
+        def _image_io(self, image_mode: str | None) -> MedGemmaImageMediaIO:
+            return MedGemmaImageMediaIO(**({"image_mode": image_mode} | self.media_io_kwargs.get("image", {})))
+
+        def fetch_image(self, image_url: str, *, image_mode: str | None = "RGB") -> Image.Image:
+            return self._fetch(image_url, image_mode)
+
+        async def fetch_image_async(self, image_url: str, *, image_mode: str | None = "RGB") -> Image.Image:
+            return await self._fetch_async(image_url, image_mode)
+
+        def _fetch(self, image_url, image_mode):
+            try:
+                return self.load_from_url(image_url, self._image_io(image_mode),
+                                          fetch_timeout=envs.VLLM_IMAGE_FETCH_TIMEOUT)  # fmt: skip
+            except Image.UnidentifiedImageError as e:  # as vLLM's: a ValueError upstream
+                raise ValueError(str(e)) from e
+
+        async def _fetch_async(self, image_url, image_mode):
+            try:
+                return await self.load_from_url_async(image_url, self._image_io(image_mode),
+                                                      fetch_timeout=envs.VLLM_IMAGE_FETCH_TIMEOUT)  # fmt: skip
+            except Image.UnidentifiedImageError as e:
+                raise ValueError(str(e)) from e
+
+    return MedGemmaImageMediaIO, MedGemmaMediaConnector
+
+
+def register() -> None:
+    """Add ``MedGemmaMediaConnector`` to vLLM's registry as ``CONNECTOR_NAME`` (idempotent)."""
+    from vllm.multimodal.media import MEDIA_CONNECTOR_REGISTRY
+
+    _, connector = media_classes()
+    if CONNECTOR_NAME not in getattr(MEDIA_CONNECTOR_REGISTRY, "name2class", {}):
+        MEDIA_CONNECTOR_REGISTRY.register(CONNECTOR_NAME)(connector)
