@@ -24,6 +24,7 @@ make every Python process pay for importing transformers.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
 import types
@@ -54,6 +55,7 @@ def preprocessing_mode() -> str:
 def register() -> None:
     """Entry point (``vllm.general_plugins``): install the chosen image preprocessing."""
     mode = preprocessing_mode()
+    logging.getLogger(__name__).info("image preprocessing: %s", mode)
     if mode == "fast":
         from serving.images import decode
 

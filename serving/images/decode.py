@@ -21,13 +21,17 @@ two decoders are never mixed up.
 
 from __future__ import annotations
 
+import logging
 from io import BytesIO
 
 from PIL import Image
 
+logger = logging.getLogger(__name__)
+
 CONNECTOR_NAME = "medgemma"
 MODEL_SIDE = 896  # Gemma 3's SigLIP input: every image becomes 896x896
 DECODER = "medgemma-v1"  # part of the processor cache key; change it when the pixels change
+_first_reduced = True  # the first reduced decode in a process is logged (no content: a scale)
 
 
 def decode_reduced(image: Image.Image, side: int = MODEL_SIDE) -> int:
@@ -39,6 +43,13 @@ def decode_reduced(image: Image.Image, side: int = MODEL_SIDE) -> int:
         return 1
     image.draft(image.mode, (side, side))
     return image.decoderconfig[0] if image.decoderconfig else 1
+
+
+def announce_reduced(scale: int) -> None:
+    global _first_reduced
+    if _first_reduced:
+        _first_reduced = False
+        logger.info("image preprocessing: first JPEG decoded at 1/%d scale (serving.images.decode)", scale)
 
 
 def media_classes():
@@ -63,7 +74,9 @@ def media_classes():
                         f"Image dimensions {w}x{h} ({w * h} pixels) exceed the maximum of "
                         f"{max_pixels} pixels. Set VLLM_MAX_IMAGE_PIXELS to increase this limit."
                     )
-                decode_reduced(image)
+                scale = decode_reduced(image)
+                if scale > 1:
+                    announce_reduced(scale)
                 image = normalize_image(image)
                 image.load()
                 keep_grey = image.mode == "L" and self.image_mode == "RGB"
