@@ -55,13 +55,14 @@ def preprocessing_mode() -> str:
 def register() -> None:
     """Entry point (``vllm.general_plugins``): install the chosen image preprocessing."""
     mode = preprocessing_mode()
-    logging.getLogger(__name__).info("image preprocessing: %s", mode)
+    logger = logging.getLogger(__name__)
+    logger.info("image preprocessing: %s", mode)
     if mode == "fast":
         from serving.images import decode
 
         decode.register()
-    if GEMMA3_IMAGE_MODULE in sys.modules or (mode == "reference" and torchvision_available()):
-        return
+    if mode == "reference" and torchvision_available():
+        return  # vLLM alone, as on any GPU host
     from transformers.models.gemma3 import image_processing_pil_gemma3 as pil
 
     if mode == "reference":
@@ -70,8 +71,27 @@ def register() -> None:
         from serving.images.processor import PROCESSORS
 
         processor, origin = PROCESSORS[mode], f"serving.images.processor ({mode})"
-    shim = types.ModuleType(GEMMA3_IMAGE_MODULE)
-    shim.__doc__ = f"serving.compat: Gemma3ImageProcessor is {origin}."
-    shim.Gemma3ImageProcessor = processor
-    shim.Gemma3ImageProcessorKwargs = pil.Gemma3ImageProcessorKwargs
-    sys.modules[GEMMA3_IMAGE_MODULE] = shim
+        use_processor(processor)
+    if GEMMA3_IMAGE_MODULE in sys.modules:
+        if mode != "reference" and sys.modules[GEMMA3_IMAGE_MODULE].Gemma3ImageProcessor is not processor:
+            logger.info("%s was imported before this plugin; vLLM's type names keep its class", GEMMA3_IMAGE_MODULE)
+        return
+    if mode != "reference" or not torchvision_available():
+        shim = types.ModuleType(GEMMA3_IMAGE_MODULE)
+        shim.__doc__ = f"serving.compat: Gemma3ImageProcessor is {origin}."
+        shim.Gemma3ImageProcessor = processor
+        shim.Gemma3ImageProcessorKwargs = pil.Gemma3ImageProcessorKwargs
+        sys.modules[GEMMA3_IMAGE_MODULE] = shim
+
+
+def use_processor(processor: type) -> None:
+    """Make transformers build ``processor`` wherever it would build a Gemma 3 image processor.
+
+    vLLM loads ``Gemma3Processor.from_pretrained``; transformers picks the image processor's
+    class name by backend (``Gemma3ImageProcessor`` with torchvision, ``...Pil`` without) and
+    looks the name up as an attribute of ``transformers.models.gemma3``
+    (``get_image_processor_class_from_name``): both names there become ``processor``."""
+    import transformers.models.gemma3 as gemma3
+
+    for name in ("Gemma3ImageProcessor", "Gemma3ImageProcessorPil"):
+        setattr(gemma3, name, processor)

@@ -84,7 +84,8 @@ def sample(kind: str, width: int, height: int, fmt: str, mode: str | None = None
         options.setdefault("quality", 90)
     if fmt == "PNG":
         options.setdefault("compress_level", 1)  # fast to make; decoding costs about the same
-    return Sample(f"{kind}-{width}x{height}-{image.mode}.{fmt.lower()}", encode(image, fmt, **options),
+    tag = "-trns" if "transparency" in options else ""
+    return Sample(f"{kind}-{width}x{height}-{image.mode}{tag}.{fmt.lower()}", encode(image, fmt, **options),
                   f"image/{fmt.lower()}")  # fmt: skip
 
 
@@ -105,14 +106,22 @@ def corpus() -> list[Sample]:
         sample("pathology", 2000, 2000, "WEBP", quality=90),
         sample("dermoscopy", 4000, 600, "JPEG"),  # panoramic: one side below 896
         sample("radiograph", 64, 64, "PNG"),
-        rotated_jpeg(),
+        sample("radiograph", 2400, 1000, "JPEG"),  # one side at least 1792, the other not
+        sample("dermoscopy", 2048, 2048, "JPEG", mode="CMYK"),
+        sample("radiograph", 1200, 1000, "PNG", transparency=0),  # greyscale with a transparency key
+        sample("radiograph", 1200, 1000, "PNG", mode="LA"),
+        rotated_jpeg(dermoscopy(2400, 1900, seed=3), "dermoscopy-2400x1900-exif6.jpeg"),
+        rotated_jpeg(radiograph(2000, 1800, seed=4), "radiograph-2000x1800-L-exif8.jpeg", orientation=8),
     ]
+    assert len(samples) == CORPUS_SIZE
     return samples
 
 
-def rotated_jpeg() -> Sample:
-    """A JPEG whose EXIF orientation (6: rotate 90) must be applied before resizing."""
-    image = dermoscopy(2400, 1900, seed=3)
+CORPUS_SIZE = 50  # the tests are parametrised by index without building the corpus
+
+
+def rotated_jpeg(image: Image.Image, name: str, orientation: int = 6) -> Sample:
+    """A JPEG whose EXIF orientation (6: rotate 90, 8: rotate 270) must be applied before resizing."""
     exif = Image.Exif()
-    exif[0x0112] = 6
-    return Sample("dermoscopy-2400x1900-exif6.jpeg", encode(image, "JPEG", quality=90, exif=exif), "image/jpeg")
+    exif[0x0112] = orientation
+    return Sample(name, encode(image, "JPEG", quality=90, exif=exif), "image/jpeg")

@@ -28,7 +28,8 @@ def metric(url: str, name: str, **labels: str) -> float:
 class Sampler:
     """Scrapes a server's /metrics continuously in a thread and keeps every reading of the
     named samples (summed over labels, or over those that include ``labels``), so a test can
-    assert on the highest one seen."""
+    assert on the highest one seen. Names are sample names (``x_total``, ``x_count``), not
+    family names."""
 
     def __init__(self, url: str, *names: str, interval_s: float = 0.05, labels: dict[str, str] | None = None):
         import threading

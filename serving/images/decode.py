@@ -6,9 +6,10 @@ Guarantee: the image handed to the processor is what vLLM's ``ImageMediaIO`` han
    scaling (``Image.draft``) at the smallest of 1/2, 1/4, 1/8 of its size that keeps both
    sides at least ``MODEL_SIDE``: the processor resizes it to 896x896 anyway, so no side
    ever goes below what the model sees;
- - a greyscale ("L") image stays greyscale: the processor's RGB conversion copies the one
-   band three times, ``serving.images.processor`` does that after the resize, on a third
-   of the data.
+ - a greyscale ("L") image without a transparency key stays greyscale: the processor's
+   RGB conversion copies the one band three times, ``serving.images.processor`` does that
+   after the resize, on a third of the data (and converts it first wherever it hands the
+   image to the reference processor).
 The first changes pixel values slightly (the bound is measured in
 tests/unit/images/test_fidelity.py and stated in docs/images.md); the second does not.
 
@@ -79,7 +80,8 @@ def media_classes():
                     announce_reduced(scale)
                 image = normalize_image(image)
                 image.load()
-                keep_grey = image.mode == "L" and self.image_mode == "RGB"
+                # a transparency key must be composited onto the background, as vLLM does
+                keep_grey = image.mode == "L" and self.image_mode == "RGB" and "transparency" not in image.info
                 converted = image if keep_grey else self._convert_image_mode(image)
             except (OSError, Image.UnidentifiedImageError) as e:
                 raise ValueError(f"Failed to load image: {e}") from e

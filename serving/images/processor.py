@@ -2,10 +2,11 @@
 
 Guarantee: for what vLLM asks of it (RGB or greyscale PIL images, no pan-and-scan)
 ``ExactImageProcessor``'s pixel values are bit-identical to ``Gemma3ImageProcessorPil``'s;
-``FastImageProcessor`` differs only in resizing an image at least twice the model's side
-in two steps (Pillow's ``reducing_gap``: an integer box reduction, then the same bilinear
+``FastImageProcessor`` differs only in resizing a side of at least 3 x 896 in two steps
+(Pillow's ``reducing_gap=1.5``: an integer box reduction per axis, then the same bilinear
 resize), which never takes a side below 1.5 x 896 and is bounded in
-tests/unit/images/test_fidelity.py. Anything else goes to the reference unchanged.
+tests/unit/images/test_fidelity.py. Anything else goes to the reference unchanged
+(greyscale images made RGB first, as vLLM's own decoder would have).
 
 The reference turns the PIL image into a float-free numpy array, transposes it, turns it
 back into a PIL image to resize it, back into numpy, then rescales in float64 and
@@ -44,12 +45,13 @@ class ExactImageProcessor(Gemma3ImageProcessorPil):
         self._table: np.ndarray | None = None
 
     def preprocess(self, images, **kwargs: Any) -> BatchFeature:
-        if not self._fast_path_applies(images, kwargs):
-            return super().preprocess(images, **kwargs)
+        flat = flat_images(images)  # Gemma3Processor passes one list of images per prompt
+        if flat is None or not self._fast_path_applies(flat, kwargs):
+            return super().preprocess(as_rgb(images), **kwargs)
         side = (self.size.width, self.size.height)
         table = self.normalisation_table()
-        pixels = np.empty((len(images), 3, side[1], side[0]), dtype=table.dtype)
-        for index, image in enumerate(images):
+        pixels = np.empty((len(flat), 3, side[1], side[0]), dtype=table.dtype)
+        for index, image in enumerate(flat):
             resized = np.asarray(image.resize(side, resample=self.resample, reducing_gap=self.reducing_gap))
             if resized.ndim == 2:  # greyscale: one band, three identical channels
                 np.take(table, resized, out=pixels[index, 0])
@@ -57,7 +59,7 @@ class ExactImageProcessor(Gemma3ImageProcessorPil):
             else:  # a gather per channel, straight into place (no transposed copy)
                 for channel in range(3):
                     np.take(table, resized[:, :, channel], out=pixels[index, channel])
-        return BatchFeature(data={"pixel_values": pixels, "num_crops": [0] * len(images)},
+        return BatchFeature(data={"pixel_values": pixels, "num_crops": [0] * len(flat)},
                             tensor_type=kwargs.get("return_tensors"))  # fmt: skip
 
     def normalisation_table(self) -> np.ndarray:
@@ -71,21 +73,51 @@ class ExactImageProcessor(Gemma3ImageProcessorPil):
             self._table = np.ascontiguousarray(values[0, 0])
         return self._table
 
-    def _fast_path_applies(self, images, kwargs: dict[str, Any]) -> bool:
-        if not (self.do_resize and self.do_rescale and self.do_normalize):
+    def _fast_path_applies(self, images: list[Image.Image], kwargs: dict[str, Any]) -> bool:
+        def setting(name: str):  # as the reference reads it: the call's value, else its own
+            value = kwargs.get(name)
+            return getattr(self, name, None) if value is None else value
+
+        if not (setting("do_resize") and setting("do_rescale") and setting("do_normalize")):
+            return False
+        if setting("do_pan_and_scan") or setting("do_convert_rgb") is False:
             return False
         size = self.size  # a fixed height and width, the reference's only other sizes scale
         if not (getattr(size, "height", None) and getattr(size, "width", None)) or size.shortest_edge \
                 or size.longest_edge or size.max_height:  # fmt: skip
             return False
-        if kwargs.get("do_pan_and_scan") or kwargs.get("do_convert_rgb") is False:
-            return False
-        known = PASSED_THROUGH | IGNORED_WITHOUT_PAN_AND_SCAN | {"do_pan_and_scan", "do_convert_rgb"}
+        known = PASSED_THROUGH | IGNORED_WITHOUT_PAN_AND_SCAN | {"do_pan_and_scan", "do_convert_rgb", "do_resize",
+                                                                 "do_rescale", "do_normalize"}  # fmt: skip
         if any(value is not None for key, value in kwargs.items() if key not in known):
             return False
-        if not isinstance(images, (list, tuple)) or not images:
-            return False
-        return all(isinstance(image, Image.Image) and image.mode in FAST_MODES for image in images)
+        return bool(images) and all(image.mode in FAST_MODES for image in images)
+
+
+def flat_images(images) -> list[Image.Image] | None:
+    """PIL images in order from a list, or a list of lists (one per prompt); else None."""
+    if isinstance(images, Image.Image):
+        return [images]
+    if not isinstance(images, (list, tuple)):
+        return None
+    flat: list[Image.Image] = []
+    for item in images:
+        if isinstance(item, Image.Image):
+            flat.append(item)
+        elif isinstance(item, (list, tuple)) and all(isinstance(i, Image.Image) for i in item):
+            flat.extend(item)
+        else:
+            return None
+    return flat
+
+
+def as_rgb(images):
+    """``images`` with greyscale PIL images made RGB, as vLLM's decoder hands them to the
+    reference (``serving.images.decode`` keeps them greyscale for the fast path)."""
+    if isinstance(images, Image.Image):
+        return images.convert("RGB") if images.mode == "L" else images
+    if isinstance(images, (list, tuple)):
+        return [as_rgb(item) for item in images]
+    return images
 
 
 class FastImageProcessor(ExactImageProcessor):

@@ -34,23 +34,42 @@ def test_without_the_shim_vllm_gemma3_cannot_import():
     assert "torchvision" in result.stderr.lower() or "Gemma3ImageProcessor" in result.stderr
 
 
-@pytest.mark.parametrize(("mode", "processor", "connector"), [
-    (None, "FastImageProcessor", True),  # the default
-    ("fast", "FastImageProcessor", True),
-    ("exact", "ExactImageProcessor", False),
-    ("reference", "Gemma3ImageProcessorPil", False),
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from serving import devmodel
+
+    return devmodel.build(tmp_path_factory.mktemp("devmodel") / "m", seed=0)
+
+
+@pytest.mark.parametrize(("mode", "processor", "fast_path", "connector"), [
+    (None, "FastImageProcessor", "[True]", True),  # the default
+    ("fast", "FastImageProcessor", "[True]", True),
+    ("exact", "ExactImageProcessor", "[True]", False),
+    ("reference", "Gemma3ImageProcessorPil", "[]", False),
 ])  # fmt: skip
-def test_vllm_plugin_loading_installs_the_chosen_preprocessing(mode, processor, connector):
+def test_vllm_builds_the_chosen_image_processor_and_uses_its_fast_path(checkpoint, mode, processor, fast_path,
+                                                                       connector):  # fmt: skip
+    # vLLM's own loader, called as gemma3_mm calls it, then one image the way Gemma3Processor
+    # passes it on (a list per prompt)
     result = run_python(
         "from vllm.plugins import load_general_plugins\n"
         "load_general_plugins()\n"
-        "import vllm.model_executor.models.gemma3_mm as m\n"
+        "from PIL import Image\n"
+        "from transformers.models.gemma3 import Gemma3Processor\n"
         "from vllm.multimodal.media import MEDIA_CONNECTOR_REGISTRY\n"
-        "print(m.Gemma3ImageProcessor.__name__, 'medgemma' in MEDIA_CONNECTOR_REGISTRY.name2class)\n",
+        "from vllm.transformers_utils.processor import get_processor\n"
+        f"p = get_processor({str(checkpoint)!r}, processor_cls=Gemma3Processor)\n"
+        "image_processor, taken = p.image_processor, []\n"
+        "check = getattr(image_processor, '_fast_path_applies', None)\n"
+        "if check:\n"
+        "    image_processor._fast_path_applies = lambda images, kw: taken.append(check(images, kw)) or taken[-1]\n"
+        "out = p(text=['<start_of_image> x'], images=[Image.new('RGB', (1000, 900), (9, 8, 7))], return_tensors='pt')\n"
+        "assert tuple(out['pixel_values'].shape) == (1, 3, 896, 896), out['pixel_values'].shape\n"
+        "print(type(image_processor).__name__, taken, 'medgemma' in MEDIA_CONNECTOR_REGISTRY.name2class)\n",
         mode,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().splitlines()[-1] == f"{processor} {connector}"
+    assert result.stdout.strip().splitlines()[-1] == f"{processor} {fast_path} {connector}"
 
 
 def test_an_unknown_preprocessing_mode_stops_the_plugin():

@@ -1,9 +1,11 @@
-"""The model gets the same pixels from ``serving.images`` as from vLLM alone (``exact``), or
-pixels within a stated bound (``fast``): docs/images.md.
+"""The model gets the same pixels from ``serving.images`` as from vLLM with transformers' PIL
+processor (``exact``), or pixels within a stated bound (``fast``): docs/images.md.
 
-Reference: what vLLM 0.32 does for a chat request's image on this machine: its
-``ImageMediaIO.load_bytes`` (decode, EXIF orientation, RGB) and transformers'
-``Gemma3ImageProcessorPil`` with the arguments vLLM's Gemma3Processor passes. The corpus is
+Reference: what vLLM 0.32 does for a chat request's image on this machine (no
+torchvision): its ``ImageMediaIO.load_bytes`` (decode, EXIF orientation, RGB) and
+transformers' ``Gemma3ImageProcessorPil``, called the way vLLM's Gemma3Processor calls it
+(a list of images per prompt, these arguments). That vLLM really builds this project's
+processors and takes their fast path is tests/unit/test_compat.py's part. The corpus is
 tests/image_corpus.py: synthetic radiograph-, dermoscopy- and pathology-like images of many
 sizes, formats and modes. Differences are in normalised pixel units (the model's input:
 -1..1, one 8-bit grey level is 2/255 = 0.0078).
@@ -20,7 +22,7 @@ import torch
 
 from serving import compat
 from serving.devmodel import preprocessor_config
-from tests.image_corpus import Sample, corpus, encode
+from tests.image_corpus import CORPUS_SIZE, Sample, corpus
 
 compat.register()  # the CPU environment's shim, so the reference processor imports
 
@@ -31,10 +33,10 @@ from serving.images.decode import media_classes  # noqa: E402
 from serving.images.processor import ExactImageProcessor, FastImageProcessor  # noqa: E402
 
 LEVEL = 2 / 255  # one 8-bit level in normalised units
-# The bound for ``fast`` (docs/images.md): per image, no pixel off by more than 32 levels
+# The bound for ``fast`` (docs/images.md): per image, no pixel off by more than 40 levels
 # (at sharp edges) and on average less than 1.5 levels. For scale: saving this corpus's PNG
 # sources once more as quality-90 JPEGs moves pixels by up to 72 levels, 7.1 on average.
-MAX_ABS = 32 * LEVEL
+MAX_ABS = 40 * LEVEL
 MEAN_ABS = 1.5 * LEVEL
 # What Gemma3Processor passes to the image processor in vLLM 0.32 (captured from a call).
 VLLM_KWARGS = {"do_convert_rgb": True, "do_pan_and_scan": False, "pan_and_scan_min_crop_size": 256,
@@ -66,7 +68,7 @@ def pipelines(dev_model_dir):
     fast_io, _ = media_classes()
 
     def run(io_class, processor, data: bytes) -> torch.Tensor:
-        return processor(images=[io_class().load_bytes(data).media], **VLLM_KWARGS)["pixel_values"]
+        return processor(images=[[io_class().load_bytes(data).media]], **VLLM_KWARGS)["pixel_values"]
 
     return {
         "reference": lambda data: run(ImageMediaIO, reference, data),
@@ -75,7 +77,7 @@ def pipelines(dev_model_dir):
     }
 
 
-@pytest.mark.parametrize("index", range(45))
+@pytest.mark.parametrize("index", range(CORPUS_SIZE))
 def test_exact_preprocessing_is_bit_identical_to_vllms(pipelines, index):
     item = samples()[index]
     reference, exact = pipelines["reference"](item.data), pipelines["exact"](item.data)
@@ -85,12 +87,60 @@ def test_exact_preprocessing_is_bit_identical_to_vllms(pipelines, index):
 
 def test_the_corpus_is_what_the_bound_was_measured_on():
     names = [s.name for s in samples()]
-    assert len(names) == 45 and len(set(names)) == 45
+    assert len(set(names)) == len(names) == CORPUS_SIZE
     assert {n.split("-")[0] for n in names} == {"radiograph", "dermoscopy", "pathology"}
     assert {n.rsplit(".", 1)[1] for n in names} == {"jpeg", "png", "webp"}
 
 
-@pytest.mark.parametrize("index", range(45))
+@pytest.mark.parametrize("index", range(CORPUS_SIZE))
+def test_the_decoder_gives_vllms_picture_unless_it_decoded_at_reduced_scale(index):
+    """Same size, orientation and pixels as vLLM's decoder (greyscale compared as RGB), for
+    every image the decoder did not reduce; reduced ones keep both sides at least 896."""
+    item = samples()[index]
+    fast_io, _ = media_classes()
+    ours, theirs = fast_io().load_bytes(item.data).media, ImageMediaIO().load_bytes(item.data).media
+    assert ours.mode in ("RGB", "L") and theirs.mode == "RGB", item.name
+    if ours.size != theirs.size:  # decoded at 1/2, 1/4 or 1/8
+        assert item.mime == "image/jpeg" and min(ours.size) >= 896, item.name
+        assert ours.size[0] < theirs.size[0] and (ours.size[0] > ours.size[1]) == (theirs.size[0] > theirs.size[1])
+    else:
+        assert np.array_equal(np.asarray(ours.convert("RGB")), np.asarray(theirs)), item.name
+
+
+def test_the_decoder_refuses_what_vllms_refuses(monkeypatch):
+    fast_io, _ = media_classes()
+    item = samples()[0]
+    with pytest.raises(ValueError, match="Failed to load image"):
+        fast_io().load_bytes(item.data[: len(item.data) // 3])
+    with pytest.raises(ValueError, match="Failed to load image"):
+        fast_io().load_bytes(b"not an image at all")
+    import vllm.envs as envs
+
+    monkeypatch.setattr(envs, "VLLM_MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ValueError, match="exceed the maximum of 1000 pixels"):
+        fast_io().load_bytes(item.data)
+
+
+@pytest.mark.parametrize("index", [i for i in range(CORPUS_SIZE) if i % 3 == 0])
+def test_exact_greyscale_branch_is_bit_identical_to_the_rgb_reference(dev_model_dir, index):
+    """The processor's one-band path (what the fast decoder hands it) against the reference
+    given the RGB conversion vLLM's decoder makes."""
+    reference, exact, _ = processors(str(dev_model_dir))
+    grey = ImageMediaIO().load_bytes(samples()[index].data).media.convert("L")
+    got = exact(images=[[grey]], **VLLM_KWARGS)["pixel_values"]
+    assert torch.equal(got, reference(images=[[grey.convert("RGB")]], **VLLM_KWARGS)["pixel_values"])
+
+
+def test_a_greyscale_image_the_fast_path_declines_reaches_the_reference_as_rgb(dev_model_dir):
+    reference, exact, fast = processors(str(dev_model_dir))
+    grey = ImageMediaIO().load_bytes(samples()[0].data).media.convert("L")
+    kwargs = VLLM_KWARGS | {"do_convert_rgb": False}  # declined: the reference would fail on one band
+    expected = reference(images=[[grey.convert("RGB")]], **kwargs)["pixel_values"]
+    for processor in (exact, fast):
+        assert torch.equal(processor(images=[[grey]], **kwargs)["pixel_values"], expected)
+
+
+@pytest.mark.parametrize("index", range(CORPUS_SIZE))
 def test_fast_preprocessing_stays_within_the_stated_bound(pipelines, index):
     item = samples()[index]
     reference, fast = pipelines["reference"](item.data), pipelines["fast"](item.data)
@@ -99,10 +149,6 @@ def test_fast_preprocessing_stays_within_the_stated_bound(pipelines, index):
     where = f"{item.name}: max {float(diff.max()):.4f} mean {float(diff.mean()):.5f}"
     assert float(diff.max()) <= MAX_ABS + 1e-6, where
     assert float(diff.mean()) <= MEAN_ABS, where
-    MEASURED[item.name] = (float(diff.max()), float(diff.mean()))
-
-
-MEASURED: dict[str, tuple[float, float]] = {}
 
 
 def test_both_fall_back_to_the_reference_for_pan_and_scan(pipelines, dev_model_dir):
@@ -110,10 +156,10 @@ def test_both_fall_back_to_the_reference_for_pan_and_scan(pipelines, dev_model_d
     item = next(s for s in samples() if s.name.startswith("dermoscopy-4000x600"))
     image = ImageMediaIO().load_bytes(item.data).media
     kwargs = VLLM_KWARGS | {"do_pan_and_scan": True}
-    expected = reference(images=[image], **kwargs)
+    expected = reference(images=[[image]], **kwargs)
     assert int(expected["num_crops"][0]) > 0  # pan-and-scan did crop: the case is real
     for processor in (exact, fast):
-        got = processor(images=[image], **kwargs)
+        got = processor(images=[[image]], **kwargs)
         assert torch.equal(got["pixel_values"], expected["pixel_values"])
         assert torch.equal(got["num_crops"], expected["num_crops"])
 
