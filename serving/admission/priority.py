@@ -86,9 +86,21 @@ def with_priority(body: bytes, value: int) -> bytes:
     """``body`` (a JSON object) with vLLM's ``priority`` field set to ``value``, without
     decoding it again: the field is appended last, and JSON parsers (Python's, vLLM's) take
     a repeated key's last value, so it also overrides a ``priority`` the client sent."""
-    end = body.rstrip()
-    if not end.endswith(b"}"):
+    end = _end_of_content(body, len(body))
+    if end == 0 or body[end - 1] != CLOSE:
         raise ValueError("not a JSON object")
-    inner = end[:-1].rstrip()
-    sep = b"" if inner.endswith(b"{") else b","
-    return inner + sep + b'"priority":' + str(value).encode() + b"}"
+    inner = _end_of_content(body, end - 1)
+    sep = b"" if inner and body[inner - 1] == OPEN else b","
+    # one copy of a body that may hold megabytes of images (slices of bytes copy)
+    return b"".join((memoryview(body)[:inner], sep, b'"priority":', str(value).encode(), b"}"))
+
+
+OPEN, CLOSE = ord("{"), ord("}")
+WHITESPACE = frozenset(b" \t\r\n")
+
+
+def _end_of_content(body: bytes, end: int) -> int:
+    """The index after the last non-whitespace byte of ``body[:end]``."""
+    while end and body[end - 1] in WHITESPACE:
+        end -= 1
+    return end

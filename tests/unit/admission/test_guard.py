@@ -276,7 +276,7 @@ def test_typeless_and_uuid_image_parts_get_the_pixel_check():
 
 def test_too_many_images_are_refused_before_any_is_decoded(monkeypatch):
     decoded = []
-    monkeypatch.setattr(guard_module(), "_declared_size", lambda payload: decoded.append(1) or (1, 1))
+    monkeypatch.setattr(guard_module(), "_declared_size", lambda *args: decoded.append(1) or (1, 1))
     tiny = data_url(image_bytes(1, 1))
     body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": tiny}}] * 2000}]}
     assert outcome_of(lambda: RequestGuard(GuardSettings(max_images=4)).check_images(body)) is Outcome.REJECTED_TOO_MANY_IMAGES
