@@ -2,8 +2,9 @@
 
 ``MEDGEMMA_IMAGE_PREPROCESSING`` (the ``image_preprocessing`` setting, exported by the
 launcher) chooses:
- - ``fast`` (default): ``serving.images``: reduced JPEG decoding (the ``medgemma`` media
-   connector, selected by ``VLLM_MEDIA_CONNECTOR``) and ``FastImageProcessor``;
+ - ``fast`` (default): ``serving.images``: decoding to no more pixels than the model can
+   use (the ``medgemma`` media connector, selected by ``VLLM_MEDIA_CONNECTOR``) and
+   ``ExactImageProcessor``;
  - ``exact``: ``ExactImageProcessor``, bit-identical to transformers' PIL processor;
  - ``reference``: what vLLM does alone. Where ``torchvision`` imports, that is
    transformers' torchvision processor and this plugin does nothing; where it does not

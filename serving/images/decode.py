@@ -1,17 +1,18 @@
 """Image decoding for MedGemma: no more pixels than the model's 896x896 input can use.
 
-Guarantee: the image handed to the processor is what vLLM's ``ImageMediaIO`` hands it
-(same size checks, EXIF orientation, mode conversion and errors), except that
+Guarantee: the image handed on is what vLLM's ``ImageMediaIO`` hands on (same size checks,
+EXIF orientation, mode conversion and errors), except that
  - a JPEG at least twice ``MODEL_SIDE`` on both sides is decoded with Pillow's DCT
    scaling (``Image.draft``) at the smallest of 1/2, 1/4, 1/8 of its size that keeps both
-   sides at least ``MODEL_SIDE``: the processor resizes it to 896x896 anyway, so no side
-   ever goes below what the model sees;
- - a greyscale ("L") image without a transparency key stays greyscale: the processor's
-   RGB conversion copies the one band three times, ``serving.images.processor`` does that
-   after the resize, on a third of the data (and converts it first wherever it hands the
-   image to the reference processor).
-The first changes pixel values slightly (the bound is measured in
-tests/unit/images/test_fidelity.py and stated in docs/images.md); the second does not.
+   sides at least ``MODEL_SIDE``;
+ - then a side of at least 3 x ``MODEL_SIDE`` is box-reduced by an integer factor that
+   keeps it at least 1.5 x ``MODEL_SIDE`` (``reduce_for_model``).
+The processor resizes every image to 896x896 anyway, so no side ever goes below what the
+model sees. Both change pixel values slightly (the bound is measured in
+tests/unit/images/test_fidelity.py and stated in docs/images.md). Everything vLLM does to
+the image afterwards (its parser's second EXIF pass and RGB conversion, each a full copy;
+the resize) then works on a fraction of the pixels. An image without EXIF orientation is
+not copied to apply none (vLLM's ``normalize_image`` copies it).
 
 vLLM looks its media connector up by name (``VLLM_MEDIA_CONNECTOR``) in
 ``MEDIA_CONNECTOR_REGISTRY``; ``register`` adds ours there, in every vLLM process, from the
@@ -32,6 +33,8 @@ logger = logging.getLogger(__name__)
 CONNECTOR_NAME = "medgemma"
 MODEL_SIDE = 896  # Gemma 3's SigLIP input: every image becomes 896x896
 DECODER = "medgemma-v1"  # part of the processor cache key; change it when the pixels change
+REDUCING_GAP = 1.5  # a side is box-reduced by int(side / (896 * 1.5)): it stays at least 1344
+REDUCIBLE_MODES = ("L", "RGB")
 _first_reduced = True  # the first reduced decode in a process is logged (no content: a scale)
 
 
@@ -44,6 +47,24 @@ def decode_reduced(image: Image.Image, side: int = MODEL_SIDE) -> int:
         return 1
     image.draft(image.mode, (side, side))
     return image.decoderconfig[0] if image.decoderconfig else 1
+
+
+def orientation(image: Image.Image) -> int | None:
+    """The EXIF orientation tag (None when there is none or it cannot be read)."""
+    try:
+        return image.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - vLLM's normalize_image ignores unreadable EXIF too
+        return None
+
+
+def reduce_for_model(image: Image.Image, side: int = MODEL_SIDE, gap: float = REDUCING_GAP) -> Image.Image:
+    """``image`` box-reduced by an integer factor per axis (Pillow's ``Image.reduce``, the
+    first step of its ``reducing_gap`` resize) so each side stays at least ``gap * side``;
+    the image itself when no side is that large, or its mode is not L or RGB."""
+    factors = (int(image.width / (side * gap)) or 1, int(image.height / (side * gap)) or 1)
+    if factors == (1, 1) or image.mode not in REDUCIBLE_MODES:
+        return image
+    return image.reduce(factors)
 
 
 def announce_reduced(scale: int) -> None:
@@ -78,11 +99,12 @@ def media_classes():
                 scale = decode_reduced(image)
                 if scale > 1:
                     announce_reduced(scale)
-                image = normalize_image(image)
+                if orientation(image) not in (None, 1):  # else vLLM's normalize_image only copies
+                    image = normalize_image(image)
                 image.load()
-                # a transparency key must be composited onto the background, as vLLM does
-                keep_grey = image.mode == "L" and self.image_mode == "RGB" and "transparency" not in image.info
-                converted = image if keep_grey else self._convert_image_mode(image)
+                if image.mode not in REDUCIBLE_MODES:  # palette, alpha, 16-bit, CMYK: as vLLM
+                    image = self._convert_image_mode(image)
+                converted = self._convert_image_mode(reduce_for_model(image))
             except (OSError, Image.UnidentifiedImageError) as e:
                 raise ValueError(f"Failed to load image: {e}") from e
             io_config = {"decoder": DECODER, "image_mode": self.image_mode,

@@ -1,12 +1,10 @@
 """Gemma 3's image processor with transformers' PIL result and less work.
 
 Guarantee: for what vLLM asks of it (RGB or greyscale PIL images, no pan-and-scan)
-``ExactImageProcessor``'s pixel values are bit-identical to ``Gemma3ImageProcessorPil``'s;
-``FastImageProcessor`` differs only in resizing a side of at least 3 x 896 in two steps
-(Pillow's ``reducing_gap=1.5``: an integer box reduction per axis, then the same bilinear
-resize), which never takes a side below 1.5 x 896 and is bounded in
-tests/unit/images/test_fidelity.py. Anything else goes to the reference unchanged
-(greyscale images made RGB first, as vLLM's own decoder would have).
+``ExactImageProcessor``'s pixel values are bit-identical to ``Gemma3ImageProcessorPil``'s.
+Anything else goes to the reference unchanged (greyscale images made RGB first, as vLLM's
+own decoder would have). The ``fast`` mode's savings beyond this are in its decoder
+(``serving.images.decode``).
 
 The reference turns the PIL image into a float-free numpy array, transposes it, turns it
 back into a PIL image to resize it, back into numpy, then rescales in float64 and
@@ -38,7 +36,6 @@ FAST_MODES = {"RGB", "L"}
 class ExactImageProcessor(Gemma3ImageProcessorPil):
     """``Gemma3ImageProcessorPil`` with a uint8 path for plain RGB and greyscale images."""
 
-    reducing_gap: float | None = None  # Pillow's: None resizes in one step, as the reference
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
@@ -52,7 +49,7 @@ class ExactImageProcessor(Gemma3ImageProcessorPil):
         table = self.normalisation_table()
         pixels = np.empty((len(flat), 3, side[1], side[0]), dtype=table.dtype)
         for index, image in enumerate(flat):
-            resized = np.asarray(image.resize(side, resample=self.resample, reducing_gap=self.reducing_gap))
+            resized = np.asarray(image.resize(side, resample=self.resample))
             if resized.ndim == 2:  # greyscale: one band, three identical channels
                 np.take(table, resized, out=pixels[index, 0])
                 pixels[index, 1:] = pixels[index, 0]
@@ -120,13 +117,4 @@ def as_rgb(images):
     return images
 
 
-class FastImageProcessor(ExactImageProcessor):
-    """``ExactImageProcessor`` that first box-reduces an image at least 3x the model's side
-    by ``side // (1.5 * 896)`` (Pillow's ``reducing_gap=1.5``): both sides stay at least
-    1.5x the model's before the bilinear resize. 1.0 is faster and about three times
-    further from the reference (docs/images.md)."""
-
-    reducing_gap = 1.5
-
-
-PROCESSORS = {"exact": ExactImageProcessor, "fast": FastImageProcessor}
+PROCESSORS = {"exact": ExactImageProcessor, "fast": ExactImageProcessor}  # fast: its decoder differs

@@ -42,8 +42,8 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize(("mode", "processor", "fast_path", "connector"), [
-    (None, "FastImageProcessor", "[True]", True),  # the default
-    ("fast", "FastImageProcessor", "[True]", True),
+    (None, "ExactImageProcessor", "[True]", True),  # the default: fast decoding, the exact processor
+    ("fast", "ExactImageProcessor", "[True]", True),
     ("exact", "ExactImageProcessor", "[True]", False),
     ("reference", "Gemma3ImageProcessorPil", "[]", False),
 ])  # fmt: skip
