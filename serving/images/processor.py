@@ -12,8 +12,9 @@ normalises in float32 (about 40 ms for a 2048x2048 image here). This one resizes
 image once, as the reference does (``Image.resize`` with the same size and filter), and
 maps the uint8 result through a 256-entry table that the reference's own ``rescale`` and
 ``normalize`` computed: the same float32 values, without the float work per pixel.
-A greyscale image is resized as one band and its table values copied to three channels:
-the reference's RGB conversion copies the band, and PIL resizes each band alike.
+A greyscale image, or an RGB one whose channels are all equal (vLLM's parser makes every
+image RGB), is resized as one band and its table values copied to three channels: the
+reference's RGB conversion copies the band, and PIL resizes each band alike.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class ExactImageProcessor(Gemma3ImageProcessorPil):
         table = self.normalisation_table()
         pixels = np.empty((len(flat), 3, side[1], side[0]), dtype=table.dtype)
         for index, image in enumerate(flat):
+            image = grey_band(image) or image  # a radiograph vLLM made RGB: resize one band
             resized = np.asarray(image.resize(side, resample=self.resample))
             if resized.ndim == 2:  # greyscale: one band, three identical channels
                 np.take(table, resized, out=pixels[index, 0])
@@ -88,6 +90,19 @@ class ExactImageProcessor(Gemma3ImageProcessorPil):
         if any(value is not None for key, value in kwargs.items() if key not in known):
             return False
         return bool(images) and all(image.mode in FAST_MODES for image in images)
+
+
+def grey_band(image: Image.Image) -> Image.Image | None:
+    """The one band of an RGB image whose three channels are equal everywhere (a greyscale
+    picture, which vLLM's parser always converts to RGB), else None. A sparse sample is
+    compared first, so a colour image costs almost nothing."""
+    if image.mode != "RGB":
+        return None
+    pixels = np.asarray(image)
+    for view in (pixels[::53, ::59], pixels):
+        if not (np.array_equal(view[..., 0], view[..., 1]) and np.array_equal(view[..., 0], view[..., 2])):
+            return None
+    return image.getchannel(0)
 
 
 def flat_images(images) -> list[Image.Image] | None:
