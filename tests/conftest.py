@@ -24,6 +24,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(getattr(pytest.mark, tier))
 
 
+# A rerun (pytest-rerunfailures) hides why the first try failed; CI's log is often all there
+# is to go on, so the summary prints the end of each rerun try's failure.
+_RERUN_FAILURES: list[tuple[str, str]] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.outcome == "rerun" and report.longrepr is not None:
+        _RERUN_FAILURES.append((report.nodeid, report.longreprtext[-3000:]))
+
+
+def pytest_terminal_summary(terminalreporter):
+    for nodeid, text in _RERUN_FAILURES:
+        terminalreporter.write_sep("-", f"why {nodeid} was rerun")
+        terminalreporter.write_line(text)
+
+
 # CI once printed the summary and then never exited (killed at its time limit). After the
 # summary nothing may keep this process alive: name what is left, and if the interpreter
 # still has not exited after EXIT_WATCHDOG_S, dump every thread's stack and exit 1.
