@@ -66,23 +66,20 @@ def register() -> None:
         return  # vLLM alone, as on any GPU host
     from transformers.models.gemma3 import image_processing_pil_gemma3 as pil
 
-    if mode == "reference":
-        processor, origin = pil.Gemma3ImageProcessorPil, "transformers' PIL processor (torchvision missing)"
-    else:
-        from serving.images.processor import PROCESSORS
+    processor = pil.Gemma3ImageProcessorPil  # reference without torchvision
+    if mode != "reference":
+        from serving.images.processor import ExactImageProcessor as processor
 
-        processor, origin = PROCESSORS[mode], f"serving.images.processor ({mode})"
         use_processor(processor)
     if GEMMA3_IMAGE_MODULE in sys.modules:
-        if mode != "reference" and sys.modules[GEMMA3_IMAGE_MODULE].Gemma3ImageProcessor is not processor:
+        if sys.modules[GEMMA3_IMAGE_MODULE].Gemma3ImageProcessor is not processor:
             logger.info("%s was imported before this plugin; vLLM's type names keep its class", GEMMA3_IMAGE_MODULE)
         return
-    if mode != "reference" or not torchvision_available():
-        shim = types.ModuleType(GEMMA3_IMAGE_MODULE)
-        shim.__doc__ = f"serving.compat: Gemma3ImageProcessor is {origin}."
-        shim.Gemma3ImageProcessor = processor
-        shim.Gemma3ImageProcessorKwargs = pil.Gemma3ImageProcessorKwargs
-        sys.modules[GEMMA3_IMAGE_MODULE] = shim
+    shim = types.ModuleType(GEMMA3_IMAGE_MODULE)
+    shim.__doc__ = f"serving.compat: Gemma3ImageProcessor is {processor.__module__}.{processor.__name__}."
+    shim.Gemma3ImageProcessor = processor
+    shim.Gemma3ImageProcessorKwargs = pil.Gemma3ImageProcessorKwargs
+    sys.modules[GEMMA3_IMAGE_MODULE] = shim
 
 
 def use_processor(processor: type) -> None:

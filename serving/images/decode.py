@@ -84,7 +84,7 @@ def media_classes():
     from vllm.multimodal.media.image import ImageMediaIO
 
     class MedGemmaImageMediaIO(ImageMediaIO):
-        """``ImageMediaIO.load_bytes`` with the two changes above; the rest is its code."""
+        """``ImageMediaIO.load_bytes`` with the changes above; the rest is its code."""
 
         def load_bytes(self, data: bytes) -> MediaWithBytes[Image.Image]:
             try:

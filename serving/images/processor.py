@@ -37,7 +37,6 @@ FAST_MODES = {"RGB", "L"}
 class ExactImageProcessor(Gemma3ImageProcessorPil):
     """``Gemma3ImageProcessorPil`` with a uint8 path for plain RGB and greyscale images."""
 
-
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
         self._table: np.ndarray | None = None
@@ -124,12 +123,10 @@ def flat_images(images) -> list[Image.Image] | None:
 
 def as_rgb(images):
     """``images`` with greyscale PIL images made RGB, as vLLM's decoder hands them to the
-    reference (``serving.images.decode`` keeps them greyscale for the fast path)."""
+    reference (a caller may pass greyscale, which the fast path takes as one band)."""
     if isinstance(images, Image.Image):
         return images.convert("RGB") if images.mode == "L" else images
     if isinstance(images, (list, tuple)):
         return [as_rgb(item) for item in images]
     return images
 
-
-PROCESSORS = {"exact": ExactImageProcessor, "fast": ExactImageProcessor}  # fast: its decoder differs
