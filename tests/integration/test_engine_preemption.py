@@ -1,16 +1,20 @@
 """What vLLM 0.32 does with the priority admission gives it, on a KV-tight engine.
 
 The engine runs with this project's engine arguments (``--scheduling-policy priority``) and
-a KV cache of about 1000 tokens, so three long requests outgrow it. In vLLM 0.32 a running
-request that cannot get a new KV block preempts ``max(running, key=(priority, arrival))``:
-the least urgent class first, and within a class the latest arrival
-(``vllm/v1/core/sched/scheduler.py``). Under ``fcfs`` the victim would be the request
-scheduled last, here the STAT one: so this test tells the two policies apart.
+a KV cache of about 1000 tokens. Batch and interactive start first and fill it; STAT, sent
+last, has to wait for room. In vLLM 0.32 only a running request that cannot get a new KV
+block preempts, and it preempts ``max(running, key=(priority, arrival))``: the least urgent
+class first, and within a class the latest arrival; the waiting queue is ordered by priority
+too (``vllm/v1/core/sched/scheduler.py``). So batch is preempted, STAT takes its place and
+is never a victim: it ends first. Under ``fcfs`` the victim is the request scheduled last
+and STAT waits behind it, so it cannot end first: this test tells the two policies apart.
 
 Each request's preemptions come from vLLM's own ``vllm:request_num_preemptions`` histogram,
 sampled on the server while the requests run; which request a finish belongs to comes from
 the tokens it generated (``vllm:request_generation_tokens``), so a client that lags the
-engine cannot reorder the ends.
+engine cannot reorder the ends. That the cache held STAT back comes from the scheduler's
+own ``vllm:num_requests_waiting``, reported every step. (vLLM's preemption counter cannot
+say it: it counts a preemption when the preempted request next produces output.)
 """
 
 from __future__ import annotations
@@ -35,11 +39,10 @@ from tests.redis_server import free_port
 
 KV_CACHE_BYTES = 900_000  # about 1040 tokens of this checkpoint: one 1024-token request fits
 MAX_MODEL_LEN = 1024
-PROMPT_WORDS = 140  # about 300 prompt tokens each: three prompts nearly fill the cache
-# (class, output tokens, start delay): batch first, STAT last and shortest. The cache runs
-# out some 40 decode steps after the third prompt, while all three run; STAT then needs
-# about 160 more steps, interactive and batch at least 400 more than STAT, so the ends are
-# seconds apart. No two subsets of the output counts have the same sum (see ``finishes``).
+PROMPT_WORDS = 140  # about 300 prompt tokens each: two prompts and their first tokens fill the cache
+# (class, output tokens, start delay): batch first, STAT last and shortest, so STAT needs
+# hundreds of decode steps fewer than the others and, once admitted, ends seconds before
+# them. No two subsets of the output counts have the same sum (see ``finishes``).
 REQUESTS = [(PriorityClass.BATCH, 700, 0.0), (PriorityClass.INTERACTIVE, 600, 0.3), (PriorityClass.STAT, 200, 0.6)]
 
 
@@ -85,17 +88,23 @@ def tight_engine(server, tmp_path_factory):
 FINISHED = "vllm:request_num_preemptions_count"
 PREEMPTIONS = "vllm:request_num_preemptions_sum"
 GENERATED = "vllm:request_generation_tokens_sum"
-PREEMPTED_NOW = "vllm:num_preemptions_total"  # counted at each preemption, not at a finish
+WAITING = "vllm:num_requests_waiting"  # the scheduler's queue, reported every step
+# A request that arrives between two engine steps waits milliseconds; one the cache holds
+# back waits until something is preempted or ends (about 0.7 s here, by hand).
+HELD_BACK_S = 0.2
 
 
 def finishes(readings: list[dict[str, float]]) -> list[tuple[set[PriorityClass], float, float]]:
     """The engine's finishes, in its order: (the classes that finished between two readings,
-    their preemptions, the engine's preemptions so far). Each request generates exactly its
+    their preemptions, how long a request had waited in the engine's queue so far, in
+    seconds of readings). Each request generates exactly its
     own token count, and no two subsets of the three counts have the same sum, so the
     generated-token delta names them."""
     by_tokens = {tokens: priority for priority, tokens, _ in REQUESTS}
-    steps = []
+    steps, waited_s = [], 0.0
     for before, after in zip(readings, readings[1:]):
+        if before[WAITING] >= 1:
+            waited_s += after["_t"] - before["_t"]
         if after[FINISHED] == before[FINISHED]:
             continue
         generated = after[GENERATED] - before[GENERATED]
@@ -107,7 +116,7 @@ def finishes(readings: list[dict[str, float]]) -> list[tuple[set[PriorityClass],
         ), None)  # fmt: skip
         assert classes is not None, f"{generated} generated tokens match no set of requests: {before}, {after}"
         assert len(classes) == after[FINISHED] - before[FINISHED], (before, after)
-        steps.append((classes, after[PREEMPTIONS] - before[PREEMPTIONS], after[PREEMPTED_NOW] - readings[0][PREEMPTED_NOW]))
+        steps.append((classes, after[PREEMPTIONS] - before[PREEMPTIONS], round(waited_s, 2)))
     return steps
 
 
@@ -131,20 +140,20 @@ async def run_requests(url: str) -> None:
 def test_under_kv_pressure_the_engine_never_preempts_the_stat_request(tight_engine):
     # The server's own counters, sampled every 20 ms while the requests run: when the test
     # process is starved of CPU its streams lag the engine, the engine's counters do not.
-    with Sampler(tight_engine, FINISHED, PREEMPTIONS, GENERATED, PREEMPTED_NOW, interval_s=0.02) as sampler:
+    with Sampler(tight_engine, FINISHED, PREEMPTIONS, GENERATED, WAITING, interval_s=0.02) as sampler:
         assert wait_for(lambda: sampler.readings, 10), sampler.errors[-3:]
         asyncio.run(run_requests(tight_engine))
         assert wait_for(lambda: sampler.latest(FINISHED) - sampler.readings[0][FINISHED] == 3, 10)
     times = [r["_t"] for r in sampler.readings]
     where = f"{sampler.errors[-3:]}, longest gap between readings {max(b - a for a, b in zip(times, times[1:])):.2f} s"
     steps = finishes(sampler.readings)
-    (first, first_preempted, preempted_by_then), *rest = steps
-    # The cache ran out while STAT ran (the engine had preempted by the time STAT finished):
-    # only then is STAT a possible victim, and the test can tell the policies apart.
-    assert preempted_by_then >= 1, f"nothing was preempted before STAT finished, nothing shows the policy: {steps}"
-    # STAT ended first, alone, never preempted: under fcfs STAT, scheduled last, is the
-    # first victim and ends last (hundreds of decode steps separate the ends, the sampler
-    # reads every 20 ms)
+    (first, first_preempted, waited_by_then), *rest = steps
+    # The cache could not take all three: a request waited for room before the first one
+    # ended. Only then does the policy decide who runs, and the test can tell policies apart.
+    assert waited_by_then >= HELD_BACK_S, f"no request was held back, nothing shows the policy: {steps}, {where}"
+    # STAT ended first, alone, never preempted: under fcfs STAT waits behind whatever was
+    # preempted and cannot end first (by hand: batch ends first, STAT last, preempted 4 times).
+    # Hundreds of decode steps separate the ends; the sampler reads every 20 ms.
     assert first == {PriorityClass.STAT} and first_preempted == 0, (steps, where)
     # When interactive and batch end apart, each one's own preemptions show batch went first
     # (by hand: batch 4, interactive 1); when they end together only their sum is known.
