@@ -18,10 +18,12 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from serving import config, devmodel, engine
 from serving.admission.build import Admission, AdmissionSettings, build_admission
@@ -140,6 +142,21 @@ def context_from_settings(settings: config.ServeSettings, resolved: engine.Engin
     )
 
 
+def context_for_api_process(settings: config.ServeSettings, resolved: engine.EngineSettings, process: int,
+                            processes: int, host_ledger: Path, usage_file: str = DEFAULT_USAGE_FILE) -> ServerContext:  # fmt: skip
+    """The context of API process ``process`` of ``processes`` in front of one
+    engine: the same settings, budgets through the host ledger (or Redis), its own share of
+    the engine and its own usage file."""
+    context = context_from_settings(settings, resolved, load_keys(settings), usage_file)
+    usage_log = context.admission.usage_log
+    if usage_log not in (None, "-"):
+        path = Path(usage_log)
+        usage_log = str(path.with_name(f"{path.stem}-api{process}{path.suffix}"))
+    context.admission = dataclasses.replace(context.admission, api_process=process, usage_log=usage_log,
+                                            api_processes=processes, host_ledger=host_ledger)  # fmt: skip
+    return context
+
+
 def prepare_server(settings: config.ServeSettings, resolved: engine.EngineSettings,
                    usage_file: str = DEFAULT_USAGE_FILE) -> tuple[list[str], ServerContext]:  # fmt: skip
     """Keys, model and environment checked and set up; returns vLLM's argv and the server's
@@ -165,6 +182,13 @@ def watch_shutdown(engine_client, health: EngineHealth) -> None:
         return shutdown(*args, **kwargs)
 
     engine_client.shutdown = shutdown_on_purpose
+
+
+async def refresh_computed(metrics: ServingMetrics, interval_s: float = 0.25) -> None:
+    """Multi-process metrics: computed gauges are written out, not read at scrape time."""
+    while True:
+        metrics.refresh_computed()
+        await asyncio.sleep(interval_s)
 
 
 async def build_served_app(
@@ -193,13 +217,16 @@ async def build_served_app(
     limit_openapi(app, MODEL_PATHS | PUBLIC_PATHS)
     metrics.set_build(profile=context.profile, model=context.model,
                       served_model_name=context.served_model_name, vllm_version=vllm_version)  # fmt: skip
-    metrics.engine_ready.set_function(lambda: 0.0 if health.failed else 1.0)
-    get_prometheus_registry().register(metrics.registry)
+    metrics.computed(metrics.engine_ready, lambda: 0.0 if health.failed else 1.0)
+    if not metrics.multiprocess:  # else vLLM's /metrics reads every process's values from files
+        get_prometheus_registry().register(metrics.registry)
     wrap_app(app, admission.middleware)
     drainer = Drainer(grace_s=context.drain_timeout_s, admission=controller, shutdown=on_drained)
     watch_shutdown(engine_client, health)
     watch = EngineWatch(health=health, admission=controller, progress=EngineProgress(engine_client),
                         hang_timeout_s=context.engine_hang_timeout_s, shutdown=on_engine_failed)  # fmt: skip
     tasks = [*admission.tasks, asyncio.get_running_loop().create_task(watch.run())]
+    if metrics.multiprocess:
+        tasks.append(asyncio.get_running_loop().create_task(refresh_computed(metrics)))
     app.state.medgemma = ServedApp(admission, drainer, tasks)
     return app

@@ -193,6 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     except config.SettingsError as exc:
         print(f"medgemma-serve: {exc}", file=sys.stderr)
         return 2
+    processes = settings.api_processes or engine.sized_api_processes(
+        engine.PROFILES[resolved.profile], hardware.available_cores()
+    )
+    if processes > 1:
+        from serving.apiprocs import serve_processes
+
+        serve_processes(vllm_argv, settings, resolved, processes)
+        return 0
     from serving.launcher import serve
 
     serve(vllm_argv, context)

@@ -231,6 +231,15 @@ class ServeSettings(BaseSettings):
         "JPEG decoding and two-step resizing, never below 896 px; bounded in docs/images.md), "
         "'exact' (transformers' PIL result, bit for bit, at less cost) or 'reference' (vLLM's own).",
     )
+    api_processes: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="API server processes in front of the one engine (vLLM's multi-server mode): "
+        "image decoding and preprocessing run in them, one core each. Budgets stay exact "
+        "across them (a shared ledger in /dev/shm, or Redis); the engine's capacity is split "
+        "between them. Default: from the profile and the host's cores (docs/engine-profiles.md).",
+    )
     vllm_args: list[str] = Field(
         default_factory=list,
         description="Extra vLLM arguments passed through untouched (after '--' on the "

@@ -70,6 +70,10 @@ class Profile:
     mm_processor_cache_gb: float
     enforce_eager: bool = False
     kv_cache_memory_bytes: int | None = None
+    # API processes in front of the engine, at most (``sized_api_processes``): each one
+    # decodes and preprocesses images on one core; the arithmetic is in
+    # docs/engine-profiles.md (unverified on a GPU).
+    api_processes_max: int = 1
 
 
 PROFILES: dict[str, Profile] = {
@@ -82,6 +86,7 @@ PROFILES: dict[str, Profile] = {
         runtime_reserve_gib=4.0,
         max_num_seqs_cap=256,
         max_num_batched_tokens=8192,  # vLLM's own API-server default for >=70 GB Hopper
+        api_processes_max=8,
         # vLLM 0.32 on sm90 with mm-prefix: TRITON_FLASH_ATTN, a composite that runs
         # sequences holding an image span through Triton and text-only ones through FA3.
         attention_backend="TRITON_FLASH_ATTN",
@@ -95,6 +100,7 @@ PROFILES: dict[str, Profile] = {
         gpu_memory_utilization=0.90,
         runtime_reserve_gib=4.0,
         max_num_seqs_cap=192,
+        api_processes_max=6,
         # vLLM measured that large steps lower A100 throughput (vLLM PR 17885); 4096
         # still fits a prompt with four images in one step.
         max_num_batched_tokens=4096,
@@ -111,6 +117,7 @@ PROFILES: dict[str, Profile] = {
         runtime_reserve_gib=2.5,
         max_num_seqs_cap=64,
         max_num_batched_tokens=2048,
+        api_processes_max=2,
         attention_backend="TRITON_ATTN",  # sm89: same reason as a100
         mm_processor_cache_gb=2,
     ),
@@ -170,6 +177,17 @@ def sized_max_num_seqs(profile: Profile, gpu_memory_gib: float | None = None) ->
     fits = budget // kv_bytes_per_sequence(TYPICAL_CONTEXT_TOKENS)
     seqs = min(profile.max_num_seqs_cap, int(fits))
     return max(8, seqs - seqs % 8)  # multiples of 8 keep batch shapes kernel-friendly
+
+
+# Cores the engine's own processes keep busy beside the API processes: the EngineCore's
+# busy loop and the GPU worker (the CPU build's worker takes its bound cores instead).
+ENGINE_PROCESS_CORES = 2
+
+
+def sized_api_processes(profile: Profile, cores: int) -> int:
+    """API processes for a host with ``cores`` usable cores: one per core the engine's
+    processes leave, up to the profile's cap, at least one."""
+    return max(1, min(profile.api_processes_max, cores - ENGINE_PROCESS_CORES))
 
 
 @dataclass(frozen=True)
@@ -337,6 +355,11 @@ def profile_table() -> list[dict[str, object]]:
                     math.floor(budget / kv_bytes_per_sequence(32768)) if on_gpu else None
                 ),
                 "attention_backend": profile.attention_backend or "CPU_ATTN",
+                "api_processes": (
+                    f"min({profile.api_processes_max}, cores - {ENGINE_PROCESS_CORES})"
+                    if profile.api_processes_max > 1 else "1"
+                ),
+                "renderer_workers": 1,  # vLLM's default: more do not parallelise image preprocessing
             }
         )
     return rows

@@ -73,3 +73,29 @@ def profile_for(gpu: Gpu | None) -> str | None:
         if model in words:  # whole words: "L4" must not match "L40S"
             return profile
     return None
+
+
+def available_cores(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota (a
+    container's CPU limit: cgroup v2 ``cpu.max``, or v1 ``cpu.cfs_quota_us``), at least 1."""
+    import math
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    quota = period = None
+    try:
+        with open(os.path.join(cgroup_root, "cpu.max")) as f:
+            fields = f.read().split()
+        if fields and fields[0] != "max":
+            quota, period = int(fields[0]), int(fields[1])
+    except (OSError, ValueError, IndexError):
+        try:
+            with open(os.path.join(cgroup_root, "cpu", "cpu.cfs_quota_us")) as f:
+                quota = int(f.read())
+            with open(os.path.join(cgroup_root, "cpu", "cpu.cfs_period_us")) as f:
+                period = int(f.read())
+        except (OSError, ValueError):
+            quota = None
+    if quota is not None and quota > 0 and period:
+        cores = min(cores, math.ceil(quota / period))
+    return max(1, cores)

@@ -149,9 +149,8 @@ async def run_server(args, context: ServerContext) -> None:
         sock.close()
 
 
-def serve(vllm_argv: list[str], context: ServerContext) -> None:
-    """Parse ``vllm_argv`` with vLLM's parser and run the server until it is told to stop."""
-    import uvloop
+def parse_for_serving(vllm_argv: list[str]):
+    """vLLM's environment set-up, parser and logging for a server; refuses float16."""
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args
 
@@ -162,6 +161,14 @@ def serve(vllm_argv: list[str], context: ServerContext) -> None:
         # such as a dtype inside a vLLM --config file.
         raise SystemExit("medgemma-serve: --dtype float16 is refused for Gemma 3; use bfloat16")
     configure_logging_from_args(args)
+    return args
+
+
+def serve(vllm_argv: list[str], context: ServerContext) -> None:
+    """Parse ``vllm_argv`` with vLLM's parser and run the server until it is told to stop."""
+    import uvloop
+
+    args = parse_for_serving(vllm_argv)
     uvloop.run(run_server(args, context))
     if context.health.failed:
         raise SystemExit(1)  # the engine died or hung: let the orchestrator restart us

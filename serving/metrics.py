@@ -4,25 +4,56 @@ Guarantees: names are prefixed ``medgemma_`` and never collide with vLLM's ``vll
 labels never carry API keys, prompts or any request content. ``ServingMetrics`` owns its
 ``CollectorRegistry``; tests build their own, and the launcher exposes it on vLLM's
 ``/metrics`` beside vLLM's engine metrics.
+
+With several API processes per engine (``multiprocess``: ``PROMETHEUS_MULTIPROC_DIR`` set
+before ``prometheus_client`` was imported, as vLLM's multi-server mode does), every value
+goes to the shared directory and vLLM's ``/metrics`` in any process reads them all: each
+gauge says how its processes' values combine (``MULTIPROCESS_MODES``), the build info is a
+gauge (``Info`` does not exist there), and ``computed`` gauges are refreshed by a task
+(``refresh_computed``) instead of at scrape time.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+import os
+from collections.abc import Callable
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 
 
+BUILD_LABELS = ("profile", "model", "served_model_name", "vllm_version")
+# How one replica's API processes combine, per gauge (the rest: counters and histograms add up).
+MULTIPROCESS_MODES = {
+    "medgemma_engine_ready": "livemin",  # ready only when every process is
+    "medgemma_ledger_fallback": "livemax",
+    "medgemma_build_info": "livemax",
+}  # every other gauge: livesum (units, requests, capacity shares, queue depth)
+
+
+def multiprocess_mode_on() -> bool:
+    """True in an API process of a multi-process server (values live in shared files)."""
+    from prometheus_client import values
+
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") is not None and values.ValueClass is not values.MutexValue
+
+
 class ServingMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __init__(self, registry: CollectorRegistry | None = None, *, multiprocess: bool | None = None):
         self.registry = registry or CollectorRegistry(auto_describe=True)
-        self.build = Info(
-            "medgemma_build",
-            "What this server runs: engine profile, model, served name, vLLM version.",
-            registry=self.registry,
-        )
-        self.engine_ready = Gauge(
+        self.multiprocess = multiprocess_mode_on() if multiprocess is None else multiprocess
+        self._computed: list[tuple[Gauge, Callable[[], float]]] = []
+        if self.multiprocess:
+            self.build = self._gauge("medgemma_build_info", "What this server runs: engine profile, model, "
+                                     "served name, vLLM version.", BUILD_LABELS, registry=self.registry)  # fmt: skip
+        else:
+            self.build = Info(
+                "medgemma_build",
+                "What this server runs: engine profile, model, served name, vLLM version.",
+                registry=self.registry,
+            )
+        self.engine_ready = self._gauge(
             "medgemma_engine_ready",
             "1 once the engine can serve (what /ready reports), 0 while loading or failed.",
             registry=self.registry,
@@ -35,13 +66,13 @@ class ServingMetrics:
             ["outcome", "priority"],
             registry=self.registry,
         )
-        self.inflight_units = Gauge(
+        self.inflight_units = self._gauge(
             "medgemma_inflight_units",
             "Concurrency units held by admitted requests on this replica, by plan.",
             ["plan"],
             registry=self.registry,
         )
-        self.inflight_requests = Gauge(
+        self.inflight_requests = self._gauge(
             "medgemma_inflight_requests",
             "Admitted requests holding an engine slot on this replica, by priority class.",
             ["priority"],
@@ -49,18 +80,18 @@ class ServingMetrics:
         )
         for priority in ("stat", "interactive", "batch"):  # exposed from the start
             self.inflight_requests.labels(priority=priority)
-        self.capacity_units = Gauge(
+        self.capacity_units = self._gauge(
             "medgemma_capacity_units",
             "Concurrent requests this replica's engine takes at once (its max_num_seqs).",
             registry=self.registry,
         )
-        self.demand_units = Gauge(
+        self.demand_units = self._gauge(
             "medgemma_demand_units",
             "The autoscaling signal of this replica: units of the requests it serves or holds "
             "waiting, of the classes that scale (not batch, unless scale_on_batch).",
             registry=self.registry,
         )
-        self.queue_depth = Gauge(
+        self.queue_depth = self._gauge(
             "medgemma_queue_depth",
             "Admitted requests waiting for a free engine slot.",
             registry=self.registry,
@@ -72,7 +103,7 @@ class ServingMetrics:
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
             registry=self.registry,
         )
-        self.ledger_fallback = Gauge(
+        self.ledger_fallback = self._gauge(
             "medgemma_ledger_fallback",
             "1 while the shared (Redis) budget ledger is unreachable and a local share applies.",
             registry=self.registry,
@@ -146,19 +177,32 @@ class ServingMetrics:
             ["account", "outcome"],
             registry=self.registry,
         )
-        self.account_inflight_units = Gauge(
+        self.account_inflight_units = self._gauge(
             "medgemma_account_inflight_units",
             "Concurrency units held right now on this replica, by account.",
             ["account"],
             registry=self.registry,
         )
 
+    def _gauge(self, name: str, documentation: str, labelnames=(), **kwargs) -> Gauge:
+        if self.multiprocess:
+            kwargs["multiprocess_mode"] = MULTIPROCESS_MODES.get(name, "livesum")
+        return Gauge(name, documentation, labelnames, **kwargs)
+
     def set_build(self, *, profile: str, model: str, served_model_name: str, vllm_version: str):
-        self.build.info(
-            {
-                "profile": profile,
-                "model": model,
-                "served_model_name": served_model_name,
-                "vllm_version": vllm_version,
-            }
-        )
+        info = {"profile": profile, "model": model, "served_model_name": served_model_name, "vllm_version": vllm_version}
+        if self.multiprocess:
+            self.build.labels(**info).set(1)
+        else:
+            self.build.info(info)
+
+    def computed(self, gauge: Gauge, value: Callable[[], float]) -> None:
+        """``gauge`` reads ``value()``: at each scrape, or (multiprocess) at each refresh."""
+        if self.multiprocess:
+            self._computed.append((gauge, value))
+        else:
+            gauge.set_function(value)
+
+    def refresh_computed(self) -> None:
+        for gauge, value in self._computed:
+            gauge.set(value())

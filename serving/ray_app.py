@@ -96,6 +96,11 @@ class AppSettings(BaseModel):
         if unknown:
             raise config.SettingsError(f"unknown build_app argument(s) {unknown}; known: serve, scaling")
         serve_settings = config.load_settings(args.get("serve") or {})
+        if (serve_settings.api_processes or 1) > 1:
+            raise config.SettingsError(
+                "api_processes applies to `medgemma-serve serve`; a Ray Serve replica is one API "
+                "process in front of its engine: add replicas instead"
+            )
         try:
             scaling = ScalingSettings(**(args.get("scaling") or {}))
         except ValidationError as exc:

@@ -213,6 +213,26 @@ def server(tmp_path_factory) -> Server:
         stop(srv)
 
 
+API_PROCESSES = 2
+
+
+@pytest.fixture(scope="session")
+def multi_server(tmp_path_factory, server) -> Server:
+    """The same server with two API processes in front of its engine (``--api-processes``):
+    one budget shared through the host ledger, the engine's capacity split between them."""
+    root = tmp_path_factory.mktemp("multi")
+    keys_file = root / "keys.yaml"
+    srv = launch(root, keys_file, write_keys(keys_file, TEST_ACCOUNTS), "--api-processes", str(API_PROCESSES),
+                 dev_model_dir=server.dev_model_dir)  # fmt: skip
+    try:
+        wait_ready(srv)  # one API process answers; the tests need both
+        every = [f"API process {i} ready" for i in range(API_PROCESSES)]
+        assert wait_for(lambda: all(line in srv.log() for line in every), 60), srv.log()[-4000:]
+        yield srv
+    finally:
+        stop(srv)
+
+
 @pytest.fixture(scope="session")
 def client(server):
     from openai import OpenAI

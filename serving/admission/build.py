@@ -63,10 +63,23 @@ class AdmissionSettings:
     account_metrics_max: int | None = None  # None: per-account metrics unlabelled (off)
     otlp_traces_endpoint: str | None = None  # request traces (admission's spans and vLLM's)
     served_models: frozenset[str] = frozenset({"medgemma-4b-it"})
+    # several API processes per engine: this one is ``api_process`` of ``api_processes``;
+    # budgets are shared through the host ledger at ``host_ledger`` (unless Redis is used)
+    api_process: int = 0
+    api_processes: int = 1
+    host_ledger: Path | None = None
 
 
-def engine_capacity(vllm_config, headroom: float = 0.25) -> Capacity:
-    """What the engine can hold at once, as vLLM sized it at start-up, plus headroom.
+def share(total: int, process: int, processes: int) -> int:
+    """API process ``process``'s part of ``total``: the parts differ by at most one and add
+    up to ``total`` (at least 1 each)."""
+    return max(1, total // processes + (1 if process < total % processes else 0))
+
+
+def engine_capacity(vllm_config, headroom: float = 0.25, process: int = 0, processes: int = 1) -> Capacity:
+    """What the engine can hold at once, as vLLM sized it at start-up, plus headroom; with
+    several API processes, each one's equal share (vLLM's server hands each new connection
+    to the process with the fewest open ones).
 
     Gating at exactly ``max_num_seqs`` starves the engine: a freed slot would wait for the
     next request's image decoding and tokenisation in the API server. With ``headroom``
@@ -79,7 +92,8 @@ def engine_capacity(vllm_config, headroom: float = 0.25) -> Capacity:
     tokens = getattr(cache, "kv_cache_size_tokens", None)
     if not tokens:
         tokens = (cache.num_gpu_blocks or 0) * cache.block_size
-    return Capacity(max_requests=max_requests, kv_tokens=int(tokens) or 1)
+    return Capacity(max_requests=share(max_requests, process, processes),
+                    kv_tokens=share(int(tokens) or 1, process, processes))  # fmt: skip
 
 
 def engine_aborter(engine_client):
@@ -98,6 +112,12 @@ def engine_aborter(engine_client):
 
 def build_ledger(settings: AdmissionSettings, metrics: ServingMetrics) -> tuple[BudgetLedger, Coroutine | None]:
     """The ledger the settings ask for, and its heartbeat to run (None for in-process)."""
+    if settings.redis_url is None and settings.host_ledger is not None:
+        from serving.admission.host_ledger import HostLedger
+
+        logger.info("budget ledger: shared by this host's %d API processes (%s)", settings.api_processes,
+                    settings.host_ledger)  # fmt: skip
+        return HostLedger(settings.host_ledger, settings.api_process), None
     if settings.redis_url is None:
         return InProcessLedger(), None
     from serving.admission.redis_ledger import RedisLedger, connect
@@ -156,14 +176,15 @@ def build_admission(engine_client, settings: AdmissionSettings, metrics: Serving
     """The controller, guard and estimator sized from the running engine, and their
     background tasks started on this event loop."""
     vllm_config = engine_client.vllm_config
-    capacity = engine_capacity(vllm_config, settings.engine_headroom)
+    capacity = engine_capacity(vllm_config, settings.engine_headroom, settings.api_process, settings.api_processes)
+    engine_slots = share(vllm_config.scheduler_config.max_num_seqs, settings.api_process, settings.api_processes)
     clock = MonotonicClock()
     ledger, heartbeat = build_ledger(settings, metrics)
     controller = AdmissionController(
         settings.keys,
         ledger,
         FairQueue(capacity, settings.queue_size, clock, shares=settings.shares,
-                  engine_slots=vllm_config.scheduler_config.max_num_seqs),  # fmt: skip
+                  engine_slots=engine_slots),  # fmt: skip
         metrics,
         max_model_len=vllm_config.model_config.max_model_len,
         model_costs=settings.model_costs,
@@ -171,7 +192,7 @@ def build_admission(engine_client, settings: AdmissionSettings, metrics: Serving
         batch_queue_timeout_s=settings.batch_queue_timeout_s,
         scale_on_batch=settings.scale_on_batch,
         clock=clock,
-        engine_units=vllm_config.scheduler_config.max_num_seqs,
+        engine_units=engine_slots,  # summed over the API processes: the engine's max_num_seqs
         health=health,
         abort=engine_aborter(engine_client),
     )

@@ -78,7 +78,7 @@ class AdmissionController:
         self.completions = CompletionRates(self.clock)
         self.capacity_units = engine_units if engine_units is not None else queue.capacity.max_requests
         metrics.capacity_units.set(self.capacity_units)
-        metrics.demand_units.set_function(self.demand_units)  # what Ray's policy and the rules read
+        metrics.computed(metrics.demand_units, self.demand_units)  # what Ray's policy and the rules read
         self._plan_waiters = PlanWaiters()
         self._waiting = asyncio.Event()  # set when a request starts waiting: wakes the ticker
         self._running: set[AdmittedRequest] = set()  # admitted, not yet released

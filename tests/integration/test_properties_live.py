@@ -11,7 +11,9 @@ throughout. The invariants:
   once per engine step and aborts a departed client's request a moment after we release);
 - at the end no unit is held and no engine request runs.
 The request mix is drawn from a seed printed in every failure; rerun a failing one with
-MEDGEMMA_PROPERTY_SEED=<seed>.
+MEDGEMMA_PROPERTY_SEED=<seed>. It runs against the one-process server and against the same
+server with two API processes (``--api-processes 2``): there each budget is one host ledger
+shared by both, and ``/metrics`` adds both processes' units up.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import re
 import time
 
 import httpx
+import pytest
 
 from tests.live_server import wait_for
 from tests.metrics_text import Sampler, samples, scrape
@@ -106,9 +109,11 @@ def server_is_idle(url: str) -> bool:
     return not any(v for n, _, v in found if n in ("medgemma_inflight_units", "vllm:num_requests_running"))
 
 
-def test_no_account_exceeds_its_budget_and_the_engine_never_runs_more_than_admitted(server, spawn_client):
+@pytest.mark.parametrize("server_fixture", ["server", "multi_server"])
+def test_no_account_exceeds_its_budget_and_the_engine_never_runs_more_than_admitted(server_fixture, request, spawn_client):
+    server = request.getfixturevalue(server_fixture)
     seed = int(os.environ.get("MEDGEMMA_PROPERTY_SEED") or random.SystemRandom().randrange(10**6))
-    where = f"seed {seed} (rerun: MEDGEMMA_PROPERTY_SEED={seed})"
+    where = f"{server_fixture}, seed {seed} (rerun: MEDGEMMA_PROPERTY_SEED={seed})"
     keys = {account: server.keys[account] for account in BUDGETS}
     plans = [plan for plan, _ in BUDGETS.values()]
     names = ["vllm:num_requests_running", *(f"units:{plan}" for plan in plans)]
