@@ -70,14 +70,12 @@ def serve_processes(vllm_argv: list[str], settings: config.ServeSettings, resolv
     # vLLM's parent stops its API processes with this timeout: they must be able to drain
     args.shutdown_timeout = max(args.shutdown_timeout or 0, int(settings.drain_timeout_s) + SHUTDOWN_MARGIN_S)
     setup_multiprocess_prometheus()  # before any API process starts: they inherit it
-    ledger = HostLedgerFile.create(slots=count)
-    spec = ApiProcessSpec(settings, resolved, ledger.path, count)
-    manager = None
+    manager = ledger = None
     stopping = False
 
     def stop(signum, _frame) -> None:
         nonlocal stopping
-        if not stopping:
+        if not stopping:  # a second signal does not cut the shutdown short
             stopping = True
             raise SystemExit(0)
 
@@ -92,15 +90,17 @@ def serve_processes(vllm_argv: list[str], settings: config.ServeSettings, resolv
     listen_address, sock = setup_server(args, reuse_port=True)
     limit_unsent(sock)
     responder = LoadingResponder(sock)
-    responder.start()
-    logger.info("listening on %s with %d API processes; /ready turns 200 once the engine has loaded",
-                listen_address, count)  # fmt: skip
-    engine_args = vllm.AsyncEngineArgs.from_cli_args(args)
-    engine_args._api_process_count = count
-    engine_args._api_process_rank = -1
-    vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
-    engines = coordinator = listeners = None
+    engines = coordinator = listeners = vllm_config = None
     try:
+        responder.start()
+        logger.info("listening on %s with %d API processes; /ready turns 200 once the engine has loaded",
+                    listen_address, count)  # fmt: skip
+        engine_args = vllm.AsyncEngineArgs.from_cli_args(args)
+        engine_args._api_process_count = count
+        engine_args._api_process_rank = -1
+        vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        ledger = HostLedgerFile.create(slots=count)
+        spec = ApiProcessSpec(settings, resolved, ledger.path, count)
         listeners = bind_engine_zmq_listeners(vllm_config, count)
         with launch_core_engines(vllm_config, Executor.get_class(vllm_config), not engine_args.disable_log_stats,
                                  listeners.addresses) as launch:  # fmt: skip
@@ -121,15 +121,18 @@ def serve_processes(vllm_argv: list[str], settings: config.ServeSettings, resolv
         colocate_engine_core_if_cpu()
         wait_for_completion_or_failure(api_server_manager=manager, engine_manager=engines, coordinator=coordinator)
     finally:
+        requested, stopping = stopping, True  # from here on SIGTERM and SIGINT are ignored
         responder.stop()
-        timeout = vllm_config.shutdown_timeout if stopping else None
+        # asked to stop: the API processes drain; a failure: vLLM's short default
+        timeout = vllm_config.shutdown_timeout if vllm_config is not None and requested else None
         if manager is not None:
             manager.shutdown(timeout=timeout)
         if engines is not None:
             engines.shutdown(timeout=timeout)
         if coordinator is not None:
             coordinator.shutdown(timeout=timeout)
-        ledger.remove()
+        if ledger is not None:
+            ledger.remove()
         sock.close()
         listeners = None  # closed now, while the interpreter is whole (vLLM's __del__ needs it)
 
@@ -154,11 +157,14 @@ class _ApiProcessTarget:
         import uvloop
         from vllm.utils.system_utils import decorate_logs, set_process_title
 
+        # the parent forwards SIGHUP (reload the keys): until this process's key reloader
+        # takes it over, and for good without a keys file, it must not end the process
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         client_config = client_config or {}
         index = client_config.get("client_index", 0)
         set_process_title("APIServer", str(index))
         decorate_logs()
-        configure_logging(self.spec.settings.log_level.upper())
+        configure_logging(self.spec.settings.log_level.upper(), process=f"api{index}")
         spec = self.spec
         context = context_for_api_process(spec.settings, spec.resolved, index, spec.count, spec.host_ledger)
         uvloop.run(_serve(listen_address, sock, args, client_config, context))

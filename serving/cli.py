@@ -153,6 +153,19 @@ def _ray_command(ns: argparse.Namespace, passthrough: list[str]) -> int:
         return 2
 
 
+def api_processes(settings: config.ServeSettings, resolved: engine.EngineSettings) -> int:
+    """API processes in front of the engine: the setting, else the profile's for this host's
+    cores; each needs a share of at least one engine slot. Raises SettingsError."""
+    processes = settings.api_processes or engine.sized_api_processes(
+        engine.PROFILES[resolved.profile], hardware.available_cores()
+    )
+    max_num_seqs = int(engine.passthrough_value(tuple(engine.engine_args(resolved)), "--max-num-seqs"))
+    if processes > max_num_seqs:
+        raise config.SettingsError(f"--api-processes {processes} exceeds the engine's max_num_seqs "
+                                   f"({max_num_seqs}); use at most {max_num_seqs}")  # fmt: skip
+    return processes
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, passthrough = _split_passthrough(argv)
@@ -186,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 print(shlex.join(vllm_argv))
             return 0
+        processes = api_processes(settings, resolved)
         from serving.assembly import prepare_server
 
         configure_logging(settings.log_level.upper())
@@ -193,9 +207,6 @@ def main(argv: list[str] | None = None) -> int:
     except config.SettingsError as exc:
         print(f"medgemma-serve: {exc}", file=sys.stderr)
         return 2
-    processes = settings.api_processes or engine.sized_api_processes(
-        engine.PROFILES[resolved.profile], hardware.available_cores()
-    )
     if processes > 1:
         from serving.apiprocs import serve_processes
 

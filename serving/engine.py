@@ -224,7 +224,7 @@ def validate(settings: EngineSettings) -> Profile:
         )
     profile = PROFILES[settings.profile]
     dtype = settings.dtype.lower()
-    passthrough_dtype = _passthrough_value(settings.extra_args, "--dtype")
+    passthrough_dtype = passthrough_value(settings.extra_args, "--dtype")
     if passthrough_dtype is not None and passthrough_dtype.lower() in REFUSED_DTYPES:
         dtype = passthrough_dtype.lower()
     if dtype in REFUSED_DTYPES:
@@ -322,8 +322,9 @@ def image_env(preprocessing: str) -> dict[str, str]:
     return {PREPROCESSING_ENV: preprocessing, "VLLM_MEDIA_CONNECTOR": CONNECTOR_NAME if preprocessing == "fast" else "http"}
 
 
-def _passthrough_value(extra_args: tuple[str, ...], flag: str) -> str | None:
-    """The last value given for ``flag`` in pass-through arguments (``--f v`` or ``--f=v``)."""
+def passthrough_value(extra_args: tuple[str, ...], flag: str) -> str | None:
+    """The last value given for ``flag`` in an argument list (``--f v`` or ``--f=v``): the
+    one vLLM uses, since pass-through arguments come last."""
     value = None
     for i, arg in enumerate(extra_args):
         if arg == flag and i + 1 < len(extra_args):

@@ -29,12 +29,13 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-def configure_logging(level: str) -> None:
-    """Our loggers get their own handler: vLLM reconfigures the root logger as it starts."""
+def configure_logging(level: str, process: str | None = None) -> None:
+    """Our loggers get their own handler: vLLM reconfigures the root logger as it starts.
+    ``process`` names one of several API processes in every line (``api1``)."""
     log = logging.getLogger("serving")
     if not log.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter(FORMAT))
+        handler.setFormatter(logging.Formatter(FORMAT.replace(" rid=", f" {process} rid=") if process else FORMAT))
         handler.addFilter(RequestIdFilter())
         log.addHandler(handler)
     log.setLevel(level)

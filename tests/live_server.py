@@ -216,6 +216,24 @@ def server(tmp_path_factory) -> Server:
 API_PROCESSES = 2
 
 
+def wait_every_api_process(srv: Server, count: int = API_PROCESSES) -> None:
+    """Ready, and every API process up (``/ready`` answers once the first one is)."""
+    wait_ready(srv)
+    every = [f"API process {i} ready" for i in range(count)]
+    assert wait_for(lambda: all(line in srv.log() for line in every), 60), srv.log()[-4000:]
+
+
+def usage_by_process(srv: Server, count: int = API_PROCESSES) -> dict[int, list[dict]]:
+    """Each API process's usage records (one usage file per process)."""
+    import json
+
+    found = {}
+    for process in range(count):
+        path = srv.usage_log.with_name(f"{srv.usage_log.stem}-api{process}{srv.usage_log.suffix}")
+        found[process] = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return found
+
+
 @pytest.fixture(scope="session")
 def multi_server(tmp_path_factory, server) -> Server:
     """The same server with two API processes in front of its engine (``--api-processes``):
@@ -225,9 +243,7 @@ def multi_server(tmp_path_factory, server) -> Server:
     srv = launch(root, keys_file, write_keys(keys_file, TEST_ACCOUNTS), "--api-processes", str(API_PROCESSES),
                  dev_model_dir=server.dev_model_dir)  # fmt: skip
     try:
-        wait_ready(srv)  # one API process answers; the tests need both
-        every = [f"API process {i} ready" for i in range(API_PROCESSES)]
-        assert wait_for(lambda: all(line in srv.log() for line in every), 60), srv.log()[-4000:]
+        wait_every_api_process(srv)
         yield srv
     finally:
         stop(srv)

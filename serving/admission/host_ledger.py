@@ -12,11 +12,15 @@ Guarantees:
 - Each row is an account (a 64-bit hash of its name) and one column per API process: a
   process only ever writes its own column. The units an account holds are the column sum.
 - Nothing depends on process ids (every container's server is commonly pid 1): the parent
-  hands out slots. A process that dies leaves units only in its own column:
-  ``HostLedgerFile.clear_slot`` (the parent, when a child dies) and a new ``HostLedger`` on
-  the same slot zero it. ``flock`` is released by the kernel when its holder dies.
-- When every row is taken (more accounts than ``rows``), a new account's request is
-  refused with ``LedgerUnavailable``, never granted without a count.
+  hands out slots. A process that dies leaves units only in its own column, and a new
+  ``HostLedger`` on the same slot zeroes it (today an API process's death ends the whole
+  server, and its file with it). ``flock`` is released by the kernel when its holder dies.
+- A row whose units add up to zero may be given to another account, so the table only
+  fills when more than ``rows`` accounts hold units at once; then a new account's request
+  is refused with ``LedgerUnavailable``, never granted without a count.
+- The file does not outlive its server: the creator holds an exclusive ``flock`` on an
+  owner file beside it for its lifetime, and ``create`` removes tables whose creator is
+  gone (a killed server, in a ``/dev/shm`` that survives container restarts).
 """
 
 from __future__ import annotations
@@ -42,38 +46,82 @@ def account_key(account: str) -> int:
     return key or 1
 
 
-class HostLedgerFile:
-    """The shared table: its path, and what only the parent does with it (create, clear a
-    dead process's column, remove)."""
+PREFIX = "medgemma-ledger-"
+OWNER = ".owner"  # beside each table: its creator holds an exclusive flock on it while it lives
 
-    def __init__(self, path: Path, slots: int, rows: int):
+
+class HostLedgerFile:
+    """The shared table as its creator (the parent) holds it: create, remove."""
+
+    def __init__(self, path: Path, slots: int, rows: int, owner_fd: int | None):
         self.path, self.slots, self.rows = path, slots, rows
+        self._owner_fd = owner_fd
 
     @classmethod
     def create(cls, slots: int, rows: int = DEFAULT_ROWS, directory: str | None = None) -> HostLedgerFile:
-        """A zeroed table for ``slots`` processes, in ``/dev/shm`` where it exists."""
+        """A zeroed table for ``slots`` processes, in ``/dev/shm`` where it exists; tables
+        left by creators that are gone are removed first."""
         if slots < 1 or rows < 1:
             raise ValueError(f"a host ledger needs at least one slot and one row, not {slots} and {rows}")
         if directory is None and os.path.isdir("/dev/shm"):
             directory = "/dev/shm"
-        fd, name = tempfile.mkstemp(prefix="medgemma-ledger-", dir=directory)
+        remove_abandoned(directory or tempfile.gettempdir())
+        # the owner file is locked before its name can be seen, and the table is made after
+        owner_fd, locking = tempfile.mkstemp(prefix=PREFIX, suffix=".tmp", dir=directory)
+        fcntl.flock(owner_fd, fcntl.LOCK_EX)  # "in use", until this process ends or removes it
+        name = locking.removesuffix(".tmp")
+        os.rename(locking, name + OWNER)
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except BaseException:
+            cls(Path(name), slots, rows, owner_fd).remove()
+            raise
         try:
             os.ftruncate(fd, 8 * (HEADER + rows * (1 + slots)))
             with mmap.mmap(fd, 0) as memory:
                 words = memory_words(memory)
                 words[0], words[1], words[2] = MAGIC, slots, rows
                 words.release()
+        except BaseException:
+            cls(Path(name), slots, rows, owner_fd).remove()
+            raise
         finally:
             os.close(fd)
-        return cls(Path(name), slots, rows)
-
-    def clear_slot(self, slot: int) -> None:
-        """Zero one process's column (it died: its requests ended with it)."""
-        with HostTable(self.path) as table:
-            table.clear_slot(slot)
+        return cls(Path(name), slots, rows, owner_fd)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+        Path(str(self.path) + OWNER).unlink(missing_ok=True)
+        if self._owner_fd is not None:
+            os.close(self._owner_fd)
+            self._owner_fd = None
+
+
+def remove_abandoned(directory: str) -> list[Path]:
+    """Remove the tables in ``directory`` whose creator no longer holds their owner lock
+    (a killed server), and tables without an owner file; returns them."""
+    removed = []
+    for path in Path(directory).glob(PREFIX + "*"):
+        if path.name.endswith(".tmp"):
+            continue  # an owner file being made
+        table = Path(str(path).removesuffix(OWNER))
+        if not path.name.endswith(OWNER):
+            if Path(str(path) + OWNER).exists():
+                continue  # judged by its owner file
+        else:
+            try:
+                owner = os.open(path, os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # its creator is alive
+            finally:
+                os.close(owner)
+        HostLedgerFile(table, 0, 0, None).remove()
+        removed.append(table)
+    return removed
 
 
 def memory_words(memory: mmap.mmap) -> memoryview:
@@ -118,20 +166,31 @@ class HostTable:
 
     def row(self, key: int, insert: bool) -> int | None:
         """The word offset of the account's row (probing linearly); None when it has none and
-        ``insert`` is false, or the table is full. Call under the lock."""
+        ``insert`` is false, or the table is full. With ``insert``, a new account takes the
+        first row on its probe path that holds no units, else the empty row that ends it.
+        Rows never become empty again, so no probe path is ever cut. Call under the lock."""
         words, width = self._words, self._width
         start = key % self.rows
+        reusable = None
         for step in range(self.rows):
             offset = HEADER + ((start + step) % self.rows) * width
             found = words[offset]
             if found == key:
                 return offset
             if found == 0:
-                if not insert:
-                    return None
-                words[offset] = key
-                return offset
-        return None
+                break
+            if insert and reusable is None and self.held(offset) == 0:
+                reusable = offset
+        else:
+            offset = None  # every row taken, and none is this account's
+        if not insert:
+            return None
+        offset = reusable if reusable is not None else offset
+        if offset is not None:
+            for column in range(1, width):  # no column is below zero, so all are zero; made sure
+                words[offset + column] = 0
+            words[offset] = key
+        return offset
 
     def held(self, offset: int) -> int:
         return sum(self._words[offset + 1 : offset + self._width])

@@ -28,7 +28,7 @@ import time
 import httpx
 import pytest
 
-from tests.live_server import wait_for
+from tests.live_server import usage_by_process, wait_for
 from tests.metrics_text import Sampler, samples, scrape
 
 BUDGETS = {"prop-a": ("prop1", 1), "prop-b": ("prop2", 2), "prop-c": ("prop3", 3)}  # account: (plan, units)
@@ -179,4 +179,7 @@ def test_no_account_exceeds_its_budget_and_the_engine_never_runs_more_than_admit
     for kind in ("stream", "plain", "n2", "batch", "image", "slow"):
         assert outcomes.get(f"{kind}-200"), (where, kind, outcomes)
     assert outcomes.get("left") and any(o.endswith("-429") for o in outcomes), (where, outcomes)
+    if server_fixture == "multi_server":  # both API processes decided some of the mix
+        decided = {p: sum(r.get("account") in BUDGETS for r in recs) for p, recs in usage_by_process(server).items()}
+        assert all(decided.values()), (where, decided)
     print(f"property test {where}: {sum(outcomes.values())} requests {outcomes}")

@@ -48,6 +48,7 @@ def test_devmodel_command_writes_a_checkpoint(tmp_path, capsys):
         (["--max-model-len", "200000"], "131072"),
         (["--profile", "h100"], "needs a CUDA GPU"),
         (["--model", "google/medgemma-4b-it"], "HF_TOKEN"),
+        (["--api-processes", "17"], "exceeds the engine's max_num_seqs (16)"),
     ],
 )
 def test_serve_refuses_bad_settings_before_loading(args, message):
