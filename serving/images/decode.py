@@ -12,7 +12,8 @@ model sees. Both change pixel values slightly (the bound is measured in
 tests/unit/images/test_fidelity.py and stated in docs/images.md). Everything vLLM does to
 the image afterwards (its parser's second EXIF pass and RGB conversion, each a full copy;
 the resize) then works on a fraction of the pixels. An image without EXIF orientation is
-not copied to apply none (vLLM's ``normalize_image`` copies it).
+not copied to apply none (vLLM's ``normalize_image`` copies it), and an RGB image made
+from a greyscale one says so (``GREY_SOURCE``).
 
 vLLM looks its media connector up by name (``VLLM_MEDIA_CONNECTOR``) in
 ``MEDIA_CONNECTOR_REGISTRY``; ``register`` adds ours there, in every vLLM process, from the
@@ -35,6 +36,11 @@ MODEL_SIDE = 896  # Gemma 3's SigLIP input: every image becomes 896x896
 DECODER = "medgemma-v1"  # part of the processor cache key; change it when the pixels change
 REDUCING_GAP = 1.5  # a side is box-reduced by int(side / (896 * 1.5)): it stays at least 1344
 REDUCIBLE_MODES = ("L", "RGB")
+# In the ``info`` of an RGB image this decoder made from one band (a radiograph): its three
+# channels are equal by construction, so the processor resizes one band without comparing
+# them (``serving.images.processor.grey_band``). PIL's copies keep ``info``, and vLLM's
+# parser only copies, transposes (EXIF) and converts RGB to RGB (a no-op) after us.
+GREY_SOURCE = "medgemma_grey_source"
 _first_reduced = True  # the first reduced decode in a process is logged (no content: a scale)
 
 
@@ -105,6 +111,8 @@ def media_classes():
                 if image.mode not in REDUCIBLE_MODES:  # palette, alpha, 16-bit, CMYK: as vLLM
                     image = self._convert_image_mode(image)
                 converted = self._convert_image_mode(reduce_for_model(image))
+                if image.mode == "L" and converted.mode == "RGB" and "transparency" not in image.info:
+                    converted.info[GREY_SOURCE] = True  # (a transparent key is filled with a colour)
             except (OSError, Image.UnidentifiedImageError) as e:
                 raise ValueError(f"Failed to load image: {e}") from e
             io_config = {"decoder": DECODER, "image_mode": self.image_mode,

@@ -26,6 +26,8 @@ from PIL import Image
 from transformers.image_processing_utils import BatchFeature
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
+from serving.images.decode import GREY_SOURCE
+
 # What Gemma3Processor passes on every call (vLLM's defaults): the fast path takes these
 # at these values; any other argument, or another value, goes to the reference.
 PASSED_THROUGH = {"return_tensors"}
@@ -93,10 +95,13 @@ class ExactImageProcessor(Gemma3ImageProcessorPil):
 
 def grey_band(image: Image.Image) -> Image.Image | None:
     """The one band of an RGB image whose three channels are equal everywhere (a greyscale
-    picture, which vLLM's parser always converts to RGB), else None. A sparse sample is
-    compared first, so a colour image costs almost nothing."""
+    picture, which vLLM's parser always converts to RGB), else None. One the project's
+    decoder made from a greyscale image is taken at its word (``GREY_SOURCE``); others are
+    compared, a sparse sample first, so a colour image costs almost nothing."""
     if image.mode != "RGB":
         return None
+    if image.info.get(GREY_SOURCE):
+        return image.getchannel(0)
     pixels = np.asarray(image)
     for view in (pixels[::53, ::59], pixels):
         if not (np.array_equal(view[..., 0], view[..., 1]) and np.array_equal(view[..., 0], view[..., 2])):

@@ -14,6 +14,7 @@ sizes, formats and modes. Differences are in normalised pixel units (the model's
 from __future__ import annotations
 
 import functools
+import io
 import json
 
 import numpy as np
@@ -172,3 +173,31 @@ def test_the_normalisation_table_is_the_reference_arithmetic(dev_model_dir):
     expected = (levels.astype(np.float64) * reference.rescale_factor).astype(np.float32)
     expected = ((expected - np.float32(0.5)) / np.float32(0.5)).astype(np.float32)
     assert np.array_equal(exact.normalisation_table(), expected)
+
+
+def test_the_decoder_marks_what_it_made_rgb_from_greyscale_and_vllms_parser_keeps_the_mark(dev_model_dir):
+    """The mark lets the processor skip comparing channels; it must be on exactly the images
+    whose channels are equal by construction, survive what vLLM's parser does after the
+    decoder, and lead to the reference's pixels."""
+    from PIL import Image
+    from vllm.multimodal.image import convert_image_mode, normalize_image
+
+    from serving.images.decode import GREY_SOURCE
+
+    reference, exact = processors(str(dev_model_dir))
+    fast_io, _ = media_classes()
+    marked = 0
+    for item in samples():
+        with Image.open(io.BytesIO(item.data)) as source:
+            grey_source = source.mode == "L" and "transparency" not in source.info
+        image = convert_image_mode(normalize_image(fast_io().load_bytes(item.data).media), "RGB")  # the parser's step
+        assert bool(image.info.get(GREY_SOURCE)) == grey_source, item.name
+        if grey_source:
+            marked += 1
+            pixels = np.asarray(image)
+            assert np.array_equal(pixels[..., 0], pixels[..., 1]) and np.array_equal(pixels[..., 0], pixels[..., 2])
+            got = exact(images=[[image]], **VLLM_KWARGS)["pixel_values"]
+            unmarked = image.copy()
+            del unmarked.info[GREY_SOURCE]
+            assert torch.equal(got, reference(images=[[unmarked]], **VLLM_KWARGS)["pixel_values"]), item.name
+    assert marked >= 5  # the corpus has greyscale sources
