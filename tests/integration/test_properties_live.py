@@ -10,6 +10,11 @@ throughout. The invariants:
   at most the highest total of units over the last ``ENGINE_LAG_S``: vLLM updates its gauge
   once per engine step and aborts a departed client's request a moment after we release);
 - at the end no unit is held and no engine request runs.
+With several API processes vLLM sends each step's scheduler statistics to one of them, and
+that process writes ``vllm:num_requests_running`` when its event loop gets to it, with the
+time of writing: a busy process can publish a figure seconds old as the newest, and leave
+it standing once the engine is idle. So the lag allowed there is longer, and before each
+idle check one 1-token request makes the engine publish a fresh figure.
 The request mix is drawn from a seed printed in every failure; rerun a failing one with
 MEDGEMMA_PROPERTY_SEED=<seed>. It runs against the one-process server and against the same
 server with two API processes (``--api-processes 2``): there each budget is one host ledger
@@ -34,7 +39,7 @@ from tests.metrics_text import Sampler, samples, scrape
 BUDGETS = {"prop-a": ("prop1", 1), "prop-b": ("prop2", 2), "prop-c": ("prop3", 3)}  # account: (plan, units)
 CLIENTS = 4
 DURATION_S = 60.0
-ENGINE_LAG_S = 2.0
+ENGINE_LAG_S = {"server": 2.0, "multi_server": 6.0}
 MODEL = "medgemma-4b-it"
 
 
@@ -103,6 +108,13 @@ def client_loop(url: str, keys: dict[str, str], seed: int, index: int, deadline_
     results.put(ended)
 
 
+def refresh_engine_gauge(url: str, key: str) -> None:
+    """One 1-token request: its last engine step publishes the engine's running count."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    response = httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    assert response.status_code == 200, response.text[:300]
+
+
 def server_is_idle(url: str) -> bool:
     """Nothing admitted and nothing in the engine."""
     found = samples(scrape(url))
@@ -142,31 +154,32 @@ def test_no_account_exceeds_its_budget_and_the_engine_never_runs_more_than_admit
 
     # The session server must be idle first: an earlier module's request still in the
     # engine would count against this test's admitted units.
+    refresh_engine_gauge(server.url, keys["prop-c"])
     assert wait_for(lambda: server_is_idle(server.url), 60), f"{where}: the server is busy before the mix"
+    lag_s = ENGINE_LAG_S[server_fixture]
     with PlanSampler(server.url, *names, interval_s=0.05) as sampler:
         clients = [spawn_client(client_loop, server.url, keys, seed, i, DURATION_S, results) for i in range(CLIENTS)]
         outcomes: dict[str, int] = {}
         for _ in clients:
             for outcome, count in results.get(timeout=DURATION_S + 180).items():
                 outcomes[outcome] = outcomes.get(outcome, 0) + count
-        ended_at = time.monotonic()
-        deadline = ended_at + 30
-        while time.monotonic() < deadline:
-            last = sampler.readings[-1] if sampler.readings else {}
-            if last and not any(last[name] for name in names):
-                break
-            time.sleep(0.2)
+        units = [name for name in names if name.startswith("units:")]
+        assert wait_for(lambda: not any(sampler.readings[-1][name] for name in units), 30), (
+            f"{where}: units still held 30 s after the mix: {sampler.readings[-1]}; {outcomes}"
+        )
+        refresh_engine_gauge(server.url, keys["prop-c"])
+        wait_for(lambda: not any(sampler.readings[-1][name] for name in names), 30, poll_s=0.2)
     readings = sampler.readings
     assert len(readings) > 200, (where, sampler.errors[-3:])
     for (plan, budget), account in zip(BUDGETS.values(), BUDGETS):
         worst = max(r[f"units:{plan}"] for r in readings)
         assert worst <= budget, f"{where}: {account} held {worst} units of a budget of {budget}"
     for i, reading in enumerate(readings):
-        window = [r for r in readings[: i + 1] if r["_t"] >= reading["_t"] - ENGINE_LAG_S]
+        window = [r for r in readings[: i + 1] if r["_t"] >= reading["_t"] - lag_s]
         admitted = max(r["units:all"] for r in window)
         assert reading["vllm:num_requests_running"] <= admitted, (
             f"{where}: the engine ran {reading['vllm:num_requests_running']} requests with at most {admitted} "
-            f"units admitted in the {ENGINE_LAG_S} s before (t={reading['_t'] - readings[0]['_t']:.1f}s); {outcomes}"
+            f"units admitted in the {lag_s} s before (t={reading['_t'] - readings[0]['_t']:.1f}s); {outcomes}"
         )
     final = readings[-1]
     assert not any(final[name] for name in names), f"{where}: left over at the end: {final}; {outcomes}"
