@@ -24,6 +24,7 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60,
 
 
 BUILD_LABELS = ("profile", "model", "served_model_name", "vllm_version")
+BUILD_HELP = "What this server runs: engine profile, model, served name, vLLM version."
 # How one replica's API processes combine, per gauge (the rest: counters and histograms add up).
 MULTIPROCESS_MODES = {
     "medgemma_engine_ready": "livemin",  # ready only when every process is
@@ -45,14 +46,9 @@ class ServingMetrics:
         self.multiprocess = multiprocess_mode_on() if multiprocess is None else multiprocess
         self._computed: list[tuple[Gauge, Callable[[], float]]] = []
         if self.multiprocess:
-            self.build = self._gauge("medgemma_build_info", "What this server runs: engine profile, model, "
-                                     "served name, vLLM version.", BUILD_LABELS, registry=self.registry)  # fmt: skip
+            self.build = self._gauge("medgemma_build_info", BUILD_HELP, BUILD_LABELS, registry=self.registry)
         else:
-            self.build = Info(
-                "medgemma_build",
-                "What this server runs: engine profile, model, served name, vLLM version.",
-                registry=self.registry,
-            )
+            self.build = Info("medgemma_build", BUILD_HELP, registry=self.registry)
         self.engine_ready = self._gauge(
             "medgemma_engine_ready",
             "1 once the engine can serve (what /ready reports), 0 while loading or failed.",
@@ -190,7 +186,7 @@ class ServingMetrics:
         return Gauge(name, documentation, labelnames, **kwargs)
 
     def set_build(self, *, profile: str, model: str, served_model_name: str, vllm_version: str):
-        info = {"profile": profile, "model": model, "served_model_name": served_model_name, "vllm_version": vllm_version}
+        info = dict(zip(BUILD_LABELS, (profile, model, served_model_name, vllm_version)))
         if self.multiprocess:
             self.build.labels(**info).set(1)
         else:

@@ -33,7 +33,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from serving.admission.ledger import Grant, Lease, LedgerUnavailable, new_lease_id
+from serving.admission.ledger import Grant, Lease, LedgerUnavailable, SynchronousLedger, new_lease_id
 
 DEFAULT_ROWS = 65536  # accounts per host: 65536 x (1 + slots) x 8 bytes (2.6 MB for 4 processes)
 MAGIC = 0x4D4547484C454447  # "MEGHLEDG"
@@ -204,10 +204,8 @@ class HostTable:
                 self._words[HEADER + row * self._width + 1 + slot] = 0
 
 
-class HostLedger:
+class HostLedger(SynchronousLedger):
     """Exact budgets across the API processes of one host (see the module's guarantees)."""
-
-    synchronous = True
 
     def __init__(self, path: Path, slot: int):
         self._table = HostTable(path)
@@ -241,12 +239,6 @@ class HostLedger:
             if offset is not None:
                 table.add(offset, self.slot, -lease.units)
         return True
-
-    async def acquire(self, account: str, units: int, budget: int) -> Grant:
-        return self.acquire_now(account, units, budget)
-
-    async def release(self, lease: Lease) -> None:
-        self.release_now(lease)
 
     async def inflight(self, account: str) -> int:
         table = self._table

@@ -71,10 +71,27 @@ def new_lease_id() -> str:
     return f"{_prefix}-{next(_ids):x}"
 
 
-class InProcessLedger:
-    """Exact budgets within one process (the default, and the fallback of the Redis ledger)."""
+class SynchronousLedger:
+    """A ledger that decides without I/O: ``acquire``/``release`` are ``acquire_now``/
+    ``release_now`` (the admission fast path calls those directly)."""
 
     synchronous = True
+
+    def acquire_now(self, account: str, units: int, budget: int) -> Grant:
+        raise NotImplementedError
+
+    def release_now(self, lease: Lease) -> bool:
+        raise NotImplementedError
+
+    async def acquire(self, account: str, units: int, budget: int) -> Grant:
+        return self.acquire_now(account, units, budget)
+
+    async def release(self, lease: Lease) -> None:
+        self.release_now(lease)
+
+
+class InProcessLedger(SynchronousLedger):
+    """Exact budgets within one process (the default, and the fallback of the Redis ledger)."""
 
     def __init__(self) -> None:
         self._inflight: dict[str, int] = {}
@@ -98,12 +115,6 @@ class InProcessLedger:
         else:
             del self._inflight[lease.account]
         return True
-
-    async def acquire(self, account: str, units: int, budget: int) -> Grant:
-        return self.acquire_now(account, units, budget)
-
-    async def release(self, lease: Lease) -> None:
-        self.release_now(lease)
 
     async def inflight(self, account: str) -> int:
         return self._inflight.get(account, 0)

@@ -14,6 +14,7 @@ from serving.admission.host_ledger import HostLedger, HostLedgerFile, HostTable,
 from serving.admission.ledger import LedgerUnavailable
 from tests.live_server import pid_namespace_prefix
 from tests.unit.admission.host_ledger_worker import BUDGETS
+from tests.unit.admission.ledgers import check_exact_with_idempotent_release
 
 pytestmark = pytest.mark.unit
 
@@ -27,12 +28,7 @@ def table_file(tmp_path):
 
 def test_one_process_is_exact_and_release_is_idempotent(table_file):
     ledger = HostLedger(table_file.path, 0)
-    first = ledger.acquire_now("acme", 2, 3)
-    assert first.lease is not None and first.inflight == 2
-    refused = ledger.acquire_now("acme", 2, 3)
-    assert refused.lease is None and refused.inflight == 2
-    assert ledger.release_now(first.lease) is True
-    assert ledger.release_now(first.lease) is False
+    check_exact_with_idempotent_release(ledger)
     assert ledger.acquire_now("acme", 3, 3).inflight == 3
 
 

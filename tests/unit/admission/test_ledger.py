@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from serving.admission.ledger import InProcessLedger, new_lease_id
-from tests.unit.admission.ledgers import units_held
+from tests.unit.admission.ledgers import check_exact_with_idempotent_release, units_held
 
 PRINT_IDS = "import os; from serving.admission.ledger import new_lease_id; print(os.getpid(), new_lease_id(), new_lease_id())"
 
@@ -41,10 +41,5 @@ def test_a_forked_child_does_not_repeat_its_parents_lease_ids():
 
 def test_in_process_ledger_is_exact_and_release_is_idempotent():
     ledger = InProcessLedger()
-    first = ledger.acquire_now("acme", 2, 3)
-    assert first.lease is not None and first.inflight == 2
-    refused = ledger.acquire_now("acme", 2, 3)
-    assert refused.lease is None and refused.inflight == 2
-    assert ledger.release_now(first.lease) is True
-    assert ledger.release_now(first.lease) is False
+    check_exact_with_idempotent_release(ledger)
     assert units_held(ledger) == 0
