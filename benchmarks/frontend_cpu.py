@@ -16,7 +16,8 @@ before and after. Workloads: text only, and one image per request, greyscale rad
 (JPEG, dermoscopy) and 3000 (PNG, a radiograph saved as RGB). "unique" sends different
 bytes every request (no processor cache hit), "repeated" the same image every time.
 Arms take turns, the order rotated every round; the median over rounds is reported, with
-the implied ceiling of one API process (1000 / ms) and each arm's ratio to ``vllm``.
+the implied ceiling of one API process (1000 / ms), and each arm's ratio to ``vllm`` taken
+round by round (median and range).
 
     .venv/bin/python benchmarks/frontend_cpu.py --requests 12 --rounds 2
 
@@ -71,6 +72,7 @@ IMAGES = [
     ("3000 PNG RGB", "radiograph", 3000, "PNG", "RGB"),
 ]
 REPEATED = {"2048 JPEG", "3000 PNG", "2048 JPEG RGB", "3000 PNG RGB"}
+TEXT_PER_IMAGE = 16
 
 
 def chat(parts: list[dict]) -> bytes:
@@ -99,7 +101,8 @@ def image_bodies(kind: str, side: int, fmt: str, mode: str | None, count: int) -
 
 
 def workloads(requests: int) -> dict[str, list[bytes]]:
-    loads = {"text": [chat([{"type": "text", "text": f"Case {i}: chest pain, normal ECG."}]) for i in range(4 * requests)]}
+    texts = range(TEXT_PER_IMAGE * requests)  # cheap requests: more of them resolve psutil's 10 ms ticks
+    loads = {"text": [chat([{"type": "text", "text": f"Case {i}: chest pain, normal ECG."}]) for i in texts]}
     for label, kind, side, fmt, mode in IMAGES:
         unique = image_bodies(kind, side, fmt, mode, requests)
         loads[f"{label} unique"] = unique
@@ -138,7 +141,7 @@ def measure(url: str, pid: int, bodies: list[bytes]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=12, help="requests per image workload (text: 4x)")
+    parser.add_argument("--requests", type=int, default=12, help=f"requests per image workload (text: {TEXT_PER_IMAGE}x)")
     parser.add_argument("--rounds", type=int, default=2, help="each arm's turns; the order rotates every round")
     parser.add_argument("--arms", default="vllm,project", help=f"from {','.join(ARMS)}; the first is the baseline")
     parser.add_argument("--json", type=Path, help="also write the per-round numbers here")
@@ -177,16 +180,20 @@ def main() -> None:
 
 
 def report(arms: list[str], results: dict[str, dict[str, list[float]]]) -> None:
+    """Medians over rounds, and each arm's ratio to the baseline taken round by round (the arms
+    of one round ran minutes apart; rounds run further apart drift more): its median and range."""
     baseline = arms[0]
     header = "| workload | " + " | ".join(f"{arm} ms/req (req/s)" for arm in arms)
-    header += " | " + " | ".join(f"{arm}/{baseline}" for arm in arms[1:]) + " |"
+    header += " | " + " | ".join(f"{arm}/{baseline} median (range)" for arm in arms[1:]) + " |"
     print(header)
     print("|" + " --- |" * (1 + 2 * len(arms) - 1))
     for name in results[baseline]:
         medians = {arm: statistics.median(results[arm][name]) for arm in arms}
         cells = [f"{medians[arm]:.1f} ({1000 / medians[arm]:.0f})" for arm in arms]
-        ratios = [f"{medians[arm] / medians[baseline]:.2f}" for arm in arms[1:]]
-        print(f"| {name} | " + " | ".join(cells + ratios) + " |")
+        for arm in arms[1:]:
+            paired = [ms / base for ms, base in zip(results[arm][name], results[baseline][name], strict=True)]
+            cells.append(f"{statistics.median(paired):.2f} ({min(paired):.2f}-{max(paired):.2f})")
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
