@@ -2,9 +2,12 @@
 
     medgemma-loadtest run --url http://127.0.0.1:8000 --concurrency 8 --duration 60 --images 1 --out results/
     medgemma-loadtest ab --url http://127.0.0.1:8000 --url-b http://127.0.0.1:8001 --concurrency 4 --requests 32
+    medgemma-loadtest capacity --url http://127.0.0.1:8000 --scenario workload.yaml --slo-ttft-ms 2000 \
+        --slo-tpot-ms 60 --duration 30 --out results/
 
-Exit status: 0 after a run (whatever the server answered: outcomes are in the report),
-2 for settings refused before any request was sent.
+Exit status: 0 after a run (whatever the server answered: outcomes are in the report) or
+a capacity search that found a capacity, 1 when the SLO did not hold even at the search's
+first concurrency, 2 for settings refused before any request was sent.
 """
 
 from __future__ import annotations
@@ -12,19 +15,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import os
 import sys
 from pathlib import Path
 
-from loadtests import ab, config, report, summary
+from loadtests import ab, capacity_report, config, report, summary
+from loadtests.capacity import CapacitySearch
+from loadtests.profiles import Stage
 from loadtests.runner import Progress, Runner
 from loadtests.workload import Workload
-from serving.layers import SettingsError, add_setting_flags
+from serving.layers import SettingsError, add_setting_flags, read_yaml
 
 LIST_SETTINGS = {"key", "key_b"}
+SEARCH_SETTINGS = {"slo_percentile", "slo_min_ok", "search_start", "search_max", "search_resolution", "search_repeats"}
+# what a capacity search chooses itself, or does not use
+NOT_FOR_CAPACITY = {"streams", "concurrency", "rate", "ramp_to", "sweep_concurrency", "sweep_rate", "arrival",
+                    "burstiness", "max_concurrency", "url_b", "key_b", "rounds"}  # fmt: skip
 
 
-def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    add_setting_flags(parser, config.LoadTestSettings, repeated=LIST_SETTINGS, skip={"streams"})
+def _add_setting_flags(parser: argparse.ArgumentParser, skip: set[str]) -> None:
+    add_setting_flags(parser, config.LoadTestSettings, repeated=LIST_SETTINGS, skip=skip)
     parser.add_argument("--scenario", default=None, help="YAML scenario file of settings (lowest layer).")
 
 
@@ -32,9 +42,67 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medgemma-loadtest", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True)
-    _add_setting_flags(commands.add_parser("run", help="Run a load test against one endpoint."))
-    _add_setting_flags(commands.add_parser("ab", help="Interleave the same workload against --url and --url-b."))
+    _add_setting_flags(commands.add_parser("run", help="Run a load test against one endpoint."),
+                       {"streams"} | SEARCH_SETTINGS)  # fmt: skip
+    _add_setting_flags(commands.add_parser("ab", help="Interleave the same workload against --url and --url-b."),
+                       {"streams"} | SEARCH_SETTINGS)  # fmt: skip
+    _add_setting_flags(commands.add_parser("capacity", help="Search for the highest concurrency one replica "
+                                           "serves within the SLO; writes capacity.json."), NOT_FOR_CAPACITY)  # fmt: skip
     return parser
+
+
+def capacity_settings(flags: dict, scenario: str | None) -> config.LoadTestSettings:
+    """The settings of a capacity search: the workload and SLO from the layers, no load
+    shape (the search picks each point's concurrency)."""
+    given = set(read_yaml(scenario)) if scenario else set()
+    given |= {name for name in NOT_FOR_CAPACITY if f"{config.ENV_PREFIX}{name}".upper() in os.environ}
+    shaped = sorted(given & NOT_FOR_CAPACITY)
+    if shaped:
+        raise SettingsError(f"capacity chooses each point's concurrency itself: leave out {', '.join(shaped)}")
+    settings = config.load_settings(flags | {"concurrency": 1}, scenario)
+    try:
+        settings.slo()
+    except ValueError as exc:
+        raise SettingsError(f"capacity: {exc}") from None
+    return settings
+
+
+def capacity(settings: config.LoadTestSettings) -> dict:
+    """Run the search against ``settings.url``; write capacity.json and capacity.html."""
+    started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    workload = Workload(settings.workload_spec(), seed=settings.seed)
+    duration = settings.stages()[0].duration_s
+    runs = 0
+
+    def measure(concurrency: int):
+        nonlocal runs
+        runs += 1
+        stage = Stage("concurrency", concurrency=concurrency, duration_s=duration, requests=settings.requests,
+                      warmup_s=settings.warmup, cooldown_s=settings.cooldown)  # fmt: skip
+        runner = Runner(settings.url, workload, seed=settings.seed + runs, timeout_s=settings.timeout,
+                        honor_retry_after=settings.honor_retry_after, progress=Progress(settings.progress))  # fmt: skip
+        [result] = asyncio.run(runner.run([stage]))
+        low, high = result.window
+        return result.records, high - low
+
+    search = CapacitySearch(measure, settings.slo(), start=settings.search_start, max_concurrency=settings.search_max,
+                            resolution=settings.search_resolution, repeats=settings.search_repeats,
+                            on_point=lambda point: print(capacity_report.progress_line(point), flush=True))  # fmt: skip
+    result = search.run()
+    doc = capacity_report.document(
+        result, settings.slo(), config=settings.public_config(), engine=capacity_report.engine_info(settings.url),
+        url=settings.url, started_at=started_at,
+        search={"start": settings.search_start, "max": settings.search_max, "resolution": settings.search_resolution,
+                "repeats": settings.search_repeats, "duration_s": duration, "requests": settings.requests,
+                "warmup_s": settings.warmup, "runs": runs},
+    )  # fmt: skip
+    out = Path(settings.out)
+    capacity_report.write(out, doc)
+    bracket = doc["bracket"]
+    print(f"capacity: {doc['units_per_replica']} units per replica (held at {bracket['holds_at']}, missed at "
+          f"{bracket['misses_at'] or '-'}; search {doc['stopped']}, {runs} runs)")  # fmt: skip
+    print(f"wrote {out / 'capacity.json'}, {out / 'capacity.html'}")
+    return doc
 
 
 def run(settings: config.LoadTestSettings) -> dict:
@@ -75,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "scenario")}
     try:
+        if args.command == "capacity":
+            settings = capacity_settings(flags, args.scenario)
+            return 0 if capacity(settings)["units_per_replica"] else 1
         settings = config.load_settings(flags, args.scenario)
         if args.command == "ab" and not settings.url_b:
             raise SettingsError("ab needs --url-b (the second endpoint)")

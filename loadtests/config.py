@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from loadtests.capacity import Slo
 from loadtests.distributions import SpecError, parse
 from loadtests.images import FORMATS
 from loadtests.profiles import Stage, Stream, parse_values, sweep
@@ -129,6 +130,12 @@ class LoadTestSettings(BaseSettings):
     slo_ttft_ms: float | None = Field(2000.0, gt=0, description="Goodput SLO on TTFT (ms).")
     slo_tpot_ms: float | None = Field(200.0, gt=0, description="Goodput SLO on TPOT (ms).")
     slo_e2e_ms: float | None = Field(None, gt=0, description="Goodput SLO on end-to-end latency (ms).")
+    slo_percentile: float = Field(95.0, gt=0, lt=100, description="capacity: the percentile of TTFT and TPOT the SLO limits apply to.")
+    slo_min_ok: float = Field(0.99, gt=0, le=1, description="capacity: the share of requests that must be answered (errors, 429s and 503s count against it).")
+    search_start: int = Field(1, ge=1, description="capacity: the first concurrency tried; the search doubles it until the SLO misses.")
+    search_max: int = Field(256, ge=1, description="capacity: the highest concurrency tried.")
+    search_resolution: float = Field(0.05, ge=0, lt=1, description="capacity: bisect until the bracket is this fraction of its lower end (at least 1) wide.")
+    search_repeats: int = Field(2, ge=0, description="capacity: extra runs at a point whose verdict is within its confidence interval.")
     seed: int = Field(0, description="Random seed: the same seed sends the same workload.")
     honor_retry_after: bool = Field(True, description="Closed loop: a client refused with Retry-After (429/503) waits that long before its next request.")
     timeout: float = Field(600.0, gt=0, description="Per-request timeout in seconds.")
@@ -194,6 +201,12 @@ class LoadTestSettings(BaseSettings):
             self.stages()
         except ValueError as exc:
             raise ValueError(str(exc)) from None
+        return self
+
+    @model_validator(mode="after")
+    def _search(self):
+        if self.search_start > self.search_max:
+            raise ValueError("search_start must not exceed search_max")
         return self
 
     @classmethod
@@ -268,6 +281,11 @@ class LoadTestSettings(BaseSettings):
             s.model_dump(exclude={"key"}) | {"key": parse_key(s.key).label if s.key else None} for s in self.streams
         ]
         return data
+
+    def slo(self) -> Slo:
+        """The capacity search's SLO (``slo_e2e_ms`` is a goodput figure of runs, not a limit here)."""
+        to_s = lambda ms: None if ms is None else ms / 1e3  # noqa: E731
+        return Slo(to_s(self.slo_ttft_ms), to_s(self.slo_tpot_ms), self.slo_percentile, self.slo_min_ok)
 
     def slo_s(self) -> dict[str, float]:
         slo = {"ttft": self.slo_ttft_ms, "tpot": self.slo_tpot_ms, "e2e": self.slo_e2e_ms}

@@ -31,6 +31,7 @@ from serving.admission.guard import GuardSettings
 from serving.admission.keys import KeysFileError, KeyStore
 from serving.admission.middleware import MODEL_PATHS, PUBLIC_PATHS
 from serving.admission.queue import ClassShares
+from serving.capacity import SoldCapacity, read_capacity
 from serving.cpuaffinity import colocate_engine_core
 from serving.drain import Drainer
 from serving.enginehealth import EngineHealth
@@ -95,6 +96,16 @@ def prepare_model(settings: config.ServeSettings, resolved: engine.EngineSetting
         config.check_model_access(resolved.model)
 
 
+def sold_capacity(settings: config.ServeSettings, resolved: engine.EngineSettings, api_processes: int = 1) -> SoldCapacity:
+    """The units the replica is sold at (``--capacity-file``), checked against this engine's
+    profile, vLLM version and max_num_seqs. Raises ``SettingsError``."""
+    from vllm.version import __version__ as vllm_version
+
+    max_num_seqs = int(engine.passthrough_value(tuple(engine.engine_args(resolved)), "--max-num-seqs"))
+    return read_capacity(settings.capacity_file, profile=resolved.profile, vllm_version=vllm_version,
+                         max_num_seqs=max_num_seqs, api_processes=api_processes)  # fmt: skip
+
+
 def context_from_settings(settings: config.ServeSettings, resolved: engine.EngineSettings, keys: KeyStore,
                           usage_file: str = DEFAULT_USAGE_FILE) -> ServerContext:  # fmt: skip
     """The ServerContext for validated settings, their resolved engine settings and the keys
@@ -128,6 +139,7 @@ def context_from_settings(settings: config.ServeSettings, resolved: engine.Engin
             account_metrics_max=settings.account_metrics_max if settings.account_metrics else None,
             served_models=frozenset({resolved.served_model_name, *settings.model_costs}),
             otlp_traces_endpoint=settings.otlp_traces_endpoint,
+            capacity=sold_capacity(settings, resolved),
             guard=GuardSettings(
                 max_body_bytes=int(settings.max_body_mib * 2**20),
                 body_timeout_s=settings.body_timeout_s,
@@ -170,7 +182,11 @@ def prepare_server(settings: config.ServeSettings, resolved: engine.EngineSettin
     if config.uses_dev_model(settings, resolved):
         logger.warning(DEV_MODEL_BANNER, resolved.model)
     logger.info("profile %s, model %s, settings %s", resolved.profile, resolved.model, config.describe(settings))
-    return engine.engine_args(resolved), context_from_settings(settings, resolved, keys, usage_file)
+    context = context_from_settings(settings, resolved, keys, usage_file)
+    if context.admission.capacity.units is not None:
+        logger.info("capacity: %d units per replica (%s)", context.admission.capacity.units,
+                    context.admission.capacity.source)  # fmt: skip
+    return engine.engine_args(resolved), context
 
 
 def watch_shutdown(engine_client, health: EngineHealth) -> None:

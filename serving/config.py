@@ -155,6 +155,13 @@ class ServeSettings(BaseSettings):
         description="Requests admitted to the engine beyond max_num_seqs, as a fraction of it "
         "(at least 8), so its batch never waits for the next request's preprocessing.",
     )
+    capacity_file: str | None = Field(
+        None,
+        description="The units this replica is sold at, instead of the engine's max_num_seqs: a "
+        "capacity.json from `medgemma-loadtest capacity` (the concurrency at which the SLO held; "
+        "refused if measured on another engine profile or vLLM version) or a number. The admission "
+        "gate and the autoscaling signal both use it.",
+    )
     redis_url: str | None = Field(
         None,
         description="Redis URL for budgets shared by several replicas (redis://host:6379/0); "

@@ -20,6 +20,8 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from serving.capacity import SOURCES as CAPACITY_SOURCES
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 
 
@@ -30,6 +32,7 @@ MULTIPROCESS_MODES = {
     "medgemma_engine_ready": "livemin",  # ready only when every process is
     "medgemma_ledger_fallback": "livemax",
     "medgemma_build_info": "livemax",
+    "medgemma_capacity_source": "livemax",
 }  # every other gauge: livesum (units, requests, capacity shares, queue depth)
 
 
@@ -78,7 +81,15 @@ class ServingMetrics:
             self.inflight_requests.labels(priority=priority)
         self.capacity_units = self._gauge(
             "medgemma_capacity_units",
-            "Concurrent requests this replica's engine takes at once (its max_num_seqs).",
+            "Units this replica serves at once, the autoscaling capacity: its engine's max_num_seqs, "
+            "or the capacity measured at an SLO (see medgemma_capacity_source).",
+            registry=self.registry,
+        )
+        self.capacity_source = self._gauge(
+            "medgemma_capacity_source",
+            "Where medgemma_capacity_units comes from: 1 for the source in force (max_num_seqs, "
+            "setting: a number given, capacity_file: measured by medgemma-loadtest capacity).",
+            ["source"],
             registry=self.registry,
         )
         self.demand_units = self._gauge(
@@ -184,6 +195,10 @@ class ServingMetrics:
         if self.multiprocess:
             kwargs["multiprocess_mode"] = MULTIPROCESS_MODES.get(name, "livesum")
         return Gauge(name, documentation, labelnames, **kwargs)
+
+    def set_capacity_source(self, source: str) -> None:
+        for name in CAPACITY_SOURCES:
+            self.capacity_source.labels(source=name).set(1 if name == source else 0)
 
     def set_build(self, *, profile: str, model: str, served_model_name: str, vllm_version: str):
         info = dict(zip(BUILD_LABELS, (profile, model, served_model_name, vllm_version)))

@@ -7,6 +7,7 @@ Guarantee: the capacity it enforces is what the engine reported at start-up
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import signal
@@ -25,6 +26,7 @@ from serving.admission.estimate import PromptEstimator, tokenizer_counter
 from serving.admission.middleware import AdmissionMiddleware
 from serving.admission.preprocess import order_preprocessing_by_class
 from serving.admission.queue import Capacity, ClassShares, FairQueue
+from serving.capacity import SoldCapacity
 from serving.enginehealth import EngineHealth
 from serving.metrics import ServingMetrics
 from serving.usage.engine_tokens import count_engine_tokens
@@ -68,6 +70,8 @@ class AdmissionSettings:
     api_process: int = 0
     api_processes: int = 1
     host_ledger: Path | None = None
+    # the units the replica is sold at (serving/capacity.py); None: the engine's max_num_seqs
+    capacity: SoldCapacity = SoldCapacity()
 
 
 def share(total: int, process: int, processes: int) -> int:
@@ -94,6 +98,19 @@ def engine_capacity(vllm_config, headroom: float = 0.25, process: int = 0, proce
         tokens = (cache.num_gpu_blocks or 0) * cache.block_size
     return Capacity(max_requests=share(max_requests, process, processes),
                     kv_tokens=share(int(tokens) or 1, process, processes))  # fmt: skip
+
+
+def engine_gate(vllm_config, settings: AdmissionSettings) -> tuple[Capacity, int]:
+    """What this API process lets into the engine, and the units it reports as its capacity
+    (summed over the API processes: the replica's). By default the engine's limits (gate:
+    max_num_seqs plus headroom; units: max_num_seqs); with a sold capacity (serving/capacity.py)
+    exactly those units, gate and capacity alike: the search measured that many in flight."""
+    process, processes = settings.api_process, settings.api_processes
+    capacity = engine_capacity(vllm_config, settings.engine_headroom, process, processes)
+    if settings.capacity.units is None:
+        return capacity, share(vllm_config.scheduler_config.max_num_seqs, process, processes)
+    units = share(settings.capacity.units, process, processes)
+    return dataclasses.replace(capacity, max_requests=units), units
 
 
 def engine_aborter(engine_client):
@@ -176,8 +193,8 @@ def build_admission(engine_client, settings: AdmissionSettings, metrics: Serving
     """The controller, guard and estimator sized from the running engine, and their
     background tasks started on this event loop."""
     vllm_config = engine_client.vllm_config
-    capacity = engine_capacity(vllm_config, settings.engine_headroom, settings.api_process, settings.api_processes)
-    engine_slots = share(vllm_config.scheduler_config.max_num_seqs, settings.api_process, settings.api_processes)
+    capacity, engine_slots = engine_gate(vllm_config, settings)
+    metrics.set_capacity_source(settings.capacity.source)
     clock = MonotonicClock()
     ledger, heartbeat = build_ledger(settings, metrics)
     controller = AdmissionController(

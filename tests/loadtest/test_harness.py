@@ -187,3 +187,55 @@ def test_the_stat_under_batch_flood_scenario_reports_per_class_and_account(serve
     assert "  class stat" in result.stdout and "  stream backlog" in result.stdout
     written = " ".join(p.read_text(errors="replace") for p in out.rglob("*") if p.is_file())
     assert "mgk_" not in written + result.stdout + result.stderr  # labels, never keys
+
+
+def test_capacity_search_writes_a_capacity_file_for_the_engine_it_measured(server, tmp_path):
+    """A short search on the real server (a loose SLO: it holds up to the search's maximum):
+    capacity.json names the units, the engine's profile and vLLM version from the server's
+    build info, and every point's figures; its page renders its three plots."""
+    import vllm
+
+    out = tmp_path / "capacity"
+    result = loadtest(
+        "capacity", "--url", server.url, "--key", f"main={server.keys['main']}", "--search-max", "3",
+        "--duration", "4", "--images", "1", "--output-tokens", "6", "--slo-ttft-ms", "60000",
+        "--slo-tpot-ms", "10000", "--slo-percentile", "50", "--search-repeats", "0", "--out", str(out), *SMALL,
+    )  # fmt: skip
+    doc = json.loads((out / "capacity.json").read_text())
+    assert "concurrency    1: holds" in result.stdout and "capacity: 3 units per replica" in result.stdout
+    assert (doc["units_per_replica"], doc["concurrency"], doc["stopped"]) == (3, 3, "max_concurrency")
+    assert doc["engine"]["profile"] == "cpu-dev" and doc["engine"]["vllm_version"] == vllm.__version__
+    assert doc["slo"] == {"ttft_ms": 60000.0, "tpot_ms": 10000.0, "percentile": 50.0, "min_ok": 0.99}
+    assert doc["workload"]["images"] == "1" and doc["workload"]["keys"] == ["main"]
+    assert [p["concurrency"] for p in doc["points"]] == [1, 2, 3]
+    for point in doc["points"]:
+        assert point["verdict"] == "holds" and point["ok"] == point["requests"] > 0
+        assert 0 < point["ttft_s"]["low"] <= point["ttft_s"]["value"] <= point["ttft_s"]["high"] < 60
+    assert server.keys["main"] not in (out / "capacity.json").read_text() + result.stdout
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'p'}"]
+    dom = subprocess.run([chromium, *flags, "--dump-dom", (out / "capacity.html").resolve().as_uri()],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert 'data-report-ready="ok"' in dom.stdout and 'data-plots="3"' in dom.stdout, dom.stderr[-3000:]
+
+
+def test_capacity_search_that_misses_at_its_start_exits_1_with_no_units(server, tmp_path):
+    out = tmp_path / "strict"
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtests.cli", "capacity", "--url", server.url, "--key",
+         f"main={server.keys['main']}", "--duration", "3", "--images", "0", "--output-tokens", "4",
+         "--slo-ttft-ms", "0.001", "--out", str(out), *SMALL],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    doc = json.loads((out / "capacity.json").read_text())
+    assert (doc["units_per_replica"], doc["stopped"], doc["bracket"]["misses_at"]) == (0, "missed_at_start", 1)
+    assert "over 0.001 ms" in doc["points"][0]["reasons"][0]
+
+
+def test_capacity_refuses_a_load_shape_of_its_own(tmp_path):
+    scenario = tmp_path / "shaped.yaml"
+    scenario.write_text("concurrency: 4\nimages: 1\n")
+    result = subprocess.run([sys.executable, "-m", "loadtests.cli", "capacity", "--scenario", str(scenario)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 2 and "leave out concurrency" in result.stderr
