@@ -4,6 +4,8 @@
     medgemma-loadtest ab --url http://127.0.0.1:8000 --url-b http://127.0.0.1:8001 --concurrency 4 --requests 32
     medgemma-loadtest capacity --url http://127.0.0.1:8000 --scenario workload.yaml --slo-ttft-ms 2000 \
         --slo-tpot-ms 60 --duration 30 --out results/
+    medgemma-loadtest plan --capacity-file results/capacity.json --keys-file keys.yaml --peak-utilisation 0.6 \
+        --gpu-hour-price 2.5
 
 Exit status: 0 after a run (whatever the server answered: outcomes are in the report) or
 a capacity search that found a capacity, 1 when the SLO did not hold even at the search's
@@ -15,15 +17,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import json
 import os
 import sys
 from pathlib import Path
 
 from loadtests import ab, capacity_report, config, report, summary
+from loadtests import plan as fleet
+from loadtests import replay as replaying
 from loadtests.capacity import CapacitySearch
 from loadtests.profiles import Stage
 from loadtests.runner import Progress, Runner
 from loadtests.workload import Workload
+from serving.admission.keysfile import KeysFileError
 from serving.layers import SettingsError, add_setting_flags, read_yaml
 
 LIST_SETTINGS = {"key", "key_b"}
@@ -48,7 +54,79 @@ def build_parser() -> argparse.ArgumentParser:
                        {"streams"} | SEARCH_SETTINGS)  # fmt: skip
     _add_setting_flags(commands.add_parser("capacity", help="Search for the highest concurrency one replica "
                                            "serves within the SLO; writes capacity.json."), NOT_FOR_CAPACITY)  # fmt: skip
+    plan = commands.add_parser("plan", help="Replicas at peak, Ray min/max_replicas, headroom and cost per sold "
+                               "unit, from a capacity and what is sold.")  # fmt: skip
+    plan.add_argument("--capacity-file", required=True, help="capacity.json from `capacity`, or units per replica.")
+    sold = plan.add_mutually_exclusive_group(required=True)
+    sold.add_argument("--keys-file", help="The server's keys file: units sold = every active account's plan.")
+    sold.add_argument("--sold-units", type=int, help="Units sold (concurrency units across every account).")
+    plan.add_argument("--peak-utilisation", type=float, default=1.0,
+                      help="Share of sold units in use at the busiest hour (default 1: every one).")  # fmt: skip
+    plan.add_argument("--trough-utilisation", type=float, default=0.0,
+                      help="Share in use at the quietest hour (sets min_replicas; default 0: one replica).")  # fmt: skip
+    plan.add_argument("--target-utilisation", type=float, default=fleet.DEFAULT_TARGET_UTILISATION,
+                      help="The autoscaler's target share of a replica's capacity (Ray scaling setting).")  # fmt: skip
+    plan.add_argument("--gpu-hour-price", type=float, help="Price of one GPU-hour, for the cost figures.")
+    plan.add_argument("--gpus-per-replica", type=int, default=1, help="GPUs one replica holds (default 1).")
+    plan.add_argument("--json", action="store_true", help="Print the plan as JSON.")
+    replay = commands.add_parser("replay", help="Replay a demand trace against the autoscaling policy: SLO "
+                                 "attainment against replica-hours per target utilisation.")  # fmt: skip
+    replay.add_argument("--capacity-file", required=True, help="capacity.json from `capacity`, or units per replica.")
+    replay.add_argument("--trace", required=True, help="step:BEFORE,DURING,AFTER,STARTS_S,ENDS_S, "
+                        "diurnal:MEAN,AMPLITUDE[,PERIOD_S] or poisson:RATE_PER_S,SERVICE_S[,SWING] (units in flight).")  # fmt: skip
+    replay.add_argument("--duration-s", type=float, default=86_400.0, help="Seconds replayed (default a day).")
+    replay.add_argument("--targets", default="0.5,0.6,0.75,0.9", help="Target utilisations to compare.")
+    replay.add_argument("--start-s", type=float, default=180.0, help="Measured replica start: added -> serving.")
+    replay.add_argument("--step-s", type=float, default=0.5, help="The replay's control-loop period.")
+    replay.add_argument("--seed", type=int, default=0, help="Seed of a poisson trace.")
+    replay.add_argument("--json", action="store_true", help="Also print every decision as JSON.")
+    defaults = fleet_scaling_defaults()
+    for name in ("min_replicas", "max_replicas", "upscale_delay_s", "downscale_delay_s", "look_back_period_s",
+                 "metrics_interval_s"):  # fmt: skip
+        kind = int if name.endswith("replicas") else float
+        replay.add_argument("--" + name.replace("_", "-"), type=kind, default=defaults[name],
+                            help=f"Ray Serve scaling setting (default {defaults[name]:g}).")  # fmt: skip
     return parser
+
+
+def fleet_scaling_defaults() -> dict:
+    from serving.ray_app import ScalingSettings
+
+    return {name: field.default for name, field in ScalingSettings.model_fields.items()}
+
+
+def replay_trace(args: argparse.Namespace) -> int:
+    units, _ = fleet.units_from_capacity(args.capacity_file)
+    try:
+        targets = [float(t) for t in args.targets.split(",")]
+        trace = replaying.parse_trace(args.trace, args.duration_s, args.seed)
+        config = replaying.ReplayConfig(units, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                                        upscale_delay_s=args.upscale_delay_s, downscale_delay_s=args.downscale_delay_s,
+                                        look_back_period_s=args.look_back_period_s,
+                                        metrics_interval_s=args.metrics_interval_s, start_s=args.start_s,
+                                        step_s=args.step_s)  # fmt: skip
+        results = replaying.compare_targets(trace, args.duration_s, config, targets)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    print(f"{args.trace} over {args.duration_s:g} s; {units} units per replica, replicas {args.min_replicas}-"
+          f"{args.max_replicas}, start {args.start_s:g} s, delays up {args.upscale_delay_s:g} s / down "
+          f"{args.downscale_delay_s:g} s")  # fmt: skip
+    print(replaying.render(results))
+    if args.json:
+        print(json.dumps([{"target": r.config.target_utilisation, "attainment": r.attainment,
+                           "replica_hours": r.replica_hours, "decisions": r.decisions, "ready": r.ready}
+                          for r in results], indent=1))  # fmt: skip
+    return 0
+
+
+def plan_fleet(args: argparse.Namespace) -> int:
+    units, measured = fleet.units_from_capacity(args.capacity_file)
+    sold = args.sold_units if args.sold_units is not None else fleet.sold_units_in(args.keys_file)
+    result = fleet.fleet_plan(units, sold, peak_utilisation=args.peak_utilisation,
+                              trough_utilisation=args.trough_utilisation, target_utilisation=args.target_utilisation,
+                              gpus_per_replica=args.gpus_per_replica, gpu_hour_price=args.gpu_hour_price)  # fmt: skip
+    print(json.dumps(result.to_json() | {"measured": measured}, indent=2) if args.json else fleet.render(result, measured))
+    return 0
 
 
 def capacity_settings(flags: dict, scenario: str | None) -> config.LoadTestSettings:
@@ -141,6 +219,14 @@ def run(settings: config.LoadTestSettings) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        if args.command == "plan":
+            return plan_fleet(args)
+        if args.command == "replay":
+            return replay_trace(args)
+    except (SettingsError, KeysFileError) as exc:
+        print(f"medgemma-loadtest: {exc}", file=sys.stderr)
+        return 2
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "scenario")}
     try:
         if args.command == "capacity":
