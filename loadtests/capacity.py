@@ -14,8 +14,8 @@ Guarantees:
   statistics, 95%): it *holds* when every interval lies at or under its limit and at least
   ``min_ok`` of the requests were answered, *misses* when an interval lies wholly above a
   limit or too few were answered, and is *close* otherwise. A close point is measured again
-  (``repeats`` more runs, records pooled); still close, its estimate decides, and it stays
-  marked ``close``.
+  (``repeats`` more runs, records pooled); still close, it counts as a miss (marked
+  ``close``): a unit sold must be one the replica is shown to honour.
 - The capacity is the highest concurrency that held; the knee lies between it and the
   lowest that missed (``bracket``), so the answer is within one search step.
 - Every point keeps its figures and intervals, so the file shows how sure the answer is.
@@ -99,7 +99,7 @@ class Point:
     ttft_s: Estimate
     tpot_s: Estimate
     verdict: str
-    close: bool = False  # still close after its repeats: its estimate decided
+    close: bool = False  # still close after its repeats (then a miss)
     reasons: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -143,13 +143,11 @@ def _within(record: RequestRecord, name: str, limit: float) -> bool:
     return value <= limit
 
 
-def decide(point: Point, slo: Slo) -> Point:
-    """A close point after its last repeat: its estimates against the limits decide."""
-    if point.verdict != CLOSE:
-        return point
-    estimates = {"ttft": point.ttft_s, "tpot": point.tpot_s}
-    within = all(estimates[n].value is None or estimates[n].value <= limit for n, limit in slo.limits().items())
-    point.verdict, point.close = (HOLDS if within else MISSES), True
+def decide(point: Point) -> Point:
+    """A point still close after its last repeat misses: a unit sold must be one the replica
+    is shown to honour, and a percentile whose interval reaches over the limit is not."""
+    if point.verdict == CLOSE:
+        point.verdict, point.close = MISSES, True
     return point
 
 
@@ -187,7 +185,7 @@ class CapacitySearch:
         while point.verdict == CLOSE and len(runs) <= self.repeats:
             runs.append(self.measure(concurrency))
             point = judge(concurrency, runs, self.slo)
-        point = decide(point, self.slo)
+        point = decide(point)
         self.points[concurrency] = point
         self.on_point(point)
         return point

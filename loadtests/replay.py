@@ -84,6 +84,22 @@ def poisson_trace(rate_per_s: float, service_s: float, duration_s: float, seed: 
     return demand
 
 
+def recorded_trace(points: list[tuple[float, float]]) -> Trace:
+    """A measured series of (seconds, units), each value held until the next."""
+    ordered = sorted((float(t), float(v)) for t, v in points)
+    if not ordered:
+        raise ValueError("a recorded trace needs at least one (time, units) point")
+
+    def demand(at: float) -> float:
+        low, high = 0, len(ordered) - 1
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if ordered[middle][0] <= at else (low, middle - 1)
+        return ordered[low][1] if ordered[low][0] <= at else 0.0
+
+    return demand
+
+
 # --- the replay -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ReplayConfig:
@@ -174,16 +190,23 @@ def replay(trace: Trace, duration_s: float, config: ReplayConfig) -> ReplayResul
 
 
 def parse_trace(spec: str, duration_s: float, seed: int = 0) -> Trace:
-    """``step:BEFORE,DURING,AFTER,STARTS_S,ENDS_S``, ``diurnal:MEAN,AMPLITUDE[,PERIOD_S]`` or
-    ``poisson:RATE_PER_S,SERVICE_S[,SWING]`` (units in flight; seeded)."""
+    """``step:BEFORE,DURING,AFTER,STARTS_S,ENDS_S``, ``diurnal:MEAN,AMPLITUDE[,PERIOD_S]``,
+    ``poisson:RATE_PER_S,SERVICE_S[,SWING]`` (units in flight; seeded) or ``file:PATH`` (a
+    recorded series: JSON [[seconds, units], ...])."""
     kind, _, args = spec.partition(":")
+    if kind == "file":  # a JSON list of [seconds, units], or an object with one as "demand_units"
+        import json
+        from pathlib import Path
+
+        data = json.loads(Path(args).read_text())
+        return recorded_trace(data["demand_units"] if isinstance(data, dict) else data)
     try:
         values = [float(v) for v in args.split(",")] if args else []
     except ValueError:
         raise ValueError(f"trace {spec!r}: its arguments must be numbers") from None
     shapes = {"step": (5, 5), "diurnal": (2, 3), "poisson": (2, 3)}
     if kind not in shapes:
-        raise ValueError(f"trace {spec!r}: the kind must be one of {', '.join(shapes)}")
+        raise ValueError(f"trace {spec!r}: the kind must be one of {', '.join(shapes)}, file")
     low, high = shapes[kind]
     if not low <= len(values) <= high or any(v < 0 for v in values):
         raise ValueError(f"trace {spec!r}: {kind} takes {low}{'' if low == high else f'-{high}'} non-negative numbers")

@@ -21,9 +21,12 @@ Guarantees:
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from typing import Any
+
+logger = logging.getLogger("ray.serve")
 
 DEMAND = "demand_units"
 CAPACITY = "capacity_units"
@@ -61,5 +64,10 @@ class CostUnitsPolicy:
         total = sum(demand[replica] for replica in reporting)
         per_replica = statistics.median([capacity[r] for r in reporting if r in capacity] or [self.capacity_units])
         desired = desired_replicas(total, per_replica, self.target_utilisation)
+        previous = (state.get("medgemma") or {}).get("desired")
         state["medgemma"] = {"demand_units": total, "capacity_units": per_replica, "desired": desired}
+        if desired != previous:  # Ray's controller log then says why it scales
+            logger.info("cost-unit policy: %.2f demand units from %d of %d running replicas, %.0f capacity units "
+                        "each: wants %d (target %d)", total, len(reporting), len(running), per_replica, desired,
+                        ctx.target_num_replicas)  # fmt: skip
         return desired, state

@@ -4,6 +4,7 @@ import base64
 import io
 
 import numpy as np
+import numpy.random  # noqa: F401 - now: numpy 2's lazy import of it is not thread-safe (RecursionError)
 from PIL import Image
 
 

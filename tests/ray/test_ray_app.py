@@ -25,7 +25,7 @@ import yaml
 
 from tests.integration.images import data_url, image
 from tests.live_server import write_keys
-from tests.metrics_text import samples
+from tests.metrics_text import Sampler, samples
 from tests.prometheus_server import PrometheusServer
 from tests.redis_server import RedisServer
 
@@ -34,7 +34,13 @@ PORT_MIN = 30400  # direct ingress: the first replica on this node, then the nex
 PORTS = tuple(range(PORT_MIN, PORT_MIN + 4))
 START_TIMEOUT_S = 420
 CAPACITY = 16  # cpu-dev max_num_seqs
-TARGET = 0.5  # 8 units per replica: 16 concurrent streams want 2 replicas
+# 4 units per replica at target. The 16 streams keep only about 8 units in flight on average
+# on two cores (the controller's log: 5.5-9.5 over 5 s; each stream's requests are short and
+# its turnaround is not demand), which at 0.5 sat on the 2-replica threshold and let a dip
+# scale in under load. At 0.25 they want 2 with room to spare; the trickle's 1 stream wants 1.
+TARGET = 0.25
+SCALING = {"min_replicas": 1, "max_replicas": 2, "target_utilisation": TARGET, "upscale_delay_s": 5,
+           "downscale_delay_s": 20, "look_back_period_s": 5, "metrics_interval_s": 1}  # fmt: skip
 
 
 RUN_MARKER = "MGTEST_RAY_RUN"  # in the CLI's environment, hence in every process it starts
@@ -214,9 +220,8 @@ def ray_app():
     process = subprocess.Popen(
         [sys.executable, "-m", "serving", "ray", "--profile", "cpu-dev", "--keys-file", str(keys_file),
          "--redis-url", redis.url, "--host", "127.0.0.1", "--num-cpus", "4", "--ray-temp-dir", str(root / "ray"),
-         "--min-replicas", "1", "--max-replicas", "2", "--target-utilisation", str(TARGET),
-         "--upscale-delay-s", "5", "--downscale-delay-s", "20", "--look-back-period-s", "5",
-         "--metrics-interval-s", "1", "--drain-timeout-s", "30",
+         *[arg for name, value in SCALING.items() for arg in ("--" + name.replace("_", "-"), str(value))],
+         "--drain-timeout-s", "30",
          # Two cores run two engines here: a generous Redis timeout keeps CPU starvation from
          # reading as a Redis outage (production default: 1 s).
          "--redis-timeout-s", "5"],
@@ -312,6 +317,7 @@ class Load:
 
     def worker(self, i: int) -> None:
         headers = {"Authorization": f"Bearer {self.key}"}
+        body = chat(self.max_tokens, True)  # the same request every time: the client's turnaround stays short
         n = i
         with httpx.Client(timeout=180) as client:
             while not self.stop.is_set():
@@ -319,17 +325,29 @@ class Load:
                 port = ports[n % len(ports)]
                 n += 1
                 started = time.monotonic()
-                try:
-                    with client.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions",
-                                       json=chat(self.max_tokens, True), headers=headers) as response:  # fmt: skip
-                        lines = [line for line in response.iter_lines() if line]
-                    if response.status_code == 200 and lines and lines[-1] == "data: [DONE]" and \
-                            not any('"error"' in line for line in lines):  # fmt: skip
-                        what = "ok"
-                    else:
-                        what = f"{response.status_code} {lines[-2:]}"
-                except httpx.HTTPError as exc:
-                    what = f"{type(exc).__name__} {exc}"
+                for attempt in range(2):
+                    try:
+                        with client.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions",
+                                           json=body, headers=headers) as response:  # fmt: skip
+                            lines = [line for line in response.iter_lines() if line]
+                        if response.status_code == 200 and lines and lines[-1] == "data: [DONE]" and \
+                                not any('"error"' in line for line in lines):  # fmt: skip
+                            what = "ok"
+                        else:
+                            what = f"{response.status_code} {lines[-2:]}"
+                    except httpx.ConnectError as exc:
+                        # Refused: no replica took the request. This client learns the ready
+                        # ports by polling, so it can pick a stopped replica's port in the
+                        # moment before it notices; it then tries another once, as a load
+                        # balancer does with a refused connection.
+                        what = f"ConnectError {exc}"
+                        others = [p for p in self.ports if p != port]
+                        if attempt == 0 and others:
+                            port = others[n % len(others)]
+                            continue
+                    except httpx.HTTPError as exc:
+                        what = f"{type(exc).__name__} {exc}"
+                    break
                 self.events.append((time.monotonic(), port, what, started))
                 if what != "ok":
                     time.sleep(0.2)
@@ -353,11 +371,29 @@ def logged_at(log: str, pattern: str) -> float | None:
     return None
 
 
+def summed_series(samplers: list[Sampler], since: float, stale_s: float = 2.0) -> list[tuple[float, float]]:
+    """The samplers' readings summed over time: at each reading, every sampler's latest value
+    (0 once it is older than ``stale_s``: a stopped replica answers no more)."""
+    name = samplers[0].names[0]
+    readings = sorted((r["_t"], i, r[name]) for i, sampler in enumerate(samplers) for r in sampler.readings)
+    latest: dict[int, tuple[float, float]] = {}
+    series = []
+    for at, index, value in readings:
+        latest[index] = (at, value)
+        total = sum(v for seen, v in latest.values() if at - seen <= stale_s)
+        series.append((round(at - since, 2), total))
+    return series
+
+
 def test_scales_out_under_load_and_back_with_no_failed_request(ray_app, tmp_path):
     rules = yaml.safe_load((ROOT / "deploy" / "base" / "prometheusrule.yaml").read_text())["spec"]["groups"]
     prometheus = PrometheusServer(tmp_path / "prometheus",
                                   {f"r{i}": f"127.0.0.1:{port}" for i, port in enumerate(PORTS[:2])}, rules).start()  # fmt: skip
-    began = time.time()
+    # each replica's autoscaling signal every 0.5 s (benchmarks/replay_vs_ray.py replays it)
+    demand_seen = [Sampler(f"http://127.0.0.1:{port}", "medgemma_demand_units", interval_s=0.5) for port in PORTS[:2]]
+    for sampler in demand_seen:
+        sampler.__enter__()
+    began, began_mono = time.time(), time.monotonic()
     timeline: dict[str, float] = {}  # event -> wall-clock seconds since the load began
     UP, DOWN = r"Upscaling .*medgemma.* from 1 to 2", r"Downscaling .*medgemma.* from 2 to 1"
 
@@ -410,6 +446,8 @@ def test_scales_out_under_load_and_back_with_no_failed_request(ray_app, tmp_path
         if light is not None:
             light.finish()
         prometheus.stop()
+        for sampler in demand_seen:
+            sampler.__exit__(None, None, None)
     print("timeline (s since load start):", json.dumps(timeline))
     print(f"requests: {heavy.ok} under load, {light.ok} in the trickle; Prometheus: {signal_seen}")
     assert decisions() == (True, True)
@@ -419,6 +457,10 @@ def test_scales_out_under_load_and_back_with_no_failed_request(ray_app, tmp_path
     assert up is not None and down is not None, ("no scaling decisions in the controller log", log[-3000:])
     timeline["scale-up decision"], timeline["scale-down decision"] = round(up - began, 1), round(down - began, 1)
     print("with Ray's decisions:", json.dumps(timeline))
+    if os.environ.get("MEDGEMMA_SCALING_TIMELINE_OUT"):  # kept for the autoscaling replay's check
+        Path(os.environ["MEDGEMMA_SCALING_TIMELINE_OUT"]).write_text(json.dumps(
+            {"timeline": timeline, "demand_units": summed_series(demand_seen, began_mono), "capacity_units": 16,
+             **SCALING}, indent=1))  # fmt: skip
     order = ["load start (16 streams)", "scale-up decision", "second replica ready", "load end (1 stream left)",
              "scale-down decision", "back to one replica"]  # fmt: skip
     slack = 1.5  # a log line's time is stamped just before the test can see its effect

@@ -64,7 +64,7 @@ def test_the_search_finds_a_known_knee_within_one_step(per_seq, resolution):
     result = CapacitySearch(replica, slo, max_concurrency=1024, resolution=resolution).run()
     step = max(1, math.floor(knee * resolution))
     assert result.stopped == "bisected"
-    assert knee - step <= result.capacity <= knee < result.misses_at <= knee + step + 1, (knee, result)
+    assert knee - step <= result.capacity <= knee <= result.misses_at <= knee + step + 1, (knee, result)
     assert result.misses_at - result.capacity == result.resolution <= step
     # doubling from 1 until a miss, then bisecting inside the last doubling
     tried = list(dict.fromkeys(replica.calls))
@@ -86,6 +86,7 @@ def test_every_point_carries_its_interval_and_close_points_are_measured_again():
     knee = replica.knee(0.06)
     at_knee = next(p for p in result.points if p.concurrency == knee)  # p95 0.0597 against 0.060: close
     assert at_knee.runs == 3 and at_knee.close and replica.calls.count(knee) == 3
+    assert at_knee.verdict == MISSES and result.capacity == knee - 1  # not shown to hold: not sold
     assert at_knee.tpot_s.low <= 0.06 <= at_knee.tpot_s.high
     far = next(p for p in result.points if p.concurrency == 8)
     assert far.runs == 1 and not far.close and far.tpot_s.high < 0.06

@@ -3,11 +3,13 @@ against decisions worked out by hand."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from loadtests import cli
-from loadtests.replay import (ReplayConfig, compare_targets, diurnal_trace, parse_trace, poisson_trace, replay,
-                              step_trace)  # fmt: skip
+from loadtests.replay import (ReplayConfig, compare_targets, diurnal_trace, parse_trace, poisson_trace,
+                              recorded_trace, replay, step_trace)  # fmt: skip
 
 # The Ray tier's settings (tests/ray/test_ray_app.py), with a 10 s look-back and 16 units.
 CONFIG = ReplayConfig(capacity_units=16, target_utilisation=0.75, min_replicas=1, max_replicas=2, upscale_delay_s=5,
@@ -52,7 +54,7 @@ def test_a_higher_target_buys_fewer_replica_hours_with_less_attainment():
     assert (again.decisions, again.attainment) == (low.decisions, low.attainment)  # deterministic
 
 
-def test_traces():
+def test_traces(tmp_path):
     assert [step_trace(1, 5, 2, 10, 20)(t) for t in (0, 10, 19.9, 20)] == [1, 5, 5, 2]
     day = diurnal_trace(100, 80)
     assert day(14 * 3600) == pytest.approx(180) and day(2 * 3600) == pytest.approx(20)
@@ -60,7 +62,11 @@ def test_traces():
     mean = sum(flat(t) for t in range(100, 2000)) / 1900
     assert 6 < mean < 10  # Little's law: 4/s x 2 s = 8 in flight
     assert parse_trace("step:1,5,2,10,20", 100)(15) == 5
-    with pytest.raises(ValueError, match="one of step, diurnal, poisson"):
+    recorded = recorded_trace([(2.0, 6.0), (0.0, 1.0), (5.0, 3.0)])
+    assert [recorded(t) for t in (0, 1.9, 2, 4.9, 5, 99)] == [1, 1, 6, 6, 3, 3]
+    (tmp_path / "run.json").write_text(json.dumps({"demand_units": [[0, 2], [10, 9]]}))
+    assert parse_trace(f"file:{tmp_path / 'run.json'}", 100)(12) == 9
+    with pytest.raises(ValueError, match="one of step, diurnal, poisson, file"):
         parse_trace("burst:1", 10)
     with pytest.raises(ValueError, match="takes 5 non-negative numbers"):
         parse_trace("step:1,2", 10)
