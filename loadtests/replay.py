@@ -16,7 +16,9 @@ What is modelled:
 - Demand is the units wanted in flight at each instant (served or queued), from a trace.
 - Every ``metrics_interval_s`` each running replica reports its even share of the demand
   (the router spreads requests) and the capacity; Ray averages each replica's reports over
-  ``look_back_period_s``. A replica reports only once it is running.
+  ``look_back_period_s``. A replica reports only once it is running; the initial replicas
+  were serving before the trace began, so their window starts full of the trace's demand
+  at negative times (a recorded trace's samples from before its start, else its first value).
 - A replica added at time t serves from ``t + start_s`` (the measured replica start: GPU
   node, model load) and holds its GPU from t. A removed replica stops at once.
 - Demand up to ``running replicas x capacity`` is served within the SLO (the capacity is
@@ -145,6 +147,10 @@ def replay(trace: Trace, duration_s: float, config: ReplayConfig) -> ReplayResul
     policy = CostUnitsPolicy(config.target_utilisation, config.capacity_units)
     initial = config.initial_replicas if config.initial_replicas is not None else config.min_replicas
     replicas = [Replica(f"r{i}", 0.0, 0.0) for i in range(initial)]
+    for replica in replicas:  # serving before the trace began: a look-back of its reports already in
+        ticks = range(math.ceil(config.look_back_period_s / config.metrics_interval_s) - 1, 0, -1)
+        replica.reports.extend((-k * config.metrics_interval_s, trace(-k * config.metrics_interval_s) / initial)
+                               for k in ticks)  # fmt: skip
     named = initial
     target, policy_state, ray_state = initial, {}, {}
     decisions, ready_log = [], [(0.0, initial)]

@@ -43,6 +43,15 @@ def test_a_burst_the_look_back_smooths_for_less_than_the_upscale_delay_adds_no_r
     assert longer.decisions[0] == (26.0, 1, 2)  # wants 2 from t=11 (15.2 > 12), for 15 s
 
 
+def test_the_initial_replicas_arrive_with_a_full_window_of_the_demand_before_the_trace():
+    """20 units all along (before the trace too): the first report already averages 20 over
+    the window, so 2 are wanted from t=0 and decided after exactly the 5 s delay."""
+    assert replay(step_trace(20, 20, 20, 0, 0), 30, CONFIG).decisions == [(5.0, 1, 2)]
+    # demand from t=0 only: the window holds zeros before it, as Ray's would; at t=6 it is
+    # 7 reports of 20 and 3 of 0 (14 > 12): 2 wanted, decided at t=11
+    assert replay(recorded_trace([(0.0, 20.0)]), 30, CONFIG).decisions == [(11.0, 1, 2)]
+
+
 def test_a_higher_target_buys_fewer_replica_hours_with_less_attainment():
     trace = poisson_trace(2.0, 8.0, 4 * 3600, seed=3, swing=0.8, period_s=4 * 3600)  # ~16 units on average
     config = ReplayConfig(capacity_units=8, min_replicas=1, max_replicas=8, upscale_delay_s=30,
