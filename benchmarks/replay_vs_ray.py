@@ -3,8 +3,8 @@
 The Ray tier's load step (tests/ray/test_ray_app.py::test_scales_out_under_load_and_back_with_no_failed_request)
 scales the engine deployment 1 -> 2 -> 1 on a real Ray cluster. With
 ``MEDGEMMA_SCALING_TIMELINE_OUT`` set it writes its measured timeline, its scaling settings
-and the demand the replicas reported (``sum(medgemma_demand_units)`` as its Prometheus
-scraped it). This replays that demand through ``loadtests.replay`` with the same settings
+and the demand the replicas reported (each replica's ``medgemma_demand_units``, sampled
+from its /metrics about every 0.5-2 s, summed). This replays that demand through ``loadtests.replay`` with the same settings
 and the measured replica start (second replica ready minus the scale-up decision), and
 prints each event's time since the load began, measured and replayed, and their difference
 as a share of the measured time.

@@ -5,7 +5,8 @@ concurrency at which TTFT and TPOT stay inside the SLO for a given workload. The
 
 1. **Bracket.** Closed-loop runs at ``start``, 2x, 4x, ... until the SLO misses, the server
    saturates (throughput grew by less than ``min_gain`` over the last doubling: more
-   concurrency only queues) or ``max_concurrency`` is reached.
+   concurrency only queues, so the capacity is the point before) or ``max_concurrency`` is
+   reached.
 2. **Bisect** between the highest concurrency that held and the lowest that missed, until
    they are at most ``resolution`` apart (a fraction of the lower one, at least 1).
 
@@ -199,11 +200,10 @@ class CapacitySearch:
                 misses_at = concurrency
                 stopped = "bisected" if holds_at else "missed_at_start"
                 break
-            holds_at = concurrency
             if last is not None and point.requests_per_s < last.requests_per_s * (1 + self.min_gain):
-                stopped = "saturated"
+                stopped = "saturated"  # more concurrency only queued: sell what reached the throughput
                 break
-            last = point
+            holds_at, last = concurrency, point
             if concurrency == self.max_concurrency:
                 break
             concurrency = min(concurrency * 2, self.max_concurrency)

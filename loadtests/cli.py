@@ -33,7 +33,8 @@ from serving.admission.keysfile import KeysFileError
 from serving.layers import SettingsError, add_setting_flags, read_yaml
 
 LIST_SETTINGS = {"key", "key_b"}
-SEARCH_SETTINGS = {"slo_percentile", "slo_min_ok", "search_start", "search_max", "search_resolution", "search_repeats"}
+SEARCH_SETTINGS = {"slo_percentile", "slo_min_ok", "search_start", "search_max", "search_resolution", "search_repeats",
+                   "search_min_gain"}  # fmt: skip
 # what a capacity search chooses itself, or does not use
 NOT_FOR_CAPACITY = {"streams", "concurrency", "rate", "ramp_to", "sweep_concurrency", "sweep_rate", "arrival",
                     "burstiness", "max_concurrency", "url_b", "key_b", "rounds"}  # fmt: skip
@@ -165,13 +166,15 @@ def capacity(settings: config.LoadTestSettings) -> dict:
 
     search = CapacitySearch(measure, settings.slo(), start=settings.search_start, max_concurrency=settings.search_max,
                             resolution=settings.search_resolution, repeats=settings.search_repeats,
+                            min_gain=settings.search_min_gain,
                             on_point=lambda point: print(capacity_report.progress_line(point), flush=True))  # fmt: skip
     result = search.run()
     doc = capacity_report.document(
         result, settings.slo(), config=settings.public_config(), engine=capacity_report.engine_info(settings.url),
         url=settings.url, started_at=started_at,
         search={"start": settings.search_start, "max": settings.search_max, "resolution": settings.search_resolution,
-                "repeats": settings.search_repeats, "duration_s": duration, "requests": settings.requests,
+                "repeats": settings.search_repeats, "min_gain": settings.search_min_gain, "duration_s": duration,
+                "requests": settings.requests,
                 "warmup_s": settings.warmup, "runs": runs},
     )  # fmt: skip
     out = Path(settings.out)

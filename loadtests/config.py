@@ -136,6 +136,7 @@ class LoadTestSettings(BaseSettings):
     search_max: int = Field(256, ge=1, description="capacity: the highest concurrency tried.")
     search_resolution: float = Field(0.05, ge=0, lt=1, description="capacity: bisect until the bracket is this fraction of its lower end (at least 1) wide.")
     search_repeats: int = Field(2, ge=0, description="capacity: extra runs at a point whose verdict is within its confidence interval.")
+    search_min_gain: float = Field(0.05, ge=-1, description="capacity: the server saturates when doubling the concurrency adds less than this share of throughput (-1: never stop for that).")
     seed: int = Field(0, description="Random seed: the same seed sends the same workload.")
     honor_retry_after: bool = Field(True, description="Closed loop: a client refused with Retry-After (429/503) waits that long before its next request.")
     timeout: float = Field(600.0, gt=0, description="Per-request timeout in seconds.")

@@ -11,8 +11,10 @@ Guarantees:
   autoscaling policy runs, so the plan and the autoscaler agree on the arithmetic:
   ``ceil(demand units / (capacity x target))``.
 - ``max_replicas`` carries every sold unit at once at the target utilisation: an account's
-  budget caps its units in flight (queued or running), so demand cannot exceed what is sold
-  and the autoscaler never asks for more.
+  budget caps its units in flight (queued for the engine or running). Requests waiting in a
+  plan's own queue beyond its budget (``queue:`` in the keys file) count as demand too, so
+  with such plans the autoscaler may ask for more; ``max_replicas`` then caps it, and those
+  requests wait their plan's turn rather than the fleet's.
 - ``min_replicas`` carries the quietest hour's demand, and is at least 1 (scale to zero
   makes the first request wait minutes for a GPU and a model load).
 - Headroom is what the peak's replicas carry beyond the peak's demand, at full capacity.

@@ -138,12 +138,16 @@ class ReplayResult:
 
 
 def replay(trace: Trace, duration_s: float, config: ReplayConfig) -> ReplayResult:
+    if config.min_replicas < 1:
+        raise ValueError("the replay needs min_replicas >= 1: demand is what serving replicas report, and "
+                         "with none the policy would never hear of any (scale from zero is Ray's own path)")  # fmt: skip
     from ray.serve.autoscaling_policy import _apply_delay_logic, _apply_scaling_factors
     from ray.serve.config import AutoscalingConfig
 
     ray_config = AutoscalingConfig(min_replicas=config.min_replicas, max_replicas=config.max_replicas,
                                    upscale_delay_s=config.upscale_delay_s, downscale_delay_s=config.downscale_delay_s,
-                                   look_back_period_s=config.look_back_period_s)  # fmt: skip
+                                   look_back_period_s=config.look_back_period_s,
+                                   metrics_interval_s=config.metrics_interval_s)  # as serving.ray_app gives Ray  # fmt: skip
     policy = CostUnitsPolicy(config.target_utilisation, config.capacity_units)
     initial = config.initial_replicas if config.initial_replicas is not None else config.min_replicas
     replicas = [Replica(f"r{i}", 0.0, 0.0) for i in range(initial)]

@@ -190,7 +190,8 @@ def test_the_stat_under_batch_flood_scenario_reports_per_class_and_account(serve
 
 
 def test_capacity_search_writes_a_capacity_file_for_the_engine_it_measured(server, tmp_path):
-    """A short search on the real server (a loose SLO: it holds up to the search's maximum):
+    """A short search on the real server (a loose SLO, saturation not checked: it holds up to
+    the search's maximum):
     capacity.json names the units, the engine's profile and vLLM version from the server's
     build info, and every point's figures; its page renders its three plots."""
     import vllm
@@ -198,8 +199,9 @@ def test_capacity_search_writes_a_capacity_file_for_the_engine_it_measured(serve
     out = tmp_path / "capacity"
     result = loadtest(
         "capacity", "--url", server.url, "--key", f"main={server.keys['main']}", "--search-max", "3",
-        "--duration", "4", "--images", "1", "--output-tokens", "6", "--slo-ttft-ms", "60000",
-        "--slo-tpot-ms", "10000", "--slo-percentile", "50", "--search-repeats", "0", "--out", str(out), *SMALL,
+        "--duration", "8", "--images", "1", "--output-tokens", "6", "--slo-ttft-ms", "60000",
+        "--slo-tpot-ms", "10000", "--slo-percentile", "50", "--search-repeats", "1", "--search-min-gain", "-1",
+        "--out", str(out), *SMALL,
     )  # fmt: skip
     doc = json.loads((out / "capacity.json").read_text())
     assert "concurrency    1: holds" in result.stdout and "capacity: 3 units per replica" in result.stdout
@@ -213,6 +215,7 @@ def test_capacity_search_writes_a_capacity_file_for_the_engine_it_measured(serve
         assert 0 < point["ttft_s"]["low"] <= point["ttft_s"]["value"] <= point["ttft_s"]["high"] < 60
     assert server.keys["main"] not in (out / "capacity.json").read_text() + result.stdout
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "chromium is installed by scripts/install-system-deps.sh"
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'p'}"]
     dom = subprocess.run([chromium, *flags, "--dump-dom", (out / "capacity.html").resolve().as_uri()],
                          capture_output=True, text=True, timeout=120)  # fmt: skip

@@ -40,7 +40,7 @@ def test_a_burst_the_look_back_smooths_for_less_than_the_upscale_delay_adds_no_r
     short = replay(step_trace(4, 50, 4, 10, 12), 120, config)
     assert short.decisions == [] and short.ready == [(0.0, 1)]
     longer = replay(step_trace(4, 50, 4, 10, 20), 120, config)
-    assert longer.decisions[0] == (26.0, 1, 2)  # wants 2 from t=11 (15.2 > 12), for 15 s
+    assert longer.decisions[0] == (26.0, 1, 2)  # wants 2 from t=11 (13.2 > 12), for 15 s
 
 
 def test_the_initial_replicas_arrive_with_a_full_window_of_the_demand_before_the_trace():
@@ -59,8 +59,11 @@ def test_a_higher_target_buys_fewer_replica_hours_with_less_attainment():
     low, high = compare_targets(trace, 4 * 3600, config, [0.5, 0.9])
     assert low.replica_hours > high.replica_hours
     assert low.attainment > high.attainment
-    again = compare_targets(trace, 4 * 3600, config, [0.5])[0]
+    rebuilt = poisson_trace(2.0, 8.0, 4 * 3600, seed=3, swing=0.8, period_s=4 * 3600)
+    again = compare_targets(rebuilt, 4 * 3600, config, [0.5])[0]
     assert (again.decisions, again.attainment) == (low.decisions, low.attainment)  # deterministic
+    with pytest.raises(ValueError, match="min_replicas >= 1"):
+        replay(trace, 60, ReplayConfig(capacity_units=8, min_replicas=0))
 
 
 def test_traces(tmp_path):
