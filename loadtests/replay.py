@@ -31,6 +31,7 @@ the same decisions, at the same simulated instants.
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 from collections import deque
@@ -70,34 +71,24 @@ def poisson_trace(rate_per_s: float, service_s: float, duration_s: float, seed: 
             events += [(t, 1), (t + rng.expovariate(1 / service_s), -1)]
         t += rng.expovariate(peak_rate)
     events.sort()
-    times, levels, level = [0.0], [0], 0
+    points, level = [(0.0, 0.0)], 0
     for at, change in events:
         level += change
-        times.append(at)
-        levels.append(level)
-
-    def demand(at: float) -> float:
-        low, high = 0, len(times) - 1
-        while low < high:  # the last event at or before ``at``
-            middle = (low + high + 1) // 2
-            low, high = (middle, high) if times[middle] <= at else (low, middle - 1)
-        return float(levels[low])
-
-    return demand
+        points.append((at, float(level)))
+    return recorded_trace(points)
 
 
 def recorded_trace(points: list[tuple[float, float]]) -> Trace:
-    """A measured series of (seconds, units), each value held until the next."""
-    ordered = sorted((float(t), float(v)) for t, v in points)
+    """A measured series of (seconds, units), each value held until the next (0 before the
+    first; of points at the same instant, the last given)."""
+    ordered = sorted(((float(t), float(v)) for t, v in points), key=lambda point: point[0])
     if not ordered:
         raise ValueError("a recorded trace needs at least one (time, units) point")
+    times = [t for t, _ in ordered]
 
     def demand(at: float) -> float:
-        low, high = 0, len(ordered) - 1
-        while low < high:
-            middle = (low + high + 1) // 2
-            low, high = (middle, high) if ordered[middle][0] <= at else (low, middle - 1)
-        return ordered[low][1] if ordered[low][0] <= at else 0.0
+        index = bisect.bisect_right(times, at) - 1  # the last point at or before ``at``
+        return ordered[index][1] if index >= 0 else 0.0
 
     return demand
 
