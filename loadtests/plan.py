@@ -24,12 +24,12 @@ Guarantees:
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from serving.admission.keys import KeyStore
 from serving.autoscale import desired_replicas
+from serving.capacity import load_capacity_file
 from serving.layers import SettingsError
 
 DEFAULT_TARGET_UTILISATION = 0.75  # serving.ray_app.ScalingSettings.target_utilisation's default
@@ -88,14 +88,8 @@ def units_from_capacity(value: str) -> tuple[int, dict]:
     measured on (empty for a number)."""
     if value.strip().isdigit():
         return int(value), {}
-    try:
-        doc = json.loads(Path(value).read_text())
-    except (OSError, ValueError) as exc:
-        raise SettingsError(f"cannot read capacity file {value}: {exc}") from None
-    units = doc.get("units_per_replica") if isinstance(doc, dict) else None
-    if not isinstance(units, int) or isinstance(units, bool):
-        raise SettingsError(f"{value} is not a capacity file (no units_per_replica)")
-    return units, {"engine": doc.get("engine"), "slo": doc.get("slo"), "workload": doc.get("workload")}
+    doc = load_capacity_file(Path(value))
+    return doc["units_per_replica"], {"engine": doc.get("engine"), "slo": doc.get("slo"), "workload": doc.get("workload")}
 
 
 def sold_units_in(keys_file: str) -> int:

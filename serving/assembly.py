@@ -107,9 +107,10 @@ def sold_capacity(settings: config.ServeSettings, resolved: engine.EngineSetting
 
 
 def context_from_settings(settings: config.ServeSettings, resolved: engine.EngineSettings, keys: KeyStore,
-                          usage_file: str = DEFAULT_USAGE_FILE) -> ServerContext:  # fmt: skip
+                          usage_file: str = DEFAULT_USAGE_FILE, capacity: SoldCapacity | None = None) -> ServerContext:  # fmt: skip
     """The ServerContext for validated settings, their resolved engine settings and the keys
-    (``usage_file``: the usage file's default name)."""
+    (``usage_file``: the usage file's default name; ``capacity``: the sold capacity when the
+    caller has checked it already)."""
     return ServerContext(
         profile=resolved.profile,
         model=resolved.model,
@@ -139,7 +140,7 @@ def context_from_settings(settings: config.ServeSettings, resolved: engine.Engin
             account_metrics_max=settings.account_metrics_max if settings.account_metrics else None,
             served_models=frozenset({resolved.served_model_name, *settings.model_costs}),
             otlp_traces_endpoint=settings.otlp_traces_endpoint,
-            capacity=sold_capacity(settings, resolved),
+            capacity=capacity if capacity is not None else sold_capacity(settings, resolved),
             guard=GuardSettings(
                 max_body_bytes=int(settings.max_body_mib * 2**20),
                 body_timeout_s=settings.body_timeout_s,
@@ -170,11 +171,12 @@ def context_for_api_process(settings: config.ServeSettings, resolved: engine.Eng
 
 
 def prepare_server(settings: config.ServeSettings, resolved: engine.EngineSettings,
-                   usage_file: str = DEFAULT_USAGE_FILE) -> tuple[list[str], ServerContext]:  # fmt: skip
-    """Keys, model and environment checked and set up; returns vLLM's argv and the server's
-    context (``usage_file``: the usage file's default name). Raises ``SettingsError`` before
-    any engine process starts."""
+                   usage_file: str = DEFAULT_USAGE_FILE, api_processes: int = 1) -> tuple[list[str], ServerContext]:  # fmt: skip
+    """Keys, capacity, model and environment checked and set up; returns vLLM's argv and the
+    server's context (``usage_file``: the usage file's default name; ``api_processes``: how
+    many share the engine). Raises ``SettingsError`` before any engine process starts."""
     keys = load_keys(settings)
+    capacity = sold_capacity(settings, resolved, api_processes)  # before a model is fetched or built
     prepare_model(settings, resolved)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", settings.log_level.upper())
     os.environ.update(engine.media_env(settings.remote_image_timeout_s, settings.remote_image_max_mib))
@@ -182,11 +184,9 @@ def prepare_server(settings: config.ServeSettings, resolved: engine.EngineSettin
     if config.uses_dev_model(settings, resolved):
         logger.warning(DEV_MODEL_BANNER, resolved.model)
     logger.info("profile %s, model %s, settings %s", resolved.profile, resolved.model, config.describe(settings))
-    context = context_from_settings(settings, resolved, keys, usage_file)
-    if context.admission.capacity.units is not None:
-        logger.info("capacity: %d units per replica (%s)", context.admission.capacity.units,
-                    context.admission.capacity.source)  # fmt: skip
-    return engine.engine_args(resolved), context
+    if capacity.units is not None:
+        logger.info("capacity: %d units per replica (%s)", capacity.units, capacity.source)
+    return engine.engine_args(resolved), context_from_settings(settings, resolved, keys, usage_file, capacity)
 
 
 def watch_shutdown(engine_client, health: EngineHealth) -> None:

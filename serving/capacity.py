@@ -57,7 +57,9 @@ def read_capacity(value: str | None, *, profile: str, vllm_version: str, max_num
     return sold
 
 
-def _units_from_file(path: Path, profile: str, vllm_version: str) -> int:
+def load_capacity_file(path: Path) -> dict:
+    """A capacity file's contents (what ``medgemma-loadtest capacity`` wrote), refused unless
+    it is one and holds a capacity; shared by the server and ``medgemma-loadtest plan``."""
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
@@ -67,6 +69,15 @@ def _units_from_file(path: Path, profile: str, vllm_version: str) -> int:
     if not isinstance(doc, dict) or doc.get("format") != FILE_FORMAT:
         raise SettingsError(f"capacity_file: {path} is not a capacity file of format {FILE_FORMAT} "
                             "(written by `medgemma-loadtest capacity`)")  # fmt: skip
+    units = doc.get("units_per_replica")
+    if not isinstance(units, int) or isinstance(units, bool) or units < 1:
+        raise SettingsError(f"capacity_file: {path} holds no capacity (units_per_replica {units!r}): the SLO did "
+                            "not hold even at the search's first concurrency")  # fmt: skip
+    return doc
+
+
+def _units_from_file(path: Path, profile: str, vllm_version: str) -> int:
+    doc = load_capacity_file(path)
     engine = doc.get("engine") if isinstance(doc.get("engine"), dict) else {}
     measured = {"engine profile": (engine.get("profile"), profile),
                 "vLLM version": (engine.get("vllm_version"), vllm_version)}  # fmt: skip
@@ -76,8 +87,4 @@ def _units_from_file(path: Path, profile: str, vllm_version: str) -> int:
         if theirs != ours:
             raise SettingsError(f"capacity_file: {path} was measured on {what} {theirs}, and this server runs "
                                 f"{ours}: capacity does not carry over; {REMEASURE}")  # fmt: skip
-    units = doc.get("units_per_replica")
-    if not isinstance(units, int) or isinstance(units, bool) or units < 1:
-        raise SettingsError(f"capacity_file: {path} holds no capacity (units_per_replica {units!r}): the SLO did "
-                            "not hold even at the search's first concurrency")  # fmt: skip
-    return units
+    return doc["units_per_replica"]

@@ -200,11 +200,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(shlex.join(vllm_argv))
             return 0
         processes = api_processes(settings, resolved)
-        from serving.assembly import prepare_server, sold_capacity
+        from serving.assembly import prepare_server
 
         configure_logging(settings.log_level.upper())
-        sold_capacity(settings, resolved, processes)  # every API process's share, before the model loads
-        vllm_argv, context = prepare_server(settings, resolved)
+        vllm_argv, context = prepare_server(settings, resolved, api_processes=processes)
     except config.SettingsError as exc:
         print(f"medgemma-serve: {exc}", file=sys.stderr)
         return 2
