@@ -115,6 +115,11 @@ def refresh_engine_gauge(url: str, key: str) -> None:
     assert response.status_code == 200, response.text[:300]
 
 
+def warnings_in(log: str, last: int = 15) -> list[str]:
+    """The server's last warning and error lines (it never logs request content)."""
+    return [line[-300:] for line in log.splitlines() if re.search(r"WARNING|ERROR|Traceback", line)][-last:]
+
+
 def server_is_idle(url: str) -> bool:
     """Nothing admitted and nothing in the engine."""
     found = samples(scrape(url))
@@ -131,24 +136,28 @@ def test_no_account_exceeds_its_budget_and_the_engine_never_runs_more_than_admit
     names = ["vllm:num_requests_running", *(f"units:{plan}" for plan in plans)]
     results = spawn_client.context.Queue()
 
-    class PlanSampler(Sampler):  # units by plan, and the engine's running count, per scrape
+    def reading_of(text: str) -> dict[str, float]:
+        """Units by plan, all units, and the engine's running count, from one scrape."""
+        reading = {name: 0.0 for name in names} | {"units:all": 0.0}
+        for name, labels, value in samples(text):
+            if name == "vllm:num_requests_running":
+                reading[name] += value
+            elif name == "medgemma_inflight_units":
+                reading["units:all"] += value  # every plan's: the engine runs them all
+                if labels.get("plan") in plans:
+                    reading[f"units:{labels['plan']}"] = value
+        return reading
+
+    class PlanSampler(Sampler):  # one reading per scrape, throughout the mix
         def _run(self) -> None:
             with httpx.Client(timeout=10) as http:
                 while not self._stop.is_set():
                     try:
-                        found = samples(http.get(self.url + "/metrics").text)
+                        reading = reading_of(http.get(self.url + "/metrics").text)
                     except Exception as exc:  # noqa: BLE001 - kept for the failure message
-                        self.errors.append(repr(exc))
+                        self.errors.append(f"{time.monotonic():.1f}: {exc!r}")
                         self._stop.wait(self.interval_s)
                         continue
-                    reading = {name: 0.0 for name in names} | {"units:all": 0.0}
-                    for name, labels, value in found:
-                        if name == "vllm:num_requests_running":
-                            reading[name] += value
-                        elif name == "medgemma_inflight_units":
-                            reading["units:all"] += value  # every plan's: the engine runs them all
-                            if labels.get("plan") in plans:
-                                reading[f"units:{labels['plan']}"] = value
                     self.readings.append({"_t": time.monotonic(), **reading})
                     self._stop.wait(self.interval_s)
 
@@ -181,10 +190,20 @@ def test_no_account_exceeds_its_budget_and_the_engine_never_runs_more_than_admit
             f"{where}: the engine ran {reading['vllm:num_requests_running']} requests with at most {admitted} "
             f"units admitted in the {lag_s} s before (t={reading['_t'] - readings[0]['_t']:.1f}s); {outcomes}"
         )
-    final = readings[-1]
-    assert not any(final[name] for name in names), f"{where}: left over at the end: {final}; {outcomes}"
-    text = scrape(server.url)
-    assert all(v == 0 for n, labels, v in samples(text) if n == "medgemma_inflight_units"), where
+    # At the end no unit is held and no engine request runs: read afresh (not the sampler's
+    # last reading), and say what the server logged if it holds on.
+    final: dict[str, float] = {}
+
+    def settled() -> bool:
+        nonlocal final
+        final = reading_of(scrape(server.url))
+        return not any(final[name] for name in (*names, "units:all"))
+
+    assert wait_for(settled, 30, poll_s=0.5), (
+        f"{where}: left over at the end: {final} (the sampler's last reading, at "
+        f"{time.monotonic() - readings[-1]['_t']:.1f} s ago: {readings[-1]}; its errors: {sampler.errors[-3:]}); "
+        f"{outcomes}; the server's warnings: {warnings_in(server.log())}"
+    )
     # No server error and no broken connection, whatever the mix did.
     broken = {o: n for o, n in outcomes.items() if o.startswith("error-") or re.search(r"-5\d\d$", o)}
     assert not broken, (where, broken, outcomes)
