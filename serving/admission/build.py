@@ -23,6 +23,7 @@ from serving.admission.keyreload import KeyReloader
 from serving.admission.keys import KeyStore
 from serving.admission.ledger import BudgetLedger, InProcessLedger
 from serving.admission.estimate import PromptEstimator, tokenizer_counter
+from serving.admission.handoff import install as install_body_handoff
 from serving.admission.middleware import AdmissionMiddleware
 from serving.admission.preprocess import order_preprocessing_by_class
 from serving.admission.queue import Capacity, ClassShares, FairQueue
@@ -221,6 +222,7 @@ def build_admission(engine_client, settings: AdmissionSettings, metrics: Serving
     guard = RequestGuard(settings.guard)
     usage = build_usage(settings, metrics, engine_client)
     order_preprocessing_by_class(engine_client)  # a STAT image is not queued behind batch ones
+    install_body_handoff()  # vLLM takes the guard's parse of a body instead of parsing it again
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(controller.run_ticker()), loop.create_task(controller.watch_stalled(settings.stall_timeout_s))]
     if heartbeat is not None:

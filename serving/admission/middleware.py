@@ -23,7 +23,8 @@ Guarantees:
   body's ``priority``, bounded by its key), named in the response's ``x-priority`` header;
   vLLM gets the class as the body's ``priority``, appended to the body as read, and
   preprocesses the request's images in class order (``preprocess``). Otherwise bodies are
-  read once and replayed to vLLM unchanged; request content is never logged.
+  read once and replayed to vLLM unchanged, with the guard's parse of them, which vLLM
+  takes instead of parsing them again (``handoff``); request content is never logged.
   vLLM's own errors get a string ``code`` (``engine_errors``).
 """
 
@@ -39,6 +40,7 @@ from serving.admission.controller import AdmissionController
 from serving.admission.engine_errors import ErrorRewriter
 from serving.admission.estimate import PromptEstimator, RequestShape
 from serving.admission.guard import RequestGuard, count_images
+from serving.admission.handoff import hand_over
 from serving.admission.keys import Account
 from serving.admission.outcomes import AdmissionError, Outcome, error_response
 from serving.admission.preprocess import preprocess_rank
@@ -153,6 +155,8 @@ class AdmissionMiddleware:
         preprocess_rank.set(priority.rank)  # vLLM preprocesses its images in class order
         token_tally.set(usage.tally)  # the engine's token counts land in the usage record
         body = with_priority(body, priority.vllm_priority)  # vLLM schedules (and preempts) by class
+        parsed["priority"] = priority.vllm_priority  # as vLLM reads the appended key
+        hand_over(body, parsed)  # vLLM's FastAPI takes this parse instead of parsing again
         usage.deciding_at = time.monotonic()
         request = await self._admit(account, shape, receive, send, usage)
         if request is not None:
