@@ -20,6 +20,7 @@ the implied ceiling of one API process (1000 / ms), and each arm's ratio to ``vl
 round by round (median and range).
 
     .venv/bin/python benchmarks/frontend_cpu.py --requests 12 --rounds 2
+    .venv/bin/python benchmarks/frontend_cpu.py --rounds 4 --workloads 'text,3000 PNG unique'
 
 The reference path here is transformers' PIL processor (no torchvision in the CPU build);
 on GPU hosts vLLM alone would use the torchvision one, which this machine cannot measure.
@@ -145,6 +146,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="each arm's turns; the order rotates every round")
     parser.add_argument("--arms", default="vllm,project", help=f"from {','.join(ARMS)}; the first is the baseline")
     parser.add_argument("--json", type=Path, help="also write the per-round numbers here")
+    parser.add_argument("--workloads", help="measure only these, comma-separated (e.g. 'text,3000 PNG unique')")
     args = parser.parse_args()
     arms = args.arms.split(",")
     work = Path(tempfile.mkdtemp(prefix="frontend-cpu-"))
@@ -155,6 +157,13 @@ def main() -> None:
     engine_args = json.loads(subprocess.check_output(serve + ["engine-args", "--json"], env=env))
     started = time.monotonic()
     loads = workloads(args.requests)
+    warm_up = loads["text"][:4] + loads["896 JPEG unique"][:2]
+    if args.workloads:
+        chosen = args.workloads.split(",")
+        unknown = set(chosen) - set(loads)
+        if unknown:
+            parser.error(f"unknown workloads {sorted(unknown)}; known: {', '.join(loads)}")
+        loads = {name: loads[name] for name in chosen}
     print(f"{len(loads)} workloads made in {time.monotonic() - started:.0f} s; arms {arms}, {args.rounds} round(s), "
           f"{psutil.cpu_count()} cores", flush=True)  # fmt: skip
     results: dict[str, dict[str, list[float]]] = {arm: {name: [] for name in loads} for arm in arms}
@@ -164,7 +173,7 @@ def main() -> None:
             for arm in order:  # one server at a time: they would compete for the cores
                 proc, url, _ = launch(arm, work, env, engine_args)
                 try:
-                    measure(url, proc.pid, loads["text"][:4] + loads["896 JPEG unique"][:2])  # warm up
+                    measure(url, proc.pid, warm_up)
                     for name, bodies in loads.items():
                         results[arm][name].append(measure(url, proc.pid, bodies))
                 finally:

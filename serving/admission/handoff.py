@@ -3,20 +3,23 @@
 FastAPI parses a route's JSON body with ``json.loads`` as ``starlette.requests`` names it
 (``Request.json``). The guard has parsed the same bytes already (msgspec), and for a body of
 megabytes that second parse is the dearer one: 18 ms for the 8.4 MB body of a 3000x3000
-PNG on the dev machine, against msgspec's 4 ms (docs/images.md). ``install`` gives
+PNG on the dev machine, against msgspec's 4 ms (docs/images.md, "The body is parsed once"). ``install`` gives
 Starlette's request module a ``json`` whose ``loads`` returns the object the admission
 middleware handed over for the request being served (``hand_over``, a context variable the
 vLLM app's task inherits), when the bytes are equal to the ones handed over; any other call
 is ``json.loads`` unchanged.
 
 Why vLLM sees what it would have parsed: the guard refuses every body msgspec cannot decode
-(``invalid_json``), and wherever msgspec decodes a body it gives the same objects as
-``json.loads`` (integers of any size, floats, escapes, a repeated key's last value:
+(``invalid_json``: among them all that ``json.loads`` reads differently from the JSON
+standard: NaN, Infinity, numbers beyond a double, lone surrogates, a byte-order mark,
+UTF-16), and wherever msgspec decodes a body it gives the same objects as ``json.loads``
+(integers of any size, floats, escapes, a repeated key's last value:
 ``tests/unit/admission/test_handoff.py``). The ``priority`` the middleware appends to the
 body is set on the object the way a parser reads the appended key (``with_priority``).
 
-Guarantees: a handed parse is used at most once, for equal bytes only, in the request's own
-context; the middleware does not read the object after handing it over (vLLM may mutate
+Guarantees: a handed parse is used at most once, for equal bytes only, and only within the
+request it was handed over for (the context of its task and of the tasks it starts); the
+middleware does not read the object after handing it over (vLLM's validators may mutate
 it); a Starlette whose request module has no ``json`` of the standard library is left alone,
 with a warning, and every body is then parsed twice as before.
 """
@@ -30,13 +33,16 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-_handed: contextvars.ContextVar[tuple[bytes, Any] | None] = contextvars.ContextVar("handed_body", default=None)
+# [body, parse] while unused, [] once used: a list, so that the one use empties it for
+# every context that holds it (a task's context is a copy; setting the variable in one
+# would leave the others holding the parse)
+_handed: contextvars.ContextVar[list | tuple] = contextvars.ContextVar("handed_body", default=())
 
 
 def hand_over(body: bytes, parsed: Any) -> None:
     """The body vLLM is about to read, and its parse; set in the request's context before
     its vLLM task is created."""
-    _handed.set((body, parsed))
+    _handed.set([body, parsed])
 
 
 class HandedJson:
@@ -48,10 +54,10 @@ class HandedJson:
     @staticmethod
     def loads(text: str | bytes | bytearray, **kwargs) -> Any:
         handed = _handed.get()
-        if handed is not None and not kwargs:
+        if handed and not kwargs:
             body, parsed = handed
             if len(text) == len(body) and text == body:
-                _handed.set(None)  # once: a second parse of the body gets its own objects
+                handed.clear()  # once, in every context: a second parse gets its own objects
                 return parsed
         return json.loads(text, **kwargs)
 

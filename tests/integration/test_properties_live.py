@@ -177,7 +177,8 @@ def test_no_account_exceeds_its_budget_and_the_engine_never_runs_more_than_admit
             f"{where}: units still held 30 s after the mix: {sampler.readings[-1]}; {outcomes}"
         )
         refresh_engine_gauge(server.url, keys["prop-c"])
-        wait_for(lambda: not any(sampler.readings[-1][name] for name in names), 30, poll_s=0.2)
+        sampler_idle = wait_for(lambda: not any(sampler.readings[-1][name] for name in names), 30, poll_s=0.2)
+        sampler_age = time.monotonic() - sampler.readings[-1]["_t"]  # a scrape every 0.05 s, when all is well
     readings = sampler.readings
     assert len(readings) > 200, (where, sampler.errors[-3:])
     for (plan, budget), account in zip(BUDGETS.values(), BUDGETS):
@@ -190,19 +191,25 @@ def test_no_account_exceeds_its_budget_and_the_engine_never_runs_more_than_admit
             f"{where}: the engine ran {reading['vllm:num_requests_running']} requests with at most {admitted} "
             f"units admitted in the {lag_s} s before (t={reading['_t'] - readings[0]['_t']:.1f}s); {outcomes}"
         )
-    # At the end no unit is held and no engine request runs: read afresh (not the sampler's
-    # last reading), and say what the server logged if it holds on.
+    # At the end no unit is held and no engine request runs. The sampler has had 30 s to
+    # see it; the server is read afresh too (a few seconds), so that a failure tells a held
+    # unit from a stale reading, and says what the server logged.
     final: dict[str, float] = {}
+    inflight: list[float] = []
 
     def settled() -> bool:
-        nonlocal final
-        final = reading_of(scrape(server.url))
-        return not any(final[name] for name in (*names, "units:all"))
+        nonlocal final, inflight
+        text = scrape(server.url)
+        final = reading_of(text)
+        inflight = [v for n, _, v in samples(text) if n == "medgemma_inflight_units"]  # every plan, each >= 0
+        return not any(final[name] for name in names) and not any(inflight)
 
-    assert wait_for(settled, 30, poll_s=0.5), (
-        f"{where}: left over at the end: {final} (the sampler's last reading, at "
-        f"{time.monotonic() - readings[-1]['_t']:.1f} s ago: {readings[-1]}; its errors: {sampler.errors[-3:]}); "
-        f"{outcomes}; the server's warnings: {warnings_in(server.log())}"
+    fresh_idle = wait_for(settled, 5, poll_s=0.5)
+    assert sampler_idle and fresh_idle, (
+        f"{where}: left over at the end: the server read afresh: {final}, units by plan {inflight}; the sampler "
+        f"{'did' if sampler_idle else 'did not'} see it idle within 30 s (its last reading, {sampler_age:.1f} s old "
+        f"then: {readings[-1]}; its errors: {sampler.errors[-3:]}); {outcomes}; the server's warnings: "
+        f"{warnings_in(server.log())}"
     )
     # No server error and no broken connection, whatever the mix did.
     broken = {o: n for o, n in outcomes.items() if o.startswith("error-") or re.search(r"-5\d\d$", o)}

@@ -8,15 +8,14 @@ import json
 import math
 
 import httpx
-import msgspec
 import pytest
 import starlette.requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydantic import BaseModel, ConfigDict
 
 from serving.admission import handoff
 from serving.admission.guard import RequestGuard
+from serving.admission.outcomes import AdmissionError, Outcome
 from serving.admission.priority import with_priority
 
 
@@ -50,19 +49,33 @@ def test_wherever_the_guard_decodes_a_body_json_loads_gives_the_same_objects(val
     assert same(RequestGuard.parse(body), json.loads(body))
 
 
-@pytest.mark.parametrize("text", [
+ACCEPTED = [
     '{"a": 123456789012345678901234567890}', '{"a": -9223372036854775809}', '{"a": 18446744073709551616}',
     '{"a": -0}', '{"a": -0.0}', '{"a": 0e0}', '{"a": 1E+2}', '{"a": 1e308}', '{"a": 1e-400}', '{"a": 5e-324}',
     '{"a": 1.0000000000000000000001}', '{"a": 0.1}', '{"a": "\\ud83d\\ude00"}', '{"a": "\\u0000\\/\\b"}',
     '{"a": 1, "a": 2}', '{"a": 1, "b": 2, "a": 3}', '{"a": "é\u2028"}', ' {"a": [1, {"b": null}]} \n',
-])  # fmt: skip
-def test_edge_cases_decode_the_same_or_are_refused(text):
+]  # fmt: skip
+# What json.loads reads where the JSON standard does not (or reads differently): the guard
+# refuses all of it, so vLLM never gets a parse that differs from its own.
+REFUSED = [
+    b'{"a": 1e400}', b'{"a": 1.7976931348623159e308}', b'{"a": NaN}', b'{"a": Infinity}', b'{"a": -Infinity}',
+    b'{"a": "\\ud800"}', b'{"a": "\\udc00x"}', b'{"a": "\\ud83dx"}', b'{"a": "\xed\xa0\x80"}',
+    b'\xef\xbb\xbf{"a": 1}', '{"a": 1}'.encode("utf-16"), '{"a": 1}'.encode("utf-32-le"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("text", ACCEPTED)
+def test_edge_cases_the_guard_accepts_decode_as_json_loads_decodes_them(text):
     body = text.encode()
-    try:
-        parsed = RequestGuard.parse(body)
-    except Exception:  # noqa: BLE001 - refused: vLLM never sees it
-        return
-    assert same(parsed, json.loads(body))
+    assert same(RequestGuard.parse(body), json.loads(body))
+
+
+@pytest.mark.parametrize("body", REFUSED)
+def test_what_json_loads_reads_beyond_the_standard_is_refused_by_the_guard(body):
+    json.loads(body)  # Python's parser takes it...
+    with pytest.raises(AdmissionError) as refused:
+        RequestGuard.parse(body)  # ...the guard does not: invalid_json, before vLLM
+    assert refused.value.outcome is Outcome.REJECTED_INVALID_JSON
 
 
 @pytest.mark.parametrize("text", ['{"model": "m"}', '{}', '{"priority": 7, "model": "m"}', '{"model": "m", "priority": -3} '])
@@ -96,7 +109,7 @@ def test_a_handed_parse_is_used_once_for_equal_bytes_only(installed):
     def in_request():
         handoff.hand_over(body, parsed)
         assert loads(b'{"model": "m", "n": 2}') == {"model": "m", "n": 2}  # other bytes: parsed
-        assert loads(bytes(body)) is parsed  # equal bytes, another object: handed over
+        assert loads(bytes(bytearray(body))) is parsed  # equal bytes, another object: handed over
         again = loads(body)
         assert again == parsed and again is not parsed  # once only
         return True
@@ -116,79 +129,84 @@ def test_a_starlette_without_the_standard_json_is_left_alone(monkeypatch):
     assert starlette.requests.json is other
 
 
-class ChatLike(BaseModel):  # vLLM's request models: pydantic, extra fields kept
-    model_config = ConfigDict(extra="allow")
-    model: str
-    messages: list[dict]
+def test_one_use_empties_the_handed_parse_for_every_context_holding_it(installed):
+    """A task started by the request (vLLM's app, a middleware's child) uses it; the
+    request's own context must not hand the same, perhaps mutated, object out again."""
+    body, parsed = b'{"model": "m"}', {"model": "m"}
+    loads = starlette.requests.json.loads
+
+    async def request_task():
+        handoff.hand_over(body, parsed)
+
+        async def vllm_app():
+            got = loads(body)
+            got["tool_choice"] = "auto"  # vLLM's validators change what they are given
+            return got
+
+        assert await asyncio.ensure_future(vllm_app()) is parsed
+        return loads(body)
+
+    again = asyncio.run(request_task())
+    assert again == {"model": "m"} and again is not parsed
 
 
-def test_fastapi_validates_the_handed_parse_and_does_not_parse_the_body_again(installed):
+def vllm_app(path: str, seen: dict):
+    """vLLM 0.32's own route for ``path`` (its request model, decorators and body
+    dependency) on FastAPI; the serving object behind it records the request it is given
+    and answers with an empty stream."""
     from fastapi import FastAPI
+    from vllm.entrypoints.openai.chat_completion.api_router import router as chat_router
+    from vllm.entrypoints.openai.completion.api_router import router as completion_router
+
+    class Serving:
+        async def create_chat_completion(self, request, raw_request):
+            return await self.create_completion(request, raw_request)
+
+        async def create_completion(self, request, raw_request):
+            seen["request"] = request
+
+            async def events():
+                yield "data: [DONE]\n\n"
+
+            return events()
 
     app = FastAPI()
-    seen = {}
+    app.include_router(chat_router if path == "/v1/chat/completions" else completion_router)
+    app.state.openai_serving_chat = app.state.openai_serving_completion = Serving()
+    return app
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: ChatLike):
-        seen["request"] = request
-        return {"ok": True}
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_vllms_routes_behind_the_admission_middleware_take_its_parse(installed, path):
+    """The real middleware in front of vLLM's real route: the route gets the body as the
+    client sent it, with the class the middleware chose (x-priority: batch overrides the
+    body's own priority, -100), and the replayed bytes are never parsed."""
+    from tests.unit.admission.test_middleware import Client, build, request
 
     url = "data:image/png;base64," + "A" * 300_000  # a body of megabytes in production
-    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url",
-                      "image_url": {"url": url}}]}], "priority": 1}).encode()  # fmt: skip
+    if path == "/v1/chat/completions":
+        body = {"model": "medgemma-4b-it", "max_tokens": 3, "priority": -100, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "x"}]}]}  # fmt: skip
+    else:
+        body = {"model": "medgemma-4b-it", "max_tokens": 3, "priority": -100, "prompt": ["a b", "c"], "stream": True}
+    seen: dict = {}
 
-    async def front(scope, receive, send):  # what the admission middleware does before vLLM
-        handoff.hand_over(body, RequestGuard.parse(body))
-        await app(scope, receive, send)
+    async def scenario():
+        mw, controller, _ = build(vllm_app(path, seen))
+        scope, payload = request(body, path=path)
+        scope["headers"].append((b"x-priority", b"batch"))
+        scope.update(query_string=b"", root_path="", scheme="http", server=("t", 80), client=("t", 1))
+        client = Client(payload)
+        await mw(scope, client.receive, client.send)
+        return client, controller, len(payload) + len(b',"priority":1')
 
-    async def run():
-        transport = httpx.ASGITransport(app=front)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            return await client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
-
-    response = asyncio.run(run())
-    assert response.status_code == 200, response.text
-    assert seen["request"].messages[0]["content"][0]["image_url"]["url"] == url
-    assert seen["request"].priority == 1
-    assert len(body) not in installed  # FastAPI never parsed the body's bytes
-    assert msgspec.json.decode(response.content) == {"ok": True}
-
-
-def test_vllms_own_chat_route_takes_the_handed_parse(installed):
-    """vLLM 0.32's chat route, its request model and its decorators, on FastAPI: the body
-    reaches the handler validated from the handed parse; its bytes are never parsed."""
-    from fastapi import FastAPI
-    from vllm.entrypoints.openai.chat_completion.api_router import router
-    from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
-
-    seen = {}
-
-    class Chat:  # stands in for OpenAIServingChat: what the route hands it
-        async def create_chat_completion(self, request, raw_request):
-            seen["request"] = request
-            return ErrorResponse(error=ErrorInfo(message="seen", type="test", param=None, code=418))
-
-    app = FastAPI()
-    app.include_router(router)
-    app.state.openai_serving_chat = Chat()
-    url = "data:image/png;base64," + "A" * 300_000
-    body = with_priority(json.dumps({"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "x"}]}]}).encode(), -1)  # fmt: skip
-
-    async def front(scope, receive, send):
-        parsed = RequestGuard.parse(body)
-        parsed["priority"] = -1
-        handoff.hand_over(body, parsed)
-        await app(scope, receive, send)
-
-    async def run():
-        transport = httpx.ASGITransport(app=front)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            return await client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
-
-    response = asyncio.run(run())
-    assert response.status_code == 418, response.text
-    request = seen["request"]
-    assert request.max_tokens == 3 and request.priority == -1
-    assert request.messages[0]["content"][0]["image_url"]["url"] == url
-    assert len(body) not in installed  # the route's body was never parsed from its bytes
+    client, controller, replayed = asyncio.run(scenario())
+    assert client.status == 200, client.sent
+    got = seen["request"]
+    assert got.priority == 1 and got.max_tokens == 3  # batch, as the middleware decided
+    if path == "/v1/chat/completions":
+        assert got.messages[0]["content"][0]["image_url"]["url"] == url
+    else:
+        assert got.prompt == ["a b", "c"]
+    assert replayed not in installed  # FastAPI never parsed the replayed body's bytes
+    assert controller.running_count == 0
