@@ -120,10 +120,13 @@ def warnings_in(log: str, last: int = 15) -> list[str]:
     return [line[-300:] for line in log.splitlines() if re.search(r"WARNING|ERROR|Traceback", line)][-last:]
 
 
-def server_is_idle(url: str) -> bool:
-    """Nothing admitted and nothing in the engine."""
-    found = samples(scrape(url))
+def idle_in(found: list) -> bool:
+    """Nothing admitted and nothing in the engine, in one scrape's samples."""
     return not any(v for n, _, v in found if n in ("medgemma_inflight_units", "vllm:num_requests_running"))
+
+
+def server_is_idle(url: str) -> bool:
+    return idle_in(samples(scrape(url)))
 
 
 # One rerun for this VM's multi-second stalls, which the two lag-bound checks cannot tell
@@ -142,10 +145,10 @@ def test_no_account_exceeds_its_budget_and_the_engine_never_runs_more_than_admit
     names = ["vllm:num_requests_running", *(f"units:{plan}" for plan in plans)]
     results = spawn_client.context.Queue()
 
-    def reading_of(text: str) -> dict[str, float]:
-        """Units by plan, all units, and the engine's running count, from one scrape."""
+    def reading_of(found: list) -> dict[str, float]:
+        """Units by plan, all units, and the engine's running count, from one scrape's samples."""
         reading = {name: 0.0 for name in names} | {"units:all": 0.0}
-        for name, labels, value in samples(text):
+        for name, labels, value in found:
             if name == "vllm:num_requests_running":
                 reading[name] += value
             elif name == "medgemma_inflight_units":
@@ -159,7 +162,7 @@ def test_no_account_exceeds_its_budget_and_the_engine_never_runs_more_than_admit
             with httpx.Client(timeout=10) as http:
                 while not self._stop.is_set():
                     try:
-                        reading = reading_of(http.get(self.url + "/metrics").text)
+                        reading = reading_of(samples(http.get(self.url + "/metrics").text))
                     except Exception as exc:  # noqa: BLE001 - kept for the failure message
                         self.errors.append(f"{time.monotonic():.1f}: {exc!r}")
                         self._stop.wait(self.interval_s)
@@ -205,10 +208,10 @@ def test_no_account_exceeds_its_budget_and_the_engine_never_runs_more_than_admit
 
     def settled() -> bool:
         nonlocal final, inflight
-        text = scrape(server.url)
-        final = reading_of(text)
-        inflight = [v for n, _, v in samples(text) if n == "medgemma_inflight_units"]  # every plan, each >= 0
-        return not any(final[name] for name in names) and not any(inflight)
+        found = samples(scrape(server.url))
+        final = reading_of(found)
+        inflight = [v for n, _, v in found if n == "medgemma_inflight_units"]  # every plan's, for the message
+        return idle_in(found)  # every plan's units (not their sum: -1 and +1 would cancel) and the engine
 
     fresh_idle = wait_for(settled, 5, poll_s=0.5)
     assert sampler_idle and fresh_idle, (
