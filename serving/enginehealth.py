@@ -9,11 +9,16 @@ Guarantees:
   though vLLM reports a stopped engine as errored; an engine that had already failed when
   the stop began stays failed, so the process still exits 1.
 - ``failure`` says why ("died" or "hung"), None while healthy.
+- A failure is logged once, as "engine died"/"engine hung": by ``EngineWatch``, or here
+  when vLLM's own watchdog stops the server before the watch has looked.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+
+logger = logging.getLogger(__name__)
 
 
 class EngineHealth:
@@ -49,6 +54,7 @@ class EngineHealth:
         """vLLM's shutdown is stopping the engine on purpose. One that had already failed
         when the stop began did fail: vLLM's own watchdog may stop the server before
         ``EngineWatch`` looks, and the process must still exit 1."""
-        if not self.stopping and self._errored():
+        if not self.stopping and self._failure is None and self._errored():
             self.declare_failed("died")
+            logger.error("engine died: vLLM is stopping the server before the engine watch looked; exiting 1")
         self.stopping = True

@@ -197,10 +197,14 @@ def test_engine_failure_ends_requests_clearly_and_exits_1(victim, spawn_client, 
         assert ended[0]["outcome"] in ("evicted_engine_failed", "completed") and ended[0]["status"] == 200
         content = sum('"content"' in event for event in out["events"])
         assert ended[0]["units"] == 1 and ended[0]["completion_tokens"] >= content - 1  # the first event is the role
-        refused = [r for r in records if r["outcome"] in ("rejected_engine_failed", "evicted_engine_failed")
-                   and r["status"] == 503 and r["error_code"] == "engine_unavailable"]  # fmt: skip
+        # (a request admitted in the moment before vLLM saw the engine die got vLLM's own error,
+        # rewritten: it ran to its end, "completed" with that 503's code)
+        refused = [r for r in records if not r["stream"] and (r["status"], r["error_code"]) == (503, "engine_unavailable")
+                   and r["outcome"] in ("rejected_engine_failed", "evicted_engine_failed", "completed")]  # fmt: skip
         # every 503 a probe read has its record (one whose client timed out first has one too)
-        assert len(refused) >= sum(a[0] == 503 for a in answers) > 0, (len(refused), answers)
+        assert len(refused) >= sum(a[0] == 503 for a in answers) > 0, (
+            len(refused), answers, [(r["outcome"], r["status"], r["error_code"], r["units"]) for r in records]
+        )  # fmt: skip
     finally:
         if fault == signal.SIGSTOP:
             try:

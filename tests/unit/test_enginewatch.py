@@ -107,7 +107,8 @@ def test_a_dead_engine_refuses_requests_before_the_watch_has_looked():
     asyncio.run(scenario())
 
 
-def test_engine_health_has_one_state_and_an_orderly_stop_is_no_failure():
+def test_engine_health_has_one_state_and_an_orderly_stop_is_no_failure(caplog):
+    caplog.set_level("ERROR", logger="serving.enginehealth")
     errored = [False]
     health = EngineHealth(lambda: errored[0])
     assert not health.failed and health.failure is None
@@ -117,6 +118,13 @@ def test_engine_health_has_one_state_and_an_orderly_stop_is_no_failure():
     dead = EngineHealth(lambda: True)  # died before the shutdown began (vLLM's watchdog)
     dead.stop()
     assert dead.failed and dead.failure == "died"
+    assert [r.getMessage() for r in caplog.records] == [
+        "engine died: vLLM is stopping the server before the engine watch looked; exiting 1"
+    ]  # the operator learns why it exits 1, once; an orderly stop logged nothing
+    watched = EngineHealth(lambda: True)
+    watched.declare_failed("hung")  # EngineWatch saw it first, and logged it
+    watched.stop()
+    assert watched.failure == "hung" and len(caplog.records) == 1
     hung = EngineHealth()
     hung.declare_failed("hung")
     hung.declare_failed("died")  # the first reason stands
