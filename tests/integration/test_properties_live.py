@@ -2,14 +2,16 @@
 
 Three accounts with budgets of 1, 2 and 3 units send random mixes for about a minute:
 streams and non-streaming requests, ``n`` > 1, batched completions, images, clients that
-leave at a random point and clients that read slowly. A sampler reads ``/metrics``
-throughout. The invariants:
-- no account ever holds more units than its budget (``medgemma_inflight_units`` by plan:
-  each test account is alone on its plan);
-- the engine never runs more requests than the units admitted (``vllm:num_requests_running``
-  at most the highest total of units over the last ``ENGINE_LAG_S``: vLLM updates its gauge
-  once per engine step and aborts a departed client's request a moment after we release);
-- at the end no unit is held and no engine request runs.
+leave at a random point and clients that read slowly. The units held are known exactly,
+from each admitted request's usage record (when it got its units, when it released them);
+a sampler reads vLLM's ``vllm:num_requests_running`` from ``/metrics`` throughout. The
+invariants:
+- no account ever holds more units than its budget;
+- the engine never runs more requests than the units admitted: each figure of vLLM's gauge,
+  where it first appears, is at most the most units held at one moment in the
+  ``ENGINE_LAG_S`` before (vLLM updates its gauge once per engine step, leaves it standing
+  between steps, and aborts a departed client's request a moment after we release);
+- at the end no unit is held and no engine request runs (``medgemma_inflight_units``).
 With several API processes vLLM sends each step's scheduler statistics to one of them, and
 that process writes ``vllm:num_requests_running`` when its event loop gets to it, with the
 time of writing: a busy process can publish a figure seconds old as the newest, and leave
@@ -25,22 +27,28 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import random
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 
 import httpx
 import pytest
 
 from tests.live_server import usage_by_process, wait_for
-from tests.metrics_text import Sampler, samples, scrape
+from tests.metrics_text import Sampler, metric, samples, scrape
 
 BUDGETS = {"prop-a": ("prop1", 1), "prop-b": ("prop2", 2), "prop-c": ("prop3", 3)}  # account: (plan, units)
 CLIENTS = 4
 DURATION_S = 60.0
 ENGINE_LAG_S = {"server": 2.0, "multi_server": 6.0}
 MODEL = "medgemma-4b-it"
+# A record's times are its end, a wall clock time to the millisecond, less monotonic
+# differences; a one-process release and the next grant can be closer than that.
+CLOCK_SLACK_S = 0.005
 
 
 def tiny_image() -> str:
@@ -115,6 +123,65 @@ def refresh_engine_gauge(url: str, key: str) -> None:
     assert response.status_code == 200, response.text[:300]
 
 
+class HeldUnits:
+    """The units the server held over time, exactly: each admitted request's interval from
+    its usage record (admitted after its units were granted, released before they were
+    freed: inside the true hold), on this test's monotonic clock. Sampling the gauge
+    instead misses a short request between two scrapes."""
+
+    def __init__(self, records: list[dict]):
+        to_monotonic = time.time() - time.monotonic()
+        self.intervals = []  # (start, end, units, account)
+        for r in records:
+            if r["units"] and r["queue_wait_s"] is not None:
+                ended = datetime.fromisoformat(r["time"].replace("Z", "+00:00")).timestamp()
+                start = ended - r["e2e_s"] + r["queue_wait_s"] - to_monotonic  # arrival + queue wait
+                self.intervals.append((start, start + r["unit_seconds"] / r["units"], r["units"], r["account"]))
+
+    def peak(self, since: float = float("-inf"), until: float = float("inf"), account: str | None = None,
+             inset_s: float = 0.0) -> int:  # fmt: skip
+        """The most units held at one moment between ``since`` and ``until`` (by ``account``, or
+        by all), each interval shortened by ``inset_s`` at both ends."""
+        inset = [(s + inset_s, e - inset_s, u, a) for s, e, u, a in self.intervals if account in (None, a)]
+        mine = [i for i in inset if i[0] <= until and i[1] > since]
+        starts = [since] + [i[0] for i in mine if i[0] > since]
+        return max((sum(u for s, e, u, _ in mine if s <= t < e) for t in starts), default=0)
+
+    def around(self, until: float, span_s: float) -> list[tuple]:
+        """The intervals held in the ``span_s`` before ``until``, relative to ``until`` (for messages)."""
+        return [(round(s - until, 3), round(e - until, 3), u, a) for s, e, u, a in self.intervals
+                if s <= until and e > until - span_s]  # fmt: skip
+
+
+def records_through_the_end(server, server_fixture: str, key: str) -> list[dict]:
+    """Every usage record of the server, once each API process has written a request sent
+    after the mix (one writer thread per process writes in order, so all came before it)."""
+    marker = f"prop-end-{time.monotonic_ns()}"
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    headers = {"Authorization": f"Bearer {key}", "x-request-id": marker}
+
+    def by_process() -> dict[int, list[dict]]:
+        if server_fixture == "multi_server":
+            return usage_by_process(server)
+        return {0: [json.loads(line) for line in server.usage_log.read_text().splitlines()]}
+
+    def post(_) -> None:
+        httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers, timeout=60)
+
+    def every_process_wrote_one() -> bool:
+        if all(any(r["request_id"] == marker for r in recs) for recs in by_process().values()):
+            return True
+        # several at once: the kernel can hand one connection after another to the same
+        # process, never to a busy one (a refusal's record counts too)
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(post, range(4)))
+        return False
+
+    assert wait_for(every_process_wrote_one, 60, poll_s=0.5), f"no usage record of {marker} from every process"
+    assert metric(server.url, "medgemma_usage_records_dropped_total") == 0, "usage records were dropped"
+    return [r for recs in by_process().values() for r in recs]
+
+
 def warnings_in(log: str, last: int = 15) -> list[str]:
     """The server's last warning and error lines (it never logs request content)."""
     return [line[-300:] for line in log.splitlines() if re.search(r"WARNING|ERROR|Traceback", line)][-last:]
@@ -129,11 +196,11 @@ def server_is_idle(url: str) -> bool:
     return idle_in(samples(scrape(url)))
 
 
-# One rerun for this VM's multi-second stalls, which the two lag-bound checks cannot tell
-# from a defect: CI failed once on "left over at the end" (not reproduced in 12 rounds of
-# the mix here), and one local run in eight on 2026-12-06 on "the engine ran more than
-# admitted". The summary prints the first try's failure (tests/conftest.py), and a rerun
-# cannot hide a held unit: it starts by requiring an idle server.
+# One rerun for this VM's multi-second stalls, which the lag-bound checks cannot tell from a
+# defect. Until 2026-12-06 the units were sampled from /metrics, and a short request between
+# two scrapes failed "the engine ran more than admitted" (CI twice); they are exact now. The
+# summary prints the first try's failure (tests/conftest.py), and a rerun cannot hide a
+# held unit: it starts by requiring an idle server.
 @pytest.mark.flaky(reruns=1, reruns_delay=10)
 @pytest.mark.parametrize("server_fixture", ["server", "multi_server"])
 def test_no_account_exceeds_its_budget_and_the_engine_never_runs_more_than_admitted(server_fixture, request, spawn_client):
@@ -141,81 +208,60 @@ def test_no_account_exceeds_its_budget_and_the_engine_never_runs_more_than_admit
     seed = int(os.environ.get("MEDGEMMA_PROPERTY_SEED") or random.SystemRandom().randrange(10**6))
     where = f"{server_fixture}, seed {seed} (rerun: MEDGEMMA_PROPERTY_SEED={seed})"
     keys = {account: server.keys[account] for account in BUDGETS}
-    plans = [plan for plan, _ in BUDGETS.values()]
-    names = ["vllm:num_requests_running", *(f"units:{plan}" for plan in plans)]
     results = spawn_client.context.Queue()
-
-    def reading_of(found: list) -> dict[str, float]:
-        """Units by plan, all units, and the engine's running count, from one scrape's samples."""
-        reading = {name: 0.0 for name in names} | {"units:all": 0.0}
-        for name, labels, value in found:
-            if name == "vllm:num_requests_running":
-                reading[name] += value
-            elif name == "medgemma_inflight_units":
-                reading["units:all"] += value  # every plan's: the engine runs them all
-                if labels.get("plan") in plans:
-                    reading[f"units:{labels['plan']}"] = value
-        return reading
-
-    class PlanSampler(Sampler):  # one reading per scrape, throughout the mix
-        def _run(self) -> None:
-            with httpx.Client(timeout=10) as http:
-                while not self._stop.is_set():
-                    try:
-                        reading = reading_of(samples(http.get(self.url + "/metrics").text))
-                    except Exception as exc:  # noqa: BLE001 - kept for the failure message
-                        self.errors.append(f"{time.monotonic():.1f}: {exc!r}")
-                        self._stop.wait(self.interval_s)
-                        continue
-                    self.readings.append({"_t": time.monotonic(), **reading})
-                    self._stop.wait(self.interval_s)
+    engine, units = "vllm:num_requests_running", "medgemma_inflight_units"
 
     # The session server must be idle first: an earlier module's request still in the
     # engine would count against this test's admitted units.
     refresh_engine_gauge(server.url, keys["prop-c"])
     assert wait_for(lambda: server_is_idle(server.url), 60), f"{where}: the server is busy before the mix"
     lag_s = ENGINE_LAG_S[server_fixture]
-    with PlanSampler(server.url, *names, interval_s=0.05) as sampler:
+    with Sampler(server.url, engine, units, interval_s=0.05) as sampler:
         clients = [spawn_client(client_loop, server.url, keys, seed, i, DURATION_S, results) for i in range(CLIENTS)]
         outcomes: dict[str, int] = {}
         for _ in clients:
             for outcome, count in results.get(timeout=DURATION_S + 180).items():
                 outcomes[outcome] = outcomes.get(outcome, 0) + count
-        units = [name for name in names if name.startswith("units:")]
-        assert wait_for(lambda: not any(sampler.readings[-1][name] for name in units), 30), (
+        assert wait_for(lambda: not sampler.latest(units), 30), (
             f"{where}: units still held 30 s after the mix: {sampler.readings[-1]}; {outcomes}"
         )
         refresh_engine_gauge(server.url, keys["prop-c"])
-        sampler_idle = wait_for(lambda: not any(sampler.readings[-1][name] for name in names), 30, poll_s=0.2)
+        sampler_idle = wait_for(lambda: not (sampler.latest(units) or sampler.latest(engine)), 30, poll_s=0.2)
         sampler_age = time.monotonic() - sampler.readings[-1]["_t"]  # a scrape every 0.05 s, when all is well
     readings = sampler.readings
     assert len(readings) > 200, (where, sampler.errors[-3:])
-    for (plan, budget), account in zip(BUDGETS.values(), BUDGETS):
-        worst = max(r[f"units:{plan}"] for r in readings)
+    held = HeldUnits(records_through_the_end(server, server_fixture, keys["prop-c"]))
+    for (_, budget), account in zip(BUDGETS.values(), BUDGETS):
+        worst = held.peak(account=account, inset_s=CLOCK_SLACK_S)
         assert worst <= budget, f"{where}: {account} held {worst} units of a budget of {budget}"
-    for i, reading in enumerate(readings):
-        window = [r for r in readings[: i + 1] if r["_t"] >= reading["_t"] - lag_s]
-        admitted = max(r["units:all"] for r in window)
-        assert reading["vllm:num_requests_running"] <= admitted, (
-            f"{where}: the engine ran {reading['vllm:num_requests_running']} requests with at most {admitted} "
-            f"units admitted in the {lag_s} s before (t={reading['_t'] - readings[0]['_t']:.1f}s); {outcomes}"
+    # vLLM's gauge stands between engine steps (a departed client's abort publishes no new
+    # figure), so each figure is checked where it first appeared, against every unit held
+    # in the lag before it.
+    figures = 0
+    for before, reading in zip([None, *readings], readings):
+        if before is not None and before[engine] == reading[engine]:
+            continue
+        figures += 1
+        admitted = held.peak(since=reading["_t"] - lag_s, until=reading["_t"])
+        assert reading[engine] <= admitted, (
+            f"{where}: the engine ran {reading[engine]} requests with at most {admitted} units admitted in the "
+            f"{lag_s} s before (t={reading['_t'] - readings[0]['_t']:.1f}s); held then (start, end, units, "
+            f"account): {held.around(reading['_t'], lag_s)}; {outcomes}"
         )
     # At the end no unit is held and no engine request runs. The sampler has had 30 s to
     # see it; the server is read afresh too (a few seconds), so that a failure tells a held
     # unit from a stale reading, and says what the server logged.
-    final: dict[str, float] = {}
-    inflight: list[float] = []
+    final: list[tuple] = []
 
     def settled() -> bool:
-        nonlocal final, inflight
+        nonlocal final
         found = samples(scrape(server.url))
-        final = reading_of(found)
-        inflight = [v for n, _, v in found if n == "medgemma_inflight_units"]  # every plan's, for the message
+        final = [(n, labels.get("plan"), v) for n, labels, v in found if n in (engine, units)]  # for the message
         return idle_in(found)  # every plan's units (not their sum: -1 and +1 would cancel) and the engine
 
     fresh_idle = wait_for(settled, 5, poll_s=0.5)
     assert sampler_idle and fresh_idle, (
-        f"{where}: left over at the end: the server read afresh: {final}, units by plan {inflight}; the sampler "
+        f"{where}: left over at the end: the server read afresh: {final}; the sampler "
         f"{'did' if sampler_idle else 'did not'} see it idle within 30 s (its last reading, {sampler_age:.1f} s old "
         f"then: {readings[-1]}; its errors: {sampler.errors[-3:]}); {outcomes}; the server's warnings: "
         f"{warnings_in(server.log())}"
@@ -230,4 +276,6 @@ def test_no_account_exceeds_its_budget_and_the_engine_never_runs_more_than_admit
     if server_fixture == "multi_server":  # both API processes decided some of the mix
         decided = {p: sum(r.get("account") in BUDGETS for r in recs) for p, recs in usage_by_process(server).items()}
         assert all(decided.values()), (where, decided)
-    print(f"property test {where}: {sum(outcomes.values())} requests {outcomes}")
+    mix = [i for i in held.intervals if i[0] >= readings[0]["_t"]]
+    print(f"property test {where}: {sum(outcomes.values())} requests {outcomes}; {len(mix)} admitted, "
+          f"{figures} engine figures checked, the most units held at once {held.peak(since=readings[0]['_t'])}")  # fmt: skip
