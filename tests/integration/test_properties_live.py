@@ -132,8 +132,8 @@ class HeldUnits:
     def __init__(self, records: list[dict]):
         to_monotonic = time.time() - time.monotonic()
         self.intervals = []  # (start, end, units, account)
-        for r in records:
-            if r["units"] and r["queue_wait_s"] is not None:
+        for r in records:  # request records (a key reload's audit records share the file)
+            if r["kind"] == "request" and r["units"] and r["queue_wait_s"] is not None:
                 ended = datetime.fromisoformat(r["time"].replace("Z", "+00:00")).timestamp()
                 start = ended - r["e2e_s"] + r["queue_wait_s"] - to_monotonic  # arrival + queue wait
                 self.intervals.append((start, start + r["unit_seconds"] / r["units"], r["units"], r["account"]))
@@ -169,7 +169,7 @@ def records_through_the_end(server, server_fixture: str, key: str) -> list[dict]
         httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers, timeout=60)
 
     def every_process_wrote_one() -> bool:
-        if all(any(r["request_id"] == marker for r in recs) for recs in by_process().values()):
+        if all(any(r.get("request_id") == marker for r in recs) for recs in by_process().values()):
             return True
         # several at once: the kernel can hand one connection after another to the same
         # process, never to a busy one (a refusal's record counts too)
