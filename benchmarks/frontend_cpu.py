@@ -7,7 +7,8 @@ one server at a time on the dev checkpoint (CPU build of vLLM 0.32, same engine 
  - ``vllm``: vLLM's own OpenAI server (``MEDGEMMA_IMAGE_PREPROCESSING=reference``: the
    project's plugin only supplies the PIL Gemma 3 processor the CPU build lacks);
  - ``project``: ``medgemma-serve serve`` with its defaults (``--image-preprocessing fast``);
- - with ``--arms``, also ``exact`` (``--image-preprocessing exact``) or ``reference``.
+ - with ``--arms``, also ``exact`` (``--image-preprocessing exact``), ``reference``, or
+   ``thread`` (``--inline-render-max-kib 0``: every chat template on vLLM's renderer thread).
 
 and sends each workload as sequential non-streaming chat requests with ``max_tokens`` 1
 (engine work kept minimal), reading the API process's CPU time (user + system, psutil)
@@ -21,6 +22,7 @@ round by round (median and range).
 
     .venv/bin/python benchmarks/frontend_cpu.py --requests 12 --rounds 2
     .venv/bin/python benchmarks/frontend_cpu.py --rounds 4 --workloads 'text,3000 PNG unique'
+    .venv/bin/python benchmarks/frontend_cpu.py --arms vllm,thread,project --workloads text --rounds 4
 
 The reference path here is transformers' PIL processor (no torchvision in the CPU build);
 on GPU hosts vLLM alone would use the torchvision one, which this machine cannot measure.
@@ -58,6 +60,7 @@ ARMS = {  # name: (server, extra environment)
     "project": ("project", {}),
     "exact": ("project", {"MEDGEMMA_IMAGE_PREPROCESSING": "exact"}),
     "reference": ("project", {"MEDGEMMA_IMAGE_PREPROCESSING": "reference"}),
+    "thread": ("project", {"MEDGEMMA_INLINE_RENDER_MAX_KIB": "0"}),
 }
 # (label, kind, side, format, mode): mode None keeps the kind's own (radiographs are greyscale)
 IMAGES = [

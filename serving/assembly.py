@@ -134,6 +134,7 @@ def context_from_settings(settings: config.ServeSettings, resolved: engine.Engin
             redis_timeout_s=settings.redis_timeout_s,
             ledger_fallback=settings.ledger_fallback,
             stall_timeout_s=settings.stream_stall_timeout_s,
+            inline_render_max_bytes=int(settings.inline_render_max_kib * 1024),
             usage_log=usage_log_target(settings, usage_file),
             usage_log_max_bytes=int(settings.usage_log_max_mib * 2**20),
             usage_log_backups=settings.usage_log_backups,

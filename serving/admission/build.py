@@ -23,6 +23,7 @@ from serving.admission.keyreload import KeyReloader
 from serving.admission.keys import KeyStore
 from serving.admission.ledger import BudgetLedger, InProcessLedger
 from serving.admission.estimate import PromptEstimator, tokenizer_counter
+from serving.admission.inline_render import render_short_prompts_inline
 from serving.admission.handoff import install as install_body_handoff
 from serving.admission.middleware import AdmissionMiddleware
 from serving.admission.preprocess import order_preprocessing_by_class
@@ -60,6 +61,7 @@ class AdmissionSettings:
     ledger_fallback: str = "share"
     guard: GuardSettings = field(default_factory=GuardSettings)
     stall_timeout_s: float = 60.0
+    inline_render_max_bytes: int = 4096  # 0: every request renders on vLLM's thread
     usage_log: str | None = None  # a file path, "-" (stdout) or None (no records)
     usage_log_max_bytes: int = 100 * 2**20
     usage_log_backups: int = 10
@@ -223,6 +225,7 @@ def build_admission(engine_client, settings: AdmissionSettings, metrics: Serving
     usage = build_usage(settings, metrics, engine_client)
     order_preprocessing_by_class(engine_client)  # a STAT image is not queued behind batch ones
     install_body_handoff()  # vLLM takes the guard's parse of a body instead of parsing it again
+    inline_max = render_short_prompts_inline(engine_client, settings.inline_render_max_bytes)  # short text prompts
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(controller.run_ticker()), loop.create_task(controller.watch_stalled(settings.stall_timeout_s))]
     if heartbeat is not None:
@@ -246,4 +249,5 @@ def build_admission(engine_client, settings: AdmissionSettings, metrics: Serving
         settings.queue_timeout_s,
         settings.batch_queue_timeout_s,
     )
-    return Admission(controller, lambda app: AdmissionMiddleware(app, controller, estimator, guard, usage), tasks, usage)
+    return Admission(controller, lambda app: AdmissionMiddleware(app, controller, estimator, guard, usage, inline_max),
+                     tasks, usage)  # fmt: skip

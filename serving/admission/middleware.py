@@ -41,6 +41,7 @@ from serving.admission.engine_errors import ErrorRewriter
 from serving.admission.estimate import PromptEstimator, RequestShape
 from serving.admission.guard import RequestGuard, count_images
 from serving.admission.handoff import hand_over
+from serving.admission.inline_render import render_inline
 from serving.admission.keys import Account
 from serving.admission.outcomes import AdmissionError, Outcome, error_response
 from serving.admission.preprocess import preprocess_rank
@@ -96,8 +97,10 @@ def _bearer(scope) -> str | None:
 
 class AdmissionMiddleware:
     def __init__(self, app, controller: AdmissionController, estimator: PromptEstimator,
-                 guard: RequestGuard | None = None, usage: UsageRecorder | None = None):  # fmt: skip
+                 guard: RequestGuard | None = None, usage: UsageRecorder | None = None,
+                 inline_max_bytes: int = 0):  # fmt: skip
         self.app = app
+        self.inline_max_bytes = inline_max_bytes  # 0: no request renders inline (serving.admission.inline_render)
         self.controller = controller
         self.estimator = estimator
         self.guard = guard or RequestGuard()
@@ -153,6 +156,7 @@ class AdmissionMiddleware:
         shape = await self.estimator.shape(path, parsed)
         shape.priority = priority
         preprocess_rank.set(priority.rank)  # vLLM preprocesses its images in class order
+        render_inline.set(usage.images == 0 and len(body) <= self.inline_max_bytes)  # no renderer thread handoff
         token_tally.set(usage.tally)  # the engine's token counts land in the usage record
         body = with_priority(body, priority.vllm_priority)  # vLLM schedules (and preempts) by class
         parsed["priority"] = priority.vllm_priority  # as vLLM reads the appended key

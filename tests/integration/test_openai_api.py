@@ -1,6 +1,7 @@
 """The OpenAI-compatible API of the real vLLM CPU server on the dev checkpoint."""
 
 import base64
+import json
 
 import httpx
 import openai
@@ -129,6 +130,24 @@ def test_system_prompt_is_folded_into_the_first_user_turn(client, processor):
     assert response.usage.prompt_tokens == expected
     without = chat(client, "Is this normal?", max_tokens=5)
     assert response.usage.prompt_tokens > without.usage.prompt_tokens
+
+
+def test_a_short_text_prompt_renders_on_the_event_loop_into_the_same_tokens(server, processor):
+    """A short text body renders on the event loop (serving/admission/inline_render.py), the
+    same messages in a body padded past 4 KiB on vLLM's renderer thread: the same prompt
+    tokens either way, transformers' count."""
+    assert "text requests with bodies up to 4096 bytes render on the event loop" in server.log()
+    messages = [{"role": "system", "content": "You are a radiologist."}, {"role": "user", "content": "Is this normal?"}]
+    short = json.dumps({"model": MODEL, "messages": messages, "max_tokens": 8}).encode()
+    padded = short[:-1] + b" " * 5000 + b"}"  # the same JSON document, over the bound
+    headers = {"Authorization": f"Bearer {server.keys['main']}", "content-type": "application/json"}
+    answers = [httpx.post(server.base_url + "/chat/completions", content=body, headers=headers, timeout=120)
+               for body in (short, padded)]  # fmt: skip
+    assert [a.status_code for a in answers] == [200, 200], [a.text[:300] for a in answers]
+    inline, threaded = (a.json() for a in answers)
+    expected, _ = expected_prompt_tokens(processor, messages, [])
+    assert inline["usage"]["prompt_tokens"] == threaded["usage"]["prompt_tokens"] == expected
+    assert inline["choices"][0]["message"]["content"] and threaded["choices"][0]["message"]["content"]
 
 
 def test_multi_turn_conversation(client):
