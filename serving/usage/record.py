@@ -45,7 +45,7 @@ class RequestUsage:
         self.request_id = request_id
         self.endpoint = endpoint
         self.arrived = arrived  # monotonic
-        self.arrived_wall = time.time()
+        self.arrived_wall = time.time() - (time.monotonic() - arrived)  # the wall time at ``arrived``
         self.account: Account | None = None
         self.priority: PriorityClass | None = None
         self.model: str | None = None

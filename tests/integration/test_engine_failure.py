@@ -188,6 +188,7 @@ def test_engine_failure_ends_requests_clearly_and_exits_1(victim, spawn_client, 
         assert all(a == (503, "engine_unavailable", True) for a in answers[first:]), answers[first:]
         log = srv.log()
         assert ("engine died" if fault == signal.SIGKILL else "engine hung") in log
+        assert log.count("engine died") + log.count("engine hung") == 1  # said once, by the watch or the stop
         # One usage record per request: the stream ended by the failure, each refusal after it.
         records = [json.loads(line) for line in srv.usage_log.read_text().splitlines()]
         # (vLLM may end the stream with its own error event before admission ends it: then it
@@ -205,6 +206,11 @@ def test_engine_failure_ends_requests_clearly_and_exits_1(victim, spawn_client, 
         assert len(refused) >= sum(a[0] == 503 for a in answers) > 0, (
             len(refused), answers, [(r["outcome"], r["status"], r["error_code"], r["units"]) for r in records]
         )  # fmt: skip
+        # Admission stopped admitting: the one probe sends one request at a time, so at most
+        # one was admitted before vLLM saw the death, and it ended before any refusal.
+        admitted = [r for r in refused if r["outcome"] == "completed"]
+        rejected = [r["time"] for r in refused if r["outcome"] != "completed"]
+        assert len(admitted) <= 1 and all(r["time"] <= min(rejected, default=r["time"]) for r in admitted), refused
     finally:
         if fault == signal.SIGSTOP:
             try:
