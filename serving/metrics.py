@@ -150,6 +150,13 @@ class ServingMetrics:
         for result in ("ok", "error"):  # exposed from the start, so rate() and alerts see 0
             self.keys_reloads_total.labels(result=result)
 
+        self.renderer_inline_jobs = Counter(
+            "medgemma_renderer_inline_jobs",
+            "Chat templates and tokenisations of short text requests run on the event loop, "
+            "not handed to vLLM's renderer thread (--inline-render-max-kib).",
+            registry=self.registry,
+        )
+
         # Usage: the records' own health, and per-account figures (labelled only with
         # --account-metrics, at most account_metrics_max accounts, the rest as "other").
         self.usage_records_written = Counter(

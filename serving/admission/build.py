@@ -225,7 +225,8 @@ def build_admission(engine_client, settings: AdmissionSettings, metrics: Serving
     usage = build_usage(settings, metrics, engine_client)
     order_preprocessing_by_class(engine_client)  # a STAT image is not queued behind batch ones
     install_body_handoff()  # vLLM takes the guard's parse of a body instead of parsing it again
-    inline_max = render_short_prompts_inline(engine_client, settings.inline_render_max_bytes)  # short text prompts
+    inline_max = render_short_prompts_inline(engine_client, settings.inline_render_max_bytes,
+                                             metrics.renderer_inline_jobs)  # short text prompts: no thread handoff
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(controller.run_ticker()), loop.create_task(controller.watch_stalled(settings.stall_timeout_s))]
     if heartbeat is not None:

@@ -34,10 +34,11 @@ logger = logging.getLogger(__name__)
 render_inline: contextvars.ContextVar[bool] = contextvars.ContextVar("render_inline", default=False)
 
 
-def render_short_prompts_inline(engine_client, max_bytes: int) -> int:
-    """Make vLLM's renderer executor run marked requests' work inline. Returns the body size
-    up to which the middleware marks text requests: ``max_bytes``, or 0 when that is 0 or
-    this vLLM's renderer has no such executor (every request keeps vLLM's thread handoff)."""
+def render_short_prompts_inline(engine_client, max_bytes: int, jobs=None) -> int:
+    """Make vLLM's renderer executor run marked requests' work inline, counting each job in
+    ``jobs`` (a Prometheus counter). Returns the body size up to which the middleware marks
+    text requests: ``max_bytes``, or 0 when that is 0 or this vLLM's renderer has no such
+    executor (every request keeps vLLM's thread handoff)."""
     if max_bytes <= 0:
         return 0
     executor = getattr(getattr(engine_client, "renderer", None), "_executor", None)
@@ -49,6 +50,8 @@ def render_short_prompts_inline(engine_client, max_bytes: int) -> int:
     def submit(fn, /, *args, **kwargs) -> Future:
         if not render_inline.get():
             return pooled(fn, *args, **kwargs)
+        if jobs is not None:
+            jobs.inc()
         return run_now(fn, *args, **kwargs)
 
     executor.submit = submit  # the object vLLM's make_async wrappers captured stays the same

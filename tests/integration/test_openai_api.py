@@ -8,6 +8,7 @@ import openai
 import pytest
 
 from tests.integration.images import data_url, image, image_part
+from tests.metrics_text import metric
 
 MODEL = "medgemma-4b-it"
 
@@ -141,9 +142,13 @@ def test_a_short_text_prompt_renders_on_the_event_loop_into_the_same_tokens(serv
     short = json.dumps({"model": MODEL, "messages": messages, "max_tokens": 8}).encode()
     padded = short[:-1] + b" " * 5000 + b"}"  # the same JSON document, over the bound
     headers = {"Authorization": f"Bearer {server.keys['main']}", "content-type": "application/json"}
-    answers = [httpx.post(server.base_url + "/chat/completions", content=body, headers=headers, timeout=120)
-               for body in (short, padded)]  # fmt: skip
+    answers, inline_jobs = [], []
+    for body in (short, padded):
+        before = metric(server.url, "medgemma_renderer_inline_jobs_total")
+        answers.append(httpx.post(server.base_url + "/chat/completions", content=body, headers=headers, timeout=120))
+        inline_jobs.append(metric(server.url, "medgemma_renderer_inline_jobs_total") - before)
     assert [a.status_code for a in answers] == [200, 200], [a.text[:300] for a in answers]
+    assert inline_jobs == [2, 0]  # the chat template and the tokenisation, on the loop; then on vLLM's thread
     inline, threaded = (a.json() for a in answers)
     expected, _ = expected_prompt_tokens(processor, messages, [])
     assert inline["usage"]["prompt_tokens"] == threaded["usage"]["prompt_tokens"] == expected
