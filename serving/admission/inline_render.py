@@ -29,6 +29,8 @@ import contextvars
 import logging
 from concurrent.futures import Future
 
+from serving.admission.preprocess import run_into
+
 logger = logging.getLogger(__name__)
 
 render_inline: contextvars.ContextVar[bool] = contextvars.ContextVar("render_inline", default=False)
@@ -52,21 +54,12 @@ def render_short_prompts_inline(engine_client, max_bytes: int, jobs=None) -> int
             return pooled(fn, *args, **kwargs)
         if jobs is not None:
             jobs.inc()
-        return run_now(fn, *args, **kwargs)
+        future: Future = Future()
+        future.set_running_or_notify_cancel()
+        run_into(future, fn, args, kwargs)  # a finished future, as the pool's would be
+        return future
 
     executor.submit = submit  # the object vLLM's make_async wrappers captured stays the same
     logger.info("text requests with bodies up to %d bytes render on the event loop", max_bytes)
     return max_bytes
 
-
-def run_now(fn, /, *args, **kwargs) -> Future:
-    """``fn`` called here; its result or exception in a finished future."""
-    future: Future = Future()
-    future.set_running_or_notify_cancel()
-    try:
-        result = fn(*args, **kwargs)
-    except BaseException as exc:  # noqa: BLE001 - handed to the caller, as the pool would
-        future.set_exception(exc)
-    else:
-        future.set_result(result)
-    return future

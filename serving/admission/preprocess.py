@@ -87,20 +87,24 @@ class ClassOrderedExecutor(Executor):
             _, _, future, fn, args, kwargs = self._jobs.get()
             if future is None:  # the shutdown marker: nothing can be queued after it
                 return
-            if not future.set_running_or_notify_cancel():
-                continue  # its caller gave up (client gone)
-            try:
-                result = fn(*args, **kwargs)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
+            if future.set_running_or_notify_cancel():  # else its caller gave up (client gone)
+                run_into(future, fn, args, kwargs)
 
     def _cancel_queued(self) -> None:
         while not self._jobs.empty():
             future = self._jobs.get_nowait()[2]
             if future is not None:
                 future.cancel()
+
+
+def run_into(future: Future, fn, args: tuple, kwargs: dict) -> None:
+    """``fn(*args, **kwargs)`` here, its result or exception set on ``future`` (running)."""
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as exc:  # noqa: BLE001 - handed to the caller, as a pool would
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
 
 
 def order_preprocessing_by_class(engine_client) -> ClassOrderedExecutor | None:
