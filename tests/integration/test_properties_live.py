@@ -8,9 +8,10 @@ a sampler reads vLLM's ``vllm:num_requests_running`` from ``/metrics`` throughou
 invariants:
 - no account ever holds more units than its budget;
 - the engine never runs more requests than the units admitted: each figure of vLLM's gauge,
-  where it first appears, is at most the most units held at one moment in the
-  ``ENGINE_LAG_S`` before (vLLM updates its gauge once per engine step, leaves it standing
-  between steps, and aborts a departed client's request a moment after we release);
+  where it is fresh (it changed, or vLLM recorded an engine step since the reading before),
+  is at most the most units held at one moment in the ``ENGINE_LAG_S`` before (vLLM updates
+  its gauge once per engine step, leaves it standing between steps, and aborts a departed
+  client's request a moment after we release: its hold counts that much longer);
 - at the end no unit is held and no engine request runs (``medgemma_inflight_units``).
 With several API processes vLLM sends each step's scheduler statistics to one of them, and
 that process writes ``vllm:num_requests_running`` when its event loop gets to it, with the
@@ -171,8 +172,12 @@ def records_through_the_end(server, server_fixture: str, key: str) -> list[dict]
     def post(_) -> None:
         httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers, timeout=60)
 
+    found: dict[int, list[dict]] = {}
+
     def every_process_wrote_one() -> bool:
-        if all(any(r.get("request_id") == marker for r in recs) for recs in by_process().values()):
+        nonlocal found
+        found = by_process()
+        if all(any(r.get("request_id") == marker for r in recs) for recs in found.values()):
             return True
         # several at once: the kernel can hand one connection after another to the same
         # process, never to a busy one (a refusal's record counts too)
@@ -182,7 +187,7 @@ def records_through_the_end(server, server_fixture: str, key: str) -> list[dict]
 
     assert wait_for(every_process_wrote_one, 60, poll_s=0.5), f"no usage record of {marker} from every process"
     assert metric(server.url, "medgemma_usage_records_dropped_total") == 0, "usage records were dropped"
-    return [r for recs in by_process().values() for r in recs]
+    return [r for recs in found.values() for r in recs]
 
 
 def warnings_in(log: str, last: int = 15) -> list[str]:
