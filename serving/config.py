@@ -185,8 +185,8 @@ class ServeSettings(BaseSettings):
     )
     ledger_fallback: str = Field(
         "share",
-        description="While Redis is unreachable: 'share' (each replica enforces "
-        "ceil(budget / replicas)) or 'refuse' (503).",
+        description="While Redis is unreachable: 'share' (each replica enforces its share "
+        "of each budget; the shares sum to it) or 'refuse' (503).",
     )
     model_costs: dict[str, int] = Field(
         default_factory=lambda: {"medgemma-4b-it": 1},

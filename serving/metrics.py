@@ -112,7 +112,7 @@ class ServingMetrics:
         )
         self.ledger_fallback = self._gauge(
             "medgemma_ledger_fallback",
-            "1 while the shared (Redis) budget ledger is unreachable and a local share applies.",
+            "1 while the shared (Redis) budget ledger is unreachable, or rejoining for a lease TTL after; a local share applies.",
             registry=self.registry,
         )
 

@@ -116,8 +116,11 @@ class InProcessLedger(SynchronousLedger):
             del self._inflight[lease.account]
         return True
 
-    async def inflight(self, account: str) -> int:
+    def units_of(self, account: str) -> int:
         return self._inflight.get(account, 0)
+
+    async def inflight(self, account: str) -> int:
+        return self.units_of(account)
 
     def take_all(self) -> list[Lease]:
         """Hand every live lease over to another ledger and forget them here."""

@@ -17,10 +17,13 @@ Guarantees:
   granted during it - stay within its share. Nothing running is ended, so an account's
   total during an outage is at most the sum over replicas of max(share, units held at the
   outage start): exactly the budget when every replica was within its share then.
-- Right after Redis answers again, the heartbeat puts every live lease of this replica
-  into Redis (those granted during the outage, and any Redis lost), without a budget check:
-  they are running. New requests then see the true total and are refused until it is under
-  the budget again, so budgets are exact once the requests admitted during the outage end.
+- Rejoining: the first heartbeat that reaches Redis again puts every live lease of this
+  replica into Redis (those granted during the outage, and any Redis lost), without a
+  budget check: they are running. Redis's total is not yet the truth - another replica's
+  leases are missing until its own heartbeat puts them back, which a live replica does
+  within one TTL. So for one TTL this replica grants only through Redis (everyone sees the
+  grant) and only within its outage share (it cannot see what is missing); the fallback
+  gauge stays 1. After that the total in Redis is complete and budgets are exact again.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import uuid
 import zlib
 from dataclasses import dataclass
 
+from serving.admission.clock import Clock, MonotonicClock
 from serving.admission.ledger import Grant, InProcessLedger, Lease, LedgerUnavailable, new_lease_id
 
 logger = logging.getLogger(__name__)
@@ -70,15 +74,17 @@ return 1
 
 # KEYS: the replicas set, then one account set per lease; ARGV: ttl_ms, replica id, members.
 # Renews only leases Redis still has (a lease released meanwhile must not come back) and
-# returns the live replica ids, then the indexes of held leases Redis has lost (a restart).
+# returns whether this replica was still registered (not: Redis lost it - a restart - or it
+# expired), the live replica ids, then the indexes of held leases Redis has lost.
 HEARTBEAT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local registered = redis.call('ZSCORE', KEYS[1], ARGV[2]) and 1 or 0
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ttl * 2)
-local result = {redis.call('ZRANGE', KEYS[1], 0, -1)}
+local result = {registered, redis.call('ZRANGE', KEYS[1], 0, -1)}
 for i = 2, #KEYS do
   if redis.call('ZSCORE', KEYS[i], ARGV[i + 1]) then
     redis.call('ZADD', KEYS[i], 'XX', now + ttl, ARGV[i + 1])
@@ -122,6 +128,7 @@ class RedisLedger:
         fallback_policy: str = "share",
         prefix: str = "medgemma",
         on_fallback=None,
+        clock: Clock | None = None,
     ):
         if fallback_policy not in FALLBACK_POLICIES:
             raise ValueError(f"fallback_policy must be one of {FALLBACK_POLICIES}")
@@ -131,12 +138,16 @@ class RedisLedger:
         self.prefix = prefix
         self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.on_fallback = on_fallback or (lambda active: None)
-        self.fallback = False
+        self.clock = clock or MonotonicClock()
+        self.fallback = False  # an outage, or rejoining after one
+        self._rejoin_until: float | None = None  # Redis answers again; others' leases may be missing
+        self._registered = False  # a heartbeat has reached Redis: its loss of us means a restart
         self.replicas = 1
         self.rank = 0  # this replica's place among the live replicas' sorted ids
         self._local = InProcessLedger()
         self._held: dict[str, _RedisLease] = {}
         self._held_units: dict[str, int] = {}  # account -> units of this replica's Redis leases
+        self._pending: dict[str, int] = {}  # account -> units of acquires awaiting Redis
         self._acquire_script = client.register_script(ACQUIRE)
         self._release_script = client.register_script(RELEASE)
         self._inflight_script = client.register_script(INFLIGHT)
@@ -148,9 +159,15 @@ class RedisLedger:
 
     # --- the ledger interface ----------------------------------------------------------
     async def acquire(self, account: str, units: int, budget: int) -> Grant:
-        if not self.fallback:
+        rejoining = self._rejoin_until is not None
+        if rejoining:  # through Redis, and within this replica's share of the budget
+            own = self._own_units(account)
+            if own + units > self.share_of(account, budget):
+                return Grant(None, own)
+        if not self.fallback or rejoining:
             lease_id = new_lease_id()
             key = self._account_key(account)
+            self._pending[account] = self._pending.get(account, 0) + units  # (concurrent acquires)
             try:
                 granted, used = await self._acquire_script(
                     keys=[key], args=[units, budget, self.ttl_ms, lease_id]
@@ -163,12 +180,23 @@ class RedisLedger:
                 lease = Lease(lease_id, account, units)
                 self._hold(lease, _RedisLease(key, f"{lease_id}|{units}"))
                 return Grant(lease, int(used))
+            finally:
+                left = self._pending[account] - units
+                if left:
+                    self._pending[account] = left
+                else:
+                    del self._pending[account]
         if self.policy == "refuse":
             raise LedgerUnavailable("the Redis budget ledger is unreachable")
-        # Our share, less what we still hold in Redis from before the outage.
-        held = self._held_units.get(account, 0)
+        # Our share, less what we still hold in Redis from before the outage (or are being
+        # granted there by an acquire that was under way when it went).
+        held = self._held_units.get(account, 0) + self._pending.get(account, 0)
         grant = self._local.acquire_now(account, units, self.share_of(account, budget) - held)
         return Grant(grant.lease, grant.inflight + held)
+
+    def _own_units(self, account: str) -> int:
+        """This replica's units of ``account``: in Redis, locally, and being granted."""
+        return self._held_units.get(account, 0) + self._local.units_of(account) + self._pending.get(account, 0)
 
     def share_of(self, account: str, budget: int) -> int:
         """This replica's part of ``budget`` while Redis is down: the parts of all live
@@ -210,21 +238,20 @@ class RedisLedger:
                 return int(await self._inflight_script(keys=[self._account_key(account)]))
             except Exception:  # noqa: BLE001 - only feeds a header
                 pass
-        return await self._local.inflight(account) + self._held_units.get(account, 0)
+        return self._local.units_of(account) + self._held_units.get(account, 0)
 
     # --- liveness --------------------------------------------------------------------------
     async def heartbeat(self) -> None:
-        """Renew this replica's live leases and its place among the replicas; leave fallback."""
+        """Renew this replica's live leases and its place among the replicas; after an outage
+        or a Redis restart, put this replica's leases back and rejoin (module docstring)."""
         ids = list(self._held)
         held = [self._held[i] for i in ids]
         keys = [f"{self.prefix}:replicas"] + [h.key for h in held]
         args = [self.ttl_ms, self.replica_id] + [h.member for h in held]
         try:
             result = await self._heartbeat_script(keys=keys, args=args)
-            replicas = sorted(r.decode() if isinstance(r, bytes) else str(r) for r in result[0])
-            self.replicas = max(1, len(replicas))
-            self.rank = replicas.index(self.replica_id) if self.replica_id in replicas else 0
-            lost = [ids[int(i) - 1] for i in result[1:]]
+            registered, replicas = result[0], sorted(r.decode() if isinstance(r, bytes) else str(r) for r in result[1])
+            lost = [ids[int(i) - 1] for i in result[2:]]
             if self.fallback:
                 # Leases granted locally during the outage move into Redis, so the shared
                 # budget counts them until they end.
@@ -241,10 +268,31 @@ class RedisLedger:
         except Exception as exc:  # noqa: BLE001
             self._enter_fallback(exc)
             return
-        if self.fallback:
-            self.fallback = False
+        restarted = self._registered and not registered  # (its leases were put back above)
+        if restarted or (self.fallback and self._rejoin_until is None):
+            self._start_rejoin()
+        elif self._rejoin_until is not None and self.clock.now() >= self._rejoin_until:
+            self.fallback, self._rejoin_until = False, None
             self.on_fallback(False)
-            logger.warning("budget ledger: Redis is reachable again; budgets are shared again")
+            logger.warning("budget ledger: every live replica has had a lease TTL to rejoin; budgets are shared again")
+        if self._rejoin_until is None:  # (rejoining, the set may miss replicas not back yet)
+            self.replicas = max(1, len(replicas))
+            self.rank = replicas.index(self.replica_id) if self.replica_id in replicas else 0
+        self._registered = True
+
+    def _start_rejoin(self) -> None:
+        """Redis answers (again, or after losing this replica's registration) but may miss
+        other replicas' leases until their heartbeats: for one TTL, Redis grants within this
+        replica's share, the outage's shares (they sum to the budget)."""
+        self._rejoin_until = self.clock.now() + self.ttl_ms / 1000
+        if not self.fallback:
+            self.fallback = True
+            self.on_fallback(True)
+        logger.warning(
+            "budget ledger: rejoining Redis (it was unreachable, or it lost this replica's "
+            "registration); this replica's leases are back in it. Shares stay for one lease "
+            "TTL (%.0fs), while the other replicas put theirs back", self.ttl_ms / 1000,
+        )  # fmt: skip
 
     async def run_heartbeat(self) -> None:
         interval = self.ttl_ms / 3000
@@ -253,6 +301,7 @@ class RedisLedger:
             await asyncio.sleep(interval)
 
     def _enter_fallback(self, exc: BaseException) -> None:
+        self._rejoin_until = None  # (rejoining, it failed again: the outage goes on)
         if self.fallback:
             return
         self.fallback = True

@@ -5,6 +5,7 @@ import asyncio
 import pytest
 import redis as redis_sync
 
+from serving.admission.clock import FakeClock
 from serving.admission.ledger import LedgerUnavailable
 from serving.admission.redis_ledger import RedisLedger, connect
 from tests.redis_server import RedisServer
@@ -76,9 +77,9 @@ def test_exactly_one_round_trip_to_acquire_and_one_to_release(redis_server):
 
 def test_redis_down_then_back_share_policy(redis_server):
     async def scenario():
-        events = []
-        a = ledger(redis_server, lease_ttl_s=3, on_fallback=events.append)
-        b = ledger(redis_server, lease_ttl_s=3)
+        events, clock = [], FakeClock()
+        a = ledger(redis_server, lease_ttl_s=3, on_fallback=events.append, clock=clock)
+        b = ledger(redis_server, lease_ttl_s=3, clock=clock)
         for replica in (a, b, a, b):
             await replica.heartbeat()
         assert a.replicas == b.replicas == 2 and {a.rank, b.rank} == {0, 1}
@@ -98,11 +99,44 @@ def test_redis_down_then_back_share_policy(redis_server):
         await a.release(g1.lease)
         redis_server.start()  # restarted empty
         await a.heartbeat()
-        assert not a.fallback and events == [True, False]
         # The lease granted locally during the outage now counts in Redis.
         assert await b.inflight("acme") == 1
+        assert a.fallback and events == [True]  # rejoining: a lease TTL for the others to come back
+        clock.advance(3)
+        await a.heartbeat()
+        assert not a.fallback and events == [True, False]
         await a.release(g3.lease)
         assert await b.inflight("acme") == 0
+    asyncio.run(scenario())
+
+
+def test_rejoining_after_a_restart_grants_only_within_the_share_until_every_replica_is_back(redis_server):
+    """Redis restarts empty: the first replica back must not take what another replica's
+    missing leases hold - for one TTL it grants through Redis and within its share only."""
+    async def scenario():
+        clock = FakeClock()
+        a, b = ledger(redis_server, lease_ttl_s=3, clock=clock), ledger(redis_server, lease_ttl_s=3, clock=clock)
+        for replica in (a, b, a, b):
+            await replica.heartbeat()
+        share_a = a.share_of("acme", 2)
+        assert share_a == b.share_of("acme", 2) == 1
+        on_b = await b.acquire("acme", 1, 2)  # B holds its share when Redis goes
+        redis_server.stop()
+        redis_server.start()  # empty: B's lease is gone until B's heartbeat
+        await a.heartbeat()  # no call failed: A sees the restart by its registration missing
+        assert a.fallback and a.replicas == 2 and await a.inflight("acme") == 0  # the outage's shares
+        # Concurrent acquires while rejoining: Redis says 0 of 2 used, the share says one.
+        grants = await asyncio.gather(*[a.acquire("acme", 1, 2) for _ in range(3)])
+        assert sorted(g.lease is not None for g in grants) == [False, False, True], grants
+        assert (await a.acquire("acme", 1, 2)).lease is None
+        await b.heartbeat()  # B is back: its lease counts in Redis again
+        clock.advance(3)
+        for replica in (a, b, a, b):
+            await replica.heartbeat()
+        assert not a.fallback and not b.fallback and a.replicas == b.replicas == 2
+        assert (await a.acquire("acme", 1, 2)).lease is None  # exact: B's 1 + A's 1
+        await b.release(on_b.lease)
+        assert (await a.acquire("acme", 1, 2)).lease is not None
     asyncio.run(scenario())
 
 
