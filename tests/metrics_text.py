@@ -29,7 +29,8 @@ class Sampler:
     """Scrapes a server's /metrics continuously in a thread and keeps every reading of the
     named samples (summed over labels, or over those that include ``labels``), so a test can
     assert on the highest one seen. Names are sample names (``x_total``, ``x_count``), not
-    family names."""
+    family names. A reading's ``_t`` is when it was read; the server produced it between
+    ``_asked`` and ``_t``."""
 
     def __init__(self, url: str, *names: str, interval_s: float = 0.05, labels: dict[str, str] | None = None):
         import threading
@@ -46,6 +47,7 @@ class Sampler:
         with httpx.Client(timeout=10) as client:
             while not self._stop.is_set():
                 try:
+                    asked = time.monotonic()
                     text = client.get(self.url.rstrip("/") + "/metrics").text
                     # only the named samples' lines are parsed: a vLLM server's whole text
                     # takes the parser a good part of a second on a busy host
@@ -58,7 +60,7 @@ class Sampler:
                     self.errors.append(repr(exc))
                     self._stop.wait(self.interval_s)
                     continue
-                self.readings.append({"_t": time.monotonic(), **reading})
+                self.readings.append({"_asked": asked, "_t": time.monotonic(), **reading})
                 self._stop.wait(self.interval_s)
 
     def __enter__(self) -> Sampler:

@@ -28,19 +28,17 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import random
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 
 import httpx
 import pytest
 
 from tests.live_server import usage_by_process, wait_for
-from tests.metrics_text import Sampler, metric, samples, scrape
+from tests.metrics_text import Sampler, samples, scrape
+from tests.usage_holds import HeldUnits, records_through_the_end
 
 BUDGETS = {"prop-a": ("prop1", 1), "prop-b": ("prop2", 2), "prop-c": ("prop3", 3)}  # account: (plan, units)
 CLIENTS = 4
@@ -124,72 +122,6 @@ def refresh_engine_gauge(url: str, key: str) -> None:
     assert response.status_code == 200, response.text[:300]
 
 
-class HeldUnits:
-    """The units the server held over time, exactly: each admitted request's interval from
-    its usage record (admitted after its units were granted, released before they were
-    freed: inside the true hold), on this test's monotonic clock. Sampling the gauge
-    instead misses a short request between two scrapes."""
-
-    def __init__(self, records: list[dict]):
-        to_monotonic = time.time() - time.monotonic()
-        self.intervals = []  # (start, end, units, account, request id, its client left)
-        for r in records:  # request records (a key reload's audit records share the file)
-            if r["kind"] == "request" and r["units"] and r["queue_wait_s"] is not None:
-                ended = datetime.fromisoformat(r["time"].replace("Z", "+00:00")).timestamp()
-                start = ended - r["e2e_s"] + r["queue_wait_s"] - to_monotonic  # arrival + queue wait
-                end = start + r["unit_seconds"] / r["units"]
-                self.intervals.append((start, end, r["units"], r["account"], r["request_id"], r["client_left"]))
-
-    def peak(self, since: float = float("-inf"), until: float = float("inf"), account: str | None = None,
-             inset_s: float = 0.0, left_extra_s: float = 0.0) -> tuple[int, float]:  # fmt: skip
-        """The most units held at one moment between ``since`` and ``until`` (by ``account``, or
-        by all), and that moment; each interval shortened by ``inset_s`` at both ends, and
-        one whose client left lengthened by ``left_extra_s`` (vLLM aborts it a moment later)."""
-        mine = [(s + inset_s, e - inset_s + (left_extra_s if left else 0.0), u)
-                for s, e, u, a, _, left in self.intervals if account in (None, a)]  # fmt: skip
-        mine = [i for i in mine if i[0] <= until and i[1] > since]
-        moments = [since] + [s for s, _, _ in mine if s > since]
-        return max(((sum(u for s, e, u in mine if s <= t < e), t) for t in moments), default=(0, since))
-
-    def around(self, at: float, span_s: float, account: str | None = None) -> list[tuple]:
-        """The intervals held in the ``span_s`` before ``at``, relative to it (for messages)."""
-        return [(round(s - at, 3), round(e - at, 3), u, a, rid, left) for s, e, u, a, rid, left in self.intervals
-                if s <= at and e > at - span_s and account in (None, a)]  # fmt: skip
-
-
-def records_through_the_end(server, server_fixture: str, key: str) -> list[dict]:
-    """Every usage record of the server, once each API process has written a request sent
-    after the mix (one writer thread per process writes in order, so all came before it)."""
-    marker = f"prop-end-{time.monotonic_ns()}"
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
-    headers = {"Authorization": f"Bearer {key}", "x-request-id": marker}
-
-    def by_process() -> dict[int, list[dict]]:
-        if server_fixture == "multi_server":
-            return usage_by_process(server)
-        return {0: [json.loads(line) for line in server.usage_log.read_text().splitlines()]}
-
-    def post(_) -> None:
-        httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers, timeout=60)
-
-    found: dict[int, list[dict]] = {}
-
-    def every_process_wrote_one() -> bool:
-        nonlocal found
-        found = by_process()
-        if all(any(r.get("request_id") == marker for r in recs) for recs in found.values()):
-            return True
-        # several at once: the kernel can hand one connection after another to the same
-        # process, never to a busy one (a refusal's record counts too)
-        with ThreadPoolExecutor(4) as pool:
-            list(pool.map(post, range(4)))
-        return False
-
-    assert wait_for(every_process_wrote_one, 60, poll_s=0.5), f"no usage record of {marker} from every process"
-    assert metric(server.url, "medgemma_usage_records_dropped_total") == 0, "usage records were dropped"
-    return [r for recs in found.values() for r in recs]
-
-
 def warnings_in(log: str, last: int = 15) -> list[str]:
     """The server's last warning and error lines (it never logs request content)."""
     return [line[-300:] for line in log.splitlines() if re.search(r"WARNING|ERROR|Traceback", line)][-last:]
@@ -239,7 +171,8 @@ def test_no_account_exceeds_its_budget_and_the_engine_never_runs_more_than_admit
         sampler_age = time.monotonic() - sampler.readings[-1]["_t"]  # a scrape every 0.05 s, when all is well
     readings = sampler.readings
     assert len(readings) > 200, (where, sampler.errors[-3:])
-    held = HeldUnits(records_through_the_end(server, server_fixture, keys["prop-c"]))
+    processes = 2 if server_fixture == "multi_server" else 1
+    held = HeldUnits(records_through_the_end(server, keys["prop-c"], processes))
     for (_, budget), account in zip(BUDGETS.values(), BUDGETS):
         worst, at = held.peak(account=account, inset_s=CLOCK_SLACK_S)
         assert worst <= budget, (
