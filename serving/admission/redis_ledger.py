@@ -8,7 +8,8 @@ Guarantees:
   replica's live leases every ``lease_ttl_s / 3``. A replica that dies without releasing
   loses its leases within the TTL: nothing leaks.
 - If Redis becomes unreachable (any command fails or times out), the documented policy
-  applies until a heartbeat reaches it again; ``medgemma_ledger_fallback`` is 1 meanwhile.
+  applies until a heartbeat reaches it again, and the replica then rejoins for one TTL
+  (below); ``medgemma_ledger_fallback`` is 1 throughout.
   ``refuse``: requests get 503 ``ledger_unavailable``.
   ``share`` (default): the budget is split exactly among the replicas the last heartbeat
   saw (``share_of``: floor(budget / R) each, the remainder to R' of them chosen by the
@@ -22,8 +23,13 @@ Guarantees:
   budget check: they are running. Redis's total is not yet the truth - another replica's
   leases are missing until its own heartbeat puts them back, which a live replica does
   within one TTL. So for one TTL this replica grants only through Redis (everyone sees the
-  grant) and only within its outage share (it cannot see what is missing); the fallback
-  gauge stays 1. After that the total in Redis is complete and budgets are exact again.
+  grant) and only within its outage share (it cannot see what is missing), with either
+  policy; the fallback gauge stays 1. After that the total in Redis is complete and
+  budgets are exact again.
+- A Redis that lost this replica's registration (it restarted before any call failed, or
+  a stall outlasted the TTL) is noticed by the next acquire as well as the next heartbeat:
+  the acquire script grants nothing then, and the replica puts its leases back and rejoins
+  before it grants.
 """
 
 from __future__ import annotations
@@ -52,7 +58,15 @@ for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
 end
 """
 
+# KEYS[2], ARGV[5] (once this replica has registered): the replicas set and its id. Redis
+# that lost the registration (a restart, or a stall past the TTL) grants nothing: {-1, used}.
 ACQUIRE = LIVE_UNITS + """
+if KEYS[2] then
+  local registered = redis.call('ZSCORE', KEYS[2], ARGV[5])
+  if not registered or tonumber(registered) <= now then
+    return {-1, used}
+  end
+end
 local units = tonumber(ARGV[1])
 if used + units > tonumber(ARGV[2]) then
   return {0, used}
@@ -109,6 +123,7 @@ return #KEYS
 """
 
 FALLBACK_POLICIES = ("share", "refuse")
+_LOST = object()  # the acquire script's answer when Redis no longer has this replica
 
 
 @dataclass(frozen=True)
@@ -159,33 +174,23 @@ class RedisLedger:
 
     # --- the ledger interface ----------------------------------------------------------
     async def acquire(self, account: str, units: int, budget: int) -> Grant:
-        rejoining = self._rejoin_until is not None
-        if rejoining:  # through Redis, and within this replica's share of the budget
-            own = self._own_units(account)
-            if own + units > self.share_of(account, budget):
-                return Grant(None, own)
-        if not self.fallback or rejoining:
-            lease_id = new_lease_id()
-            key = self._account_key(account)
-            self._pending[account] = self._pending.get(account, 0) + units  # (concurrent acquires)
-            try:
-                granted, used = await self._acquire_script(
-                    keys=[key], args=[units, budget, self.ttl_ms, lease_id]
-                )
-            except Exception as exc:  # noqa: BLE001 - any Redis failure means the same
-                self._enter_fallback(exc)
-            else:
-                if not granted:
-                    return Grant(None, int(used))
-                lease = Lease(lease_id, account, units)
-                self._hold(lease, _RedisLease(key, f"{lease_id}|{units}"))
-                return Grant(lease, int(used))
-            finally:
-                left = self._pending[account] - units
-                if left:
-                    self._pending[account] = left
-                else:
-                    del self._pending[account]
+        for _ in range(2):  # a second time only once Redis lost this replica (it rejoined)
+            rejoining = self._rejoin_until is not None
+            if rejoining:  # through Redis, and within this replica's share of the budget
+                own = self._own_units(account)
+                if own + units > self.share_of(account, budget):
+                    return Grant(None, own)
+            elif self.fallback:
+                break
+            grant = await self._acquire_in_redis(account, units, budget)
+            if grant is _LOST:
+                await self.heartbeat()  # puts this replica's leases back and starts the rejoin
+                continue
+            if grant is not None:
+                return grant
+            break  # Redis failed: the outage policy
+        else:
+            return Grant(None, self._own_units(account))  # lost twice in a row: not now
         if self.policy == "refuse":
             raise LedgerUnavailable("the Redis budget ledger is unreachable")
         # Our share, less what we still hold in Redis from before the outage (or are being
@@ -194,13 +199,41 @@ class RedisLedger:
         grant = self._local.acquire_now(account, units, self.share_of(account, budget) - held)
         return Grant(grant.lease, grant.inflight + held)
 
+    async def _acquire_in_redis(self, account: str, units: int, budget: int):
+        """Redis's decision: a Grant, ``_LOST`` (Redis no longer has this replica), or None
+        (Redis failed: the outage has begun)."""
+        lease_id = new_lease_id()
+        key = self._account_key(account)
+        keys, args = [key], [units, budget, self.ttl_ms, lease_id]
+        if self._registered:
+            keys, args = keys + [f"{self.prefix}:replicas"], args + [self.replica_id]
+        self._pending[account] = self._pending.get(account, 0) + units  # (concurrent acquires)
+        try:
+            granted, used = await self._acquire_script(keys=keys, args=args)
+        except Exception as exc:  # noqa: BLE001 - any Redis failure means the same
+            self._enter_fallback(exc)
+            return None
+        finally:
+            left = self._pending[account] - units
+            if left:
+                self._pending[account] = left
+            else:
+                del self._pending[account]
+        if granted == -1:
+            return _LOST
+        if not granted:
+            return Grant(None, int(used))
+        lease = Lease(lease_id, account, units)
+        self._hold(lease, _RedisLease(key, f"{lease_id}|{units}"))
+        return Grant(lease, int(used))
+
     def _own_units(self, account: str) -> int:
         """This replica's units of ``account``: in Redis, locally, and being granted."""
         return self._held_units.get(account, 0) + self._local.units_of(account) + self._pending.get(account, 0)
 
     def share_of(self, account: str, budget: int) -> int:
-        """This replica's part of ``budget`` while Redis is down: the parts of all live
-        replicas sum to exactly ``budget``."""
+        """This replica's part of ``budget`` while Redis is down or it rejoins: the parts of
+        all live replicas sum to exactly ``budget``."""
         replicas = max(1, self.replicas)
         base, extra = divmod(budget, replicas)
         offset = zlib.crc32(account.encode()) % replicas  # spread the remainders over replicas
@@ -232,7 +265,8 @@ class RedisLedger:
             self._enter_fallback(exc)
 
     async def inflight(self, account: str) -> int:
-        """The account's units in use: all replicas' (Redis), or this replica's in an outage."""
+        """The account's units in use: all replicas' (Redis), or this replica's in an outage
+        and while it rejoins."""
         if not self.fallback:
             try:
                 return int(await self._inflight_script(keys=[self._account_key(account)]))
@@ -243,42 +277,46 @@ class RedisLedger:
     # --- liveness --------------------------------------------------------------------------
     async def heartbeat(self) -> None:
         """Renew this replica's live leases and its place among the replicas; after an outage
-        or a Redis restart, put this replica's leases back and rejoin (module docstring)."""
+        or a Redis restart, rejoin and put this replica's leases back (module docstring)."""
         ids = list(self._held)
         held = [self._held[i] for i in ids]
         keys = [f"{self.prefix}:replicas"] + [h.key for h in held]
         args = [self.ttl_ms, self.replica_id] + [h.member for h in held]
         try:
             result = await self._heartbeat_script(keys=keys, args=args)
-            registered, replicas = result[0], sorted(r.decode() if isinstance(r, bytes) else str(r) for r in result[1])
-            lost = [ids[int(i) - 1] for i in result[2:]]
-            if self.fallback:
-                # Leases granted locally during the outage move into Redis, so the shared
-                # budget counts them until they end.
-                for lease in self._local.take_all():
-                    self._hold(lease, _RedisLease(self._account_key(lease.account), f"{lease.lease_id}|{lease.units}"))
-                    lost.append(lease.lease_id)
-            # Still held here but gone from Redis (it restarted, or heartbeats stalled past
-            # the TTL): count them again. Ones released meanwhile stay released.
-            restore = [self._held[i] for i in lost if i in self._held]
-            if restore:
-                await self._restore_script(
-                    keys=[h.key for h in restore], args=[self.ttl_ms] + [h.member for h in restore]
-                )
         except Exception as exc:  # noqa: BLE001
             self._enter_fallback(exc)
             return
-        restarted = self._registered and not registered  # (its leases were put back above)
-        if restarted or (self.fallback and self._rejoin_until is None):
-            self._start_rejoin()
+        registered, replicas = result[0], sorted(r.decode() if isinstance(r, bytes) else str(r) for r in result[1])
+        lost = [ids[int(i) - 1] for i in result[2:]]
+        was_registered, self._registered = self._registered, True
+        if (was_registered and not registered) or (self.fallback and self._rejoin_until is None):
+            self._start_rejoin()  # before anything below awaits: no acquire in between is exact
         elif self._rejoin_until is not None and self.clock.now() >= self._rejoin_until:
             self.fallback, self._rejoin_until = False, None
             self.on_fallback(False)
             logger.warning("budget ledger: every live replica has had a lease TTL to rejoin; budgets are shared again")
-        if self._rejoin_until is None:  # (rejoining, the set may miss replicas not back yet)
+        if self._rejoin_until is None or not was_registered:
+            # (Rejoining, the set may miss replicas not back yet: the outage's count stays,
+            # unless this replica never had one.)
             self.replicas = max(1, len(replicas))
             self.rank = replicas.index(self.replica_id) if self.replica_id in replicas else 0
-        self._registered = True
+        if self.fallback:
+            # Leases granted locally during the outage move into Redis, so the shared budget
+            # counts them until they end.
+            for lease in self._local.take_all():
+                self._hold(lease, _RedisLease(self._account_key(lease.account), f"{lease.lease_id}|{lease.units}"))
+                lost.append(lease.lease_id)
+        # Still held here but gone from Redis (it restarted, or heartbeats stalled past the
+        # TTL): count them again. Ones released meanwhile stay released.
+        restore = [self._held[i] for i in lost if i in self._held]
+        if restore:
+            try:
+                await self._restore_script(
+                    keys=[h.key for h in restore], args=[self.ttl_ms] + [h.member for h in restore]
+                )
+            except Exception as exc:  # noqa: BLE001
+                self._enter_fallback(exc)
 
     def _start_rejoin(self) -> None:
         """Redis answers (again, or after losing this replica's registration) but may miss

@@ -57,6 +57,7 @@ def test_a_replica_that_dies_loses_its_leases_within_the_ttl(redis_server):
 def test_exactly_one_round_trip_to_acquire_and_one_to_release(redis_server):
     async def scenario():
         led = ledger(redis_server)
+        await led.heartbeat()  # registered: each acquire also checks Redis still has it
         warm = await led.acquire("acme", 1, 5)  # loads the scripts
         await led.release(warm.lease)
         probe = redis_sync.Redis.from_url(redis_server.url)
@@ -70,7 +71,7 @@ def test_exactly_one_round_trip_to_acquire_and_one_to_release(redis_server):
         # Two round trips (EVALSHA); the rest ran inside the two scripts, once each.
         assert calls == {
             "evalsha": 2, "time": 1, "zremrangebyscore": 1, "zrange": 1, "zadd": 1,
-            "pexpire": 1, "zrem": 1,
+            "pexpire": 1, "zrem": 1, "zscore": 1,
         }, calls  # fmt: skip
     asyncio.run(scenario())
 
@@ -128,16 +129,54 @@ def test_rejoining_after_a_restart_grants_only_within_the_share_until_every_repl
         # Concurrent acquires while rejoining: Redis says 0 of 2 used, the share says one.
         grants = await asyncio.gather(*[a.acquire("acme", 1, 2) for _ in range(3)])
         assert sorted(g.lease is not None for g in grants) == [False, False, True], grants
+        assert leased_units(redis_server, "acme") == 1  # through Redis: the others see it at once
         assert (await a.acquire("acme", 1, 2)).lease is None
-        await b.heartbeat()  # B is back: its lease counts in Redis again
-        clock.advance(3)
-        for replica in (a, b, a, b):
+        clock.advance(2)
+        await a.heartbeat()  # within the TTL: still rejoining
+        assert a.fallback and (await a.acquire("acme", 1, 2)).lease is None
+        await b.heartbeat()  # B is back: its lease counts in Redis again; B rejoins
+        clock.advance(1)
+        await a.heartbeat()  # A's TTL is over
+        assert not a.fallback and b.fallback and a.replicas == 2
+        assert (await a.acquire("acme", 1, 2)).lease is None  # exact: B's 1 + A's 1
+        clock.advance(2)
+        for replica in (a, b):
             await replica.heartbeat()
         assert not a.fallback and not b.fallback and a.replicas == b.replicas == 2
         assert (await a.acquire("acme", 1, 2)).lease is None  # exact: B's 1 + A's 1
         await b.release(on_b.lease)
         assert (await a.acquire("acme", 1, 2)).lease is not None
     asyncio.run(scenario())
+
+
+def test_an_acquire_that_finds_redis_lost_the_replica_puts_its_leases_back_and_rejoins_first(redis_server):
+    """No heartbeat has run since the restart: the acquire itself must notice, or it would
+    grant against an empty Redis on top of this replica's own lost lease."""
+    async def scenario():
+        clock = FakeClock()
+        a, b = ledger(redis_server, lease_ttl_s=3, clock=clock), ledger(redis_server, lease_ttl_s=3, clock=clock)
+        for replica in (a, b, a, b):
+            await replica.heartbeat()
+        held = await b.acquire("acme", 1, 2)  # B's share
+        redis_server.stop()
+        redis_server.start()  # empty, and no call failed
+        refused = await b.acquire("acme", 1, 2)
+        assert refused.lease is None and b.fallback, refused  # rejoining: B's share is in use
+        assert leased_units(redis_server, "acme") == 1  # B's lease is back for A to see
+        assert (await a.acquire("acme", 1, 2)).lease is not None  # A's share, A rejoins too
+        assert leased_units(redis_server, "acme") == 2
+        redis_server.stop()  # down again while rejoining: the outage again, its shares locally
+        await b.release(held.lease)  # (Redis fails)
+        again = await b.acquire("acme", 1, 2)
+        assert again.lease is not None and b.fallback and b._rejoin_until is None
+        assert (await b.acquire("acme", 1, 2)).lease is None
+    asyncio.run(scenario())
+
+
+def leased_units(server, account: str) -> int:
+    """The units of ``account``'s leases in Redis now."""
+    members = redis_sync.Redis.from_url(server.url).zrange(f"medgemma:leases:{{{account}}}", 0, -1)
+    return sum(int(m.rsplit(b"|", 1)[1]) for m in members)
 
 
 def test_outage_shares_split_every_budget_exactly_across_replicas():
