@@ -28,8 +28,9 @@ Guarantees:
   budgets are exact again.
 - A Redis that lost this replica's registration (it restarted before any call failed, or
   a stall outlasted the TTL) is noticed by the next acquire as well as the next heartbeat:
-  the acquire script grants nothing then, and the replica puts its leases back and rejoins
-  before it grants.
+  the acquire script grants nothing then, and the replica rejoins and puts its leases back
+  before it grants. It registers again under a new token, so an acquire sent earlier and
+  run by Redis only afterwards is refused as lost too; one heartbeat runs at a time.
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
 end
 """
 
-# KEYS[2], ARGV[5] (once this replica has registered): the replicas set and its id. Redis
-# that lost the registration (a restart, or a stall past the TTL) grants nothing: {-1, used}.
+# KEYS[2], ARGV[5] (once this replica has registered): the replicas set and its member (id
+# and registration token). Redis that lost it (a restart, a stall past the TTL), or a token
+# the replica has since replaced, grants nothing: {-1, used}.
 ACQUIRE = LIVE_UNITS + """
 if KEYS[2] then
   local registered = redis.call('ZSCORE', KEYS[2], ARGV[5])
@@ -86,22 +88,25 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 return 1
 """
 
-# KEYS: the replicas set, then one account set per lease; ARGV: ttl_ms, replica id, members.
-# Renews only leases Redis still has (a lease released meanwhile must not come back) and
-# returns whether this replica was still registered (not: Redis lost it - a restart - or it
-# expired), the live replica ids, then the indexes of held leases Redis has lost.
+# KEYS: the replicas set, then one account set per lease; ARGV: ttl_ms, this replica's
+# member, whether to register it if Redis lacks it ('1'), then the leases' members.
+# Renews the registration and the leases Redis still has (a lease released meanwhile must
+# not come back). Redis lacking the member and no '1': nothing is written, {0}. Otherwise
+# {1, the live replicas' members, then the indexes of held leases Redis has lost}.
 HEARTBEAT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local registered = redis.call('ZSCORE', KEYS[1], ARGV[2]) and 1 or 0
+if not redis.call('ZSCORE', KEYS[1], ARGV[2]) and ARGV[3] ~= '1' then
+  return {0}
+end
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ttl * 2)
-local result = {registered, redis.call('ZRANGE', KEYS[1], 0, -1)}
+local result = {1, redis.call('ZRANGE', KEYS[1], 0, -1)}
 for i = 2, #KEYS do
-  if redis.call('ZSCORE', KEYS[i], ARGV[i + 1]) then
-    redis.call('ZADD', KEYS[i], 'XX', now + ttl, ARGV[i + 1])
+  if redis.call('ZSCORE', KEYS[i], ARGV[i + 2]) then
+    redis.call('ZADD', KEYS[i], 'XX', now + ttl, ARGV[i + 2])
     redis.call('PEXPIRE', KEYS[i], ttl * 2)
   else
     table.insert(result, i - 1)
@@ -157,6 +162,8 @@ class RedisLedger:
         self.fallback = False  # an outage, or rejoining after one
         self._rejoin_until: float | None = None  # Redis answers again; others' leases may be missing
         self._registered = False  # a heartbeat has reached Redis: its loss of us means a restart
+        self._member = self._new_member()  # in the replicas set; a new token on each rejoin
+        self._heartbeat_lock = asyncio.Lock()  # one heartbeat at a time (acquires call it too)
         self.replicas = 1
         self.rank = 0  # this replica's place among the live replicas' sorted ids
         self._local = InProcessLedger()
@@ -183,8 +190,8 @@ class RedisLedger:
             elif self.fallback:
                 break
             grant = await self._acquire_in_redis(account, units, budget)
-            if grant is _LOST:
-                await self.heartbeat()  # puts this replica's leases back and starts the rejoin
+            if grant is _LOST:  # the heartbeat rejoins, registers anew, puts the leases back
+                await self.heartbeat()
                 continue
             if grant is not None:
                 return grant
@@ -206,7 +213,7 @@ class RedisLedger:
         key = self._account_key(account)
         keys, args = [key], [units, budget, self.ttl_ms, lease_id]
         if self._registered:
-            keys, args = keys + [f"{self.prefix}:replicas"], args + [self.replica_id]
+            keys, args = keys + [f"{self.prefix}:replicas"], args + [self._member]
         self._pending[account] = self._pending.get(account, 0) + units  # (concurrent acquires)
         try:
             granted, used = await self._acquire_script(keys=keys, args=args)
@@ -276,22 +283,37 @@ class RedisLedger:
 
     # --- liveness --------------------------------------------------------------------------
     async def heartbeat(self) -> None:
-        """Renew this replica's live leases and its place among the replicas; after an outage
-        or a Redis restart, rejoin and put this replica's leases back (module docstring)."""
-        ids = list(self._held)
-        held = [self._held[i] for i in ids]
-        keys = [f"{self.prefix}:replicas"] + [h.key for h in held]
-        args = [self.ttl_ms, self.replica_id] + [h.member for h in held]
-        try:
-            result = await self._heartbeat_script(keys=keys, args=args)
-        except Exception as exc:  # noqa: BLE001
-            self._enter_fallback(exc)
+        """Renew this replica's registration and live leases; after an outage, or when Redis
+        has lost the registration, rejoin and put this replica's leases back (module
+        docstring). One at a time: acquires that find the registration lost call it too."""
+        async with self._heartbeat_lock:
+            await self._heartbeat()
+
+    async def _heartbeat(self) -> None:
+        was_registered = self._registered
+        for register in (not was_registered, True):
+            ids = list(self._held)
+            keys = [f"{self.prefix}:replicas"] + [self._held[i].key for i in ids]
+            args = [self.ttl_ms, self._member, "1" if register else "0"] + [self._held[i].member for i in ids]
+            try:
+                result = await self._heartbeat_script(keys=keys, args=args)
+                if result[0]:
+                    replicas = sorted(r.decode() if isinstance(r, bytes) else str(r) for r in result[1])
+                    lost = [ids[int(i) - 1] for i in result[2:]]
+                    break
+            except Exception as exc:  # noqa: BLE001
+                self._enter_fallback(exc)
+                return
+            # Redis lost this replica (a restart, or a stall past the TTL): rejoin before
+            # anything awaits, then register under a new token, so an acquire sent before
+            # this moment (with the old one) cannot pass as registered.
+            self._start_rejoin()
+            self._member = self._new_member()
+        else:
             return
-        registered, replicas = result[0], sorted(r.decode() if isinstance(r, bytes) else str(r) for r in result[1])
-        lost = [ids[int(i) - 1] for i in result[2:]]
-        was_registered, self._registered = self._registered, True
-        if (was_registered and not registered) or (self.fallback and self._rejoin_until is None):
-            self._start_rejoin()  # before anything below awaits: no acquire in between is exact
+        self._registered = True
+        if self.fallback and self._rejoin_until is None:
+            self._start_rejoin()  # Redis answers again after an outage
         elif self._rejoin_until is not None and self.clock.now() >= self._rejoin_until:
             self.fallback, self._rejoin_until = False, None
             self.on_fallback(False)
@@ -300,7 +322,7 @@ class RedisLedger:
             # (Rejoining, the set may miss replicas not back yet: the outage's count stays,
             # unless this replica never had one.)
             self.replicas = max(1, len(replicas))
-            self.rank = replicas.index(self.replica_id) if self.replica_id in replicas else 0
+            self.rank = replicas.index(self._member) if self._member in replicas else 0
         if self.fallback:
             # Leases granted locally during the outage move into Redis, so the shared budget
             # counts them until they end.
@@ -317,6 +339,9 @@ class RedisLedger:
                 )
             except Exception as exc:  # noqa: BLE001
                 self._enter_fallback(exc)
+
+    def _new_member(self) -> str:
+        return f"{self.replica_id}|{uuid.uuid4().hex[:12]}"
 
     def _start_rejoin(self) -> None:
         """Redis answers (again, or after losing this replica's registration) but may miss

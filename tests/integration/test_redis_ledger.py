@@ -158,11 +158,19 @@ def test_an_acquire_that_finds_redis_lost_the_replica_puts_its_leases_back_and_r
         for replica in (a, b, a, b):
             await replica.heartbeat()
         held = await b.acquire("acme", 1, 2)  # B's share
+        old_member = b._member
         redis_server.stop()
         redis_server.start()  # empty, and no call failed
-        refused = await b.acquire("acme", 1, 2)
-        assert refused.lease is None and b.fallback, refused  # rejoining: B's share is in use
+        refused = await asyncio.gather(*[b.acquire("acme", 1, 2) for _ in range(3)])
+        assert all(g.lease is None for g in refused) and b.fallback, refused  # rejoining: B's share is in use
         assert leased_units(redis_server, "acme") == 1  # B's lease is back for A to see
+        # B registered once (one heartbeat at a time), under a new token: an acquire sent
+        # with the old one, that Redis runs only now, still counts as lost.
+        probe = redis_sync.Redis.from_url(redis_server.url)
+        assert probe.zrange("medgemma:replicas", 0, -1) == [b._member.encode()]
+        late = await b._acquire_script(keys=[b._account_key("acme"), "medgemma:replicas"],
+                                       args=[1, 2, 3000, "late", old_member])  # fmt: skip
+        assert b._member != old_member and late[0] == -1 and leased_units(redis_server, "acme") == 1
         assert (await a.acquire("acme", 1, 2)).lease is not None  # A's share, A rejoins too
         assert leased_units(redis_server, "acme") == 2
         redis_server.stop()  # down again while rejoining: the outage again, its shares locally
