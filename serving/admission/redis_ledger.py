@@ -17,7 +17,9 @@ Guarantees:
   while its own units for the account - leases it held before the outage plus those it
   granted during it - stay within its share. Nothing running is ended, so an account's
   total during an outage is at most the sum over replicas of max(share, units held at the
-  outage start): exactly the budget when every replica was within its share then.
+  outage start): exactly the budget when every replica was within its share then. A
+  replica that has never reached Redis does not know how many replicas share the budget:
+  it refuses (503) with either policy until its first heartbeat gets through.
 - Rejoining: the first heartbeat that reaches Redis again puts every live lease of this
   replica into Redis (those granted during the outage, and any Redis lost), without a
   budget check: they are running. Redis's total is not yet the truth - another replica's
@@ -198,7 +200,8 @@ class RedisLedger:
             break  # Redis failed: the outage policy
         else:
             return Grant(None, self._own_units(account))  # lost twice in a row: not now
-        if self.policy == "refuse":
+        if self.policy == "refuse" or not self._registered:
+            # (Never registered: it cannot know how many replicas share the budget.)
             raise LedgerUnavailable("the Redis budget ledger is unreachable")
         # Our share, less what we still hold in Redis from before the outage (or are being
         # granted there by an acquire that was under way when it went).

@@ -181,6 +181,24 @@ def test_an_acquire_that_finds_redis_lost_the_replica_puts_its_leases_back_and_r
     asyncio.run(scenario())
 
 
+def test_a_replica_that_never_reached_redis_refuses_whatever_the_policy(redis_server):
+    """Started during an outage it cannot know how many replicas share the budget: a share
+    of 1 replica would be the whole budget on each of them."""
+    async def scenario():
+        clock = FakeClock()
+        redis_server.stop()
+        new = ledger(redis_server, lease_ttl_s=3, clock=clock)
+        await new.heartbeat()
+        assert new.fallback
+        with pytest.raises(LedgerUnavailable):
+            await new.acquire("acme", 1, 4)
+        redis_server.start()
+        await new.heartbeat()  # registered: it rejoins, and its count is the live one
+        assert new.fallback and new.replicas == 1
+        assert (await new.acquire("acme", 1, 4)).lease is not None
+    asyncio.run(scenario())
+
+
 def leased_units(server, account: str) -> int:
     """The units of ``account``'s leases in Redis now."""
     members = redis_sync.Redis.from_url(server.url).zrange(f"medgemma:leases:{{{account}}}", 0, -1)
