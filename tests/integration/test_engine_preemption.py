@@ -99,27 +99,33 @@ def finishes(readings: list[dict[str, float]]) -> list[tuple[set[PriorityClass],
     their preemptions, the longest time so far that the engine's queue held a request
     without a break, over consecutive readings). Each request generates exactly its
     own token count, and no two subsets of the three counts have the same sum, so the
-    generated-token delta names them."""
+    generated-token delta names them. vLLM observes a finished request's histograms one
+    after the other, so a scrape can fall between them (its finish counted, its tokens
+    not yet): such a reading is skipped, and the finish is read against the next one."""
     by_tokens = {tokens: priority for priority, tokens, _ in REQUESTS}
     steps, longest, since = [], 0.0, None
+    anchor, pending = readings[0], None  # the reading the next finish is measured from
     for before, after in zip(readings, readings[1:]):
         if before[WAITING] >= 1 and after[WAITING] >= 1:
             since = before["_t"] if since is None else since
             longest = max(longest, after["_t"] - since)
         else:
             since = None
-        if after[FINISHED] == before[FINISHED]:
+        if after[FINISHED] == anchor[FINISHED] and after[GENERATED] == anchor[GENERATED]:
+            anchor = after
             continue
-        generated = after[GENERATED] - before[GENERATED]
+        generated = after[GENERATED] - anchor[GENERATED]
         classes = next((
             {by_tokens[t] for t in subset}
-            for size in range(1, len(REQUESTS) + 1)
-            for subset in itertools.combinations(by_tokens, size)
+            for subset in itertools.combinations(by_tokens, int(after[FINISHED] - anchor[FINISHED]))
             if sum(subset) == generated
-        ), None)  # fmt: skip
-        assert classes is not None, f"{generated} generated tokens match no set of requests: {before}, {after}"
-        assert len(classes) == after[FINISHED] - before[FINISHED], (before, after)
-        steps.append((classes, after[PREEMPTIONS] - before[PREEMPTIONS], round(longest, 2)))
+        ), None) if after[FINISHED] > anchor[FINISHED] else None  # fmt: skip
+        if classes is None:  # mid-update: read this finish against the next reading
+            pending = (anchor, after)
+            continue
+        steps.append((classes, after[PREEMPTIONS] - anchor[PREEMPTIONS], round(longest, 2)))
+        anchor, pending = after, None
+    assert pending is None, f"generated tokens that match no set of requests: {pending}"
     return steps
 
 
