@@ -54,3 +54,12 @@ class RedisServer:
             self.process.terminate()
             self.process.wait(timeout=10)
         self.process = None
+
+
+def leased_units(url: str, account: str) -> int:
+    """The units of ``account``'s leases in the Redis at ``url`` now (members ``id|units``;
+    expired ones included until an acquire drops them)."""
+    import redis as redis_sync
+
+    members = redis_sync.Redis.from_url(url).zrange(f"medgemma:leases:{{{account}}}", 0, -1)
+    return sum(int(m.rsplit(b"|", 1)[1]) for m in members)

@@ -133,6 +133,15 @@ FALLBACK_POLICIES = ("share", "refuse")
 _LOST = object()  # the acquire script's answer when Redis no longer has this replica
 
 
+def _less(counts: dict[str, int], account: str, units: int) -> None:
+    """``units`` fewer for ``account`` in ``counts``; an account at 0 leaves it."""
+    left = counts[account] - units
+    if left:
+        counts[account] = left
+    else:
+        del counts[account]
+
+
 @dataclass(frozen=True)
 class _RedisLease:
     key: str
@@ -224,11 +233,7 @@ class RedisLedger:
             self._enter_fallback(exc)
             return None
         finally:
-            left = self._pending[account] - units
-            if left:
-                self._pending[account] = left
-            else:
-                del self._pending[account]
+            _less(self._pending, account, units)
         if granted == -1:
             return _LOST
         if not granted:
@@ -256,11 +261,7 @@ class RedisLedger:
     def _unhold(self, lease: Lease) -> _RedisLease | None:
         held = self._held.pop(lease.lease_id, None)
         if held is not None:
-            left = self._held_units[lease.account] - lease.units
-            if left:
-                self._held_units[lease.account] = left
-            else:
-                del self._held_units[lease.account]
+            _less(self._held_units, lease.account, lease.units)
         return held
 
     async def release(self, lease: Lease) -> None:

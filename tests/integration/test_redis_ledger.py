@@ -8,7 +8,7 @@ import redis as redis_sync
 from serving.admission.clock import FakeClock
 from serving.admission.ledger import LedgerUnavailable
 from serving.admission.redis_ledger import RedisLedger, connect
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, leased_units
 
 
 @pytest.fixture
@@ -129,7 +129,7 @@ def test_rejoining_after_a_restart_grants_only_within_the_share_until_every_repl
         # Concurrent acquires while rejoining: Redis says 0 of 2 used, the share says one.
         grants = await asyncio.gather(*[a.acquire("acme", 1, 2) for _ in range(3)])
         assert sorted(g.lease is not None for g in grants) == [False, False, True], grants
-        assert leased_units(redis_server, "acme") == 1  # through Redis: the others see it at once
+        assert leased_units(redis_server.url, "acme") == 1  # through Redis: the others see it at once
         assert (await a.acquire("acme", 1, 2)).lease is None
         clock.advance(2)
         await a.heartbeat()  # within the TTL: still rejoining
@@ -163,16 +163,16 @@ def test_an_acquire_that_finds_redis_lost_the_replica_puts_its_leases_back_and_r
         redis_server.start()  # empty, and no call failed
         refused = await asyncio.gather(*[b.acquire("acme", 1, 2) for _ in range(3)])
         assert all(g.lease is None for g in refused) and b.fallback, refused  # rejoining: B's share is in use
-        assert leased_units(redis_server, "acme") == 1  # B's lease is back for A to see
+        assert leased_units(redis_server.url, "acme") == 1  # B's lease is back for A to see
         # B registered once (one heartbeat at a time), under a new token: an acquire sent
         # with the old one, that Redis runs only now, still counts as lost.
         probe = redis_sync.Redis.from_url(redis_server.url)
         assert probe.zrange("medgemma:replicas", 0, -1) == [b._member.encode()]
         late = await b._acquire_script(keys=[b._account_key("acme"), "medgemma:replicas"],
                                        args=[1, 2, 3000, "late", old_member])  # fmt: skip
-        assert b._member != old_member and late[0] == -1 and leased_units(redis_server, "acme") == 1
+        assert b._member != old_member and late[0] == -1 and leased_units(redis_server.url, "acme") == 1
         assert (await a.acquire("acme", 1, 2)).lease is not None  # A's share, A rejoins too
-        assert leased_units(redis_server, "acme") == 2
+        assert leased_units(redis_server.url, "acme") == 2
         redis_server.stop()  # down again while rejoining: the outage again, its shares locally
         await b.release(held.lease)  # (Redis fails)
         again = await b.acquire("acme", 1, 2)
@@ -197,12 +197,6 @@ def test_a_replica_that_never_reached_redis_refuses_whatever_the_policy(redis_se
         assert new.fallback and new.replicas == 1
         assert (await new.acquire("acme", 1, 4)).lease is not None
     asyncio.run(scenario())
-
-
-def leased_units(server, account: str) -> int:
-    """The units of ``account``'s leases in Redis now."""
-    members = redis_sync.Redis.from_url(server.url).zrange(f"medgemma:leases:{{{account}}}", 0, -1)
-    return sum(int(m.rsplit(b"|", 1)[1]) for m in members)
 
 
 def test_outage_shares_split_every_budget_exactly_across_replicas():
