@@ -154,6 +154,24 @@ def stream_loop(url: str, key: str, max_tokens: int, stop, results) -> None:
     results.put(statuses)
 
 
+def probe_during(seconds: float, servers, key: str) -> dict[str, list[int]]:
+    """A non-streaming request (the openai client's default) to each replica about once a
+    second for ``seconds``: an admission decision on each while the clients' own streams
+    may all be held up. Returns each replica's answers (200 or 429; 0: no answer in time)."""
+    body = chat(1, False)
+    answers: dict[str, list[int]] = {"a": [], "b": []}
+    deadline = time.monotonic() + seconds
+    with httpx.Client(timeout=5, headers={"Authorization": f"Bearer {key}"}) as client:
+        while time.monotonic() < deadline:
+            for name, srv in zip(("a", "b"), servers):
+                try:
+                    answers[name].append(client.post(srv.url + "/v1/chat/completions", json=body).status_code)
+                except httpx.TimeoutException:
+                    answers[name].append(0)  # admitted, and its engine is held up
+            time.sleep(max(0.0, min(1.0, deadline - time.monotonic())))
+    return {name: [s for s in got if s in (200, 429)] for name, got in answers.items()}
+
+
 def share_period(readings: list[dict], fallback: str, since: float) -> tuple[float, float]:
     """The first run of fallback readings of 1 after ``since``: when its last reading was
     asked for (the shares held at least until then), and when the first 0 after it was read
@@ -169,6 +187,9 @@ def share_period(readings: list[dict], fallback: str, since: float) -> tuple[flo
     raise AssertionError(("the shares never applied, or never ended", last_share))
 
 
+# One rerun: on two cores both replicas' vLLM workers share core 0 and an engine can stall
+# for 40-52 s (see the comment at the share check); a defect fails the rerun too.
+@pytest.mark.flaky(reruns=1, reruns_delay=10)
 def test_a_redis_outage_under_load_keeps_each_replica_within_its_share(replicas, spawn_client):
     """Documented bound (serving/admission/redis_ledger.py): during an outage, and for one
     lease TTL after while the replicas rejoin, each replica admits only while its own units
@@ -189,7 +210,7 @@ def test_a_redis_outage_under_load_keeps_each_replica_within_its_share(replicas,
         try:
             assert wait_for(lambda: on_a.latest(fallback) == on_b.latest(fallback) == 1, 15), \
                 ("fallback never flipped", on_a.errors[-3:], on_b.errors[-3:])  # fmt: skip
-            time.sleep(20)
+            probed = probe_during(20, (a, b), key)
         finally:
             restart_at = time.monotonic()
             redis.start()  # empty: the heartbeats put the live leases back
@@ -218,16 +239,19 @@ def test_a_redis_outage_under_load_keeps_each_replica_within_its_share(replicas,
         admitted = held[name].admitted_between(killed_at + 2, last_share)
         over = [(round(t - killed_at, 3), held[name].held_at(t + CLOCK_SLACK_S, CLOCK_SLACK_S)) for t in admitted]
         assert all(units <= 1 for _, units in over), (name, "admitted over its share of 1", over)
-        # And the share is usable: the clients keep retrying, and during the outage a refusal
-        # only ever came while the replica's share was in use (a hold ends in its record a
-        # moment before its units are free: hence the tenth of a second). Not "it served":
-        # on these two cores both vLLM CPU workers bind to core 0, and an idle engine can
-        # stall for tens of seconds while the other generates - its one admitted request
-        # then holds the share through the outage, which is right. (Rejoining, Redis may
-        # refuse too: the other replica's leases from before the outage are back.)
-        refused = [(start, end) for r, start, end in request_times(records[name])
-                   if r["status"] == 429 and killed_at + 2 <= start <= restart_at]  # fmt: skip
-        assert refused, (name, "no client retried during the outage")
+        # And the share is usable: during the outage a refusal only ever came while the
+        # replica's share was in use (a hold ends in its record a moment before its units
+        # are free: hence the tenth of a second). Not "it served": on these two cores both
+        # vLLM CPU workers bind to core 0, and an idle engine can stall for tens of seconds
+        # while the other generates - the streams it admitted then hold the share through
+        # the outage, which is right, and the clients behind them send nothing new; the
+        # test's own probes make sure each replica decided requests in the outage.
+        # (Rejoining, Redis may refuse too: the other replica's leases are back.)
+        assert probed[name], (name, "answered no probe during the outage")
+        decided = [(r["status"], start, end) for r, start, end in request_times(records[name])
+                   if killed_at + 2 <= start <= restart_at]  # fmt: skip
+        assert decided, (name, "no request decided during the outage", probed[name])
+        refused = [(start, end) for status, start, end in decided if status == 429]
         idle = [round(start - killed_at, 3) for start, end in refused if held[name].peak(start - 0.1, end)[0] < 1]
         assert not idle, (name, "refused with its share unused, at (s after the kill)", idle)
     # Once both rejoined: no admission above the budget, across both replicas.
