@@ -157,7 +157,7 @@ def stream_loop(url: str, key: str, max_tokens: int, stop, results) -> None:
 def probe_during(seconds: float, servers, key: str) -> dict[str, list[int]]:
     """A non-streaming request (the openai client's default) to each replica about once a
     second for ``seconds``: an admission decision on each while the clients' own streams
-    may all be held up. Returns each replica's answers (200 or 429; 0: no answer in time)."""
+    may all be held up. Returns each replica's statuses (0: no answer in time)."""
     body = chat(1, False)
     answers: dict[str, list[int]] = {"a": [], "b": []}
     deadline = time.monotonic() + seconds
@@ -166,10 +166,10 @@ def probe_during(seconds: float, servers, key: str) -> dict[str, list[int]]:
             for name, srv in zip(("a", "b"), servers):
                 try:
                     answers[name].append(client.post(srv.url + "/v1/chat/completions", json=body).status_code)
-                except httpx.TimeoutException:
+                except httpx.TransportError:
                     answers[name].append(0)  # admitted, and its engine is held up
             time.sleep(max(0.0, min(1.0, deadline - time.monotonic())))
-    return {name: [s for s in got if s in (200, 429)] for name, got in answers.items()}
+    return answers
 
 
 def share_period(readings: list[dict], fallback: str, since: float) -> tuple[float, float]:
@@ -188,7 +188,8 @@ def share_period(readings: list[dict], fallback: str, since: float) -> tuple[flo
 
 
 # One rerun: on two cores both replicas' vLLM workers share core 0 and an engine can stall
-# for 40-52 s (see the comment at the share check); a defect fails the rerun too.
+# for 40-52 s (see the comment at the share check). A defect that shows on every run fails
+# the rerun too; one that shows now and then may pass it.
 @pytest.mark.flaky(reruns=1, reruns_delay=10)
 def test_a_redis_outage_under_load_keeps_each_replica_within_its_share(replicas, spawn_client):
     """Documented bound (serving/admission/redis_ledger.py): during an outage, and for one
@@ -247,13 +248,17 @@ def test_a_redis_outage_under_load_keeps_each_replica_within_its_share(replicas,
         # the outage, which is right, and the clients behind them send nothing new; the
         # test's own probes make sure each replica decided requests in the outage.
         # (Rejoining, Redis may refuse too: the other replica's leases are back.)
-        assert probed[name], (name, "answered no probe during the outage")
+        assert set(probed[name]) <= {200, 429, 0} and set(probed[name]) & {200, 429}, \
+            (name, "the probes were not all admitted or refused for the budget", probed[name])  # fmt: skip
         decided = [(r["status"], start, end) for r, start, end in request_times(records[name])
                    if killed_at + 2 <= start <= restart_at]  # fmt: skip
         assert decided, (name, "no request decided during the outage", probed[name])
-        refused = [(start, end) for status, start, end in decided if status == 429]
+        refused = [(start, end) for status, start, end in decided if status is not None and status >= 400]
         idle = [round(start - killed_at, 3) for start, end in refused if held[name].peak(start - 0.1, end)[0] < 1]
         assert not idle, (name, "refused with its share unused, at (s after the kill)", idle)
+    # The shares were not zero: a replica with its share free admitted during the outage
+    # (the probes ask each replica every second).
+    assert both.admitted_between(killed_at + 2, restart_at), "no replica admitted anything during the outage"
     # Once both rejoined: no admission above the budget, across both replicas.
     after = [(round(t - killed_at, 3), both.held_at(t + CLOCK_SLACK_S, CLOCK_SLACK_S))
              for t in both.admitted_between(shared_again, float("inf"))]  # fmt: skip
