@@ -12,6 +12,10 @@ Guarantees (each refusal is an ``AdmissionError`` whose outcome maps to HTTP in 
   or with any type when a ``uuid`` is present, as an image). The keys come from vLLM's own
   parser table (``media_part_keys``). Only images are served: a part that carries audio,
   video, embeddings, a PIL image or a file is refused with 400 ``unsupported_media``.
+- A media part with a ``uuid`` is refused (400 ``unsupported_media``). vLLM takes a part's
+  uuid as the item's cache identity in place of its content hash, and a part with a uuid
+  and no data as a reference to whatever is cached under it: on a shared server a
+  client-chosen id would put another request's image - another patient's - into this one.
 - More image parts than ``max_images`` are refused (400 ``too_many_images``) before any is
   decoded; the rest are checked one by one, each bounded (a 48 KiB header read).
 - Image parts: a ``data:`` URL must say ``image/...``; its declared width x height (read
@@ -117,6 +121,13 @@ class RequestGuard:
         Returns the image count and the pixels of the inline images whose header was read."""
         images = []
         for part, kinds in media_parts(body):
+            if part.get("uuid") is not None:
+                raise AdmissionError(
+                    Outcome.REJECTED_UNSUPPORTED_MEDIA,
+                    "Content parts carrying media may not carry a uuid: here images are "
+                    "identified by their content, never by an id a client chooses. Send the "
+                    "image itself; a repeated image is recognised by its content.",
+                )
             unsupported = kinds - IMAGE_PART_TYPES
             if unsupported:
                 raise AdmissionError(

@@ -112,7 +112,11 @@ CATALOGUE = [
     Case("typeless part, link-local URL", {"messages": with_part({"image_url": "http://169.254.169.254/latest/meta-data"})}, 400, "image_url_not_allowed"),
     Case("typeless part, public URL", {"messages": with_part({"image_url": {"url": "https://example.org/x.png"}})}, 400, "image_url_not_allowed"),
     Case("typeless part, bomb PNG", {"messages": with_part({"image_url": data_url(bomb_png())})}, 400, "image_too_large"),
-    Case("text part with a uuid and an image URL", {"messages": with_part({"type": "text", "text": "x", "uuid": "u", "image_url": "http://127.0.0.1:9/x.png"})}, 400, "image_url_not_allowed"),
+    Case("text part with a uuid and an image URL", {"messages": with_part({"type": "text", "text": "x", "uuid": "u", "image_url": "http://127.0.0.1:9/x.png"})}, 400, "unsupported_media"),
+    # vLLM takes a uuid as the image's cache identity, and a uuid alone as a reference to it.
+    Case("image with a client-chosen uuid", {"messages": with_part({"type": "image_url", "image_url": {"url": data_url(image(1, 1))}, "uuid": "scan-1"})}, 400, "unsupported_media"),
+    Case("uuid alone (a cached image by id)", {"messages": with_part({"type": "image_url", "image_url": None, "uuid": "scan-1"})}, 400, "unsupported_media"),
+    Case("image with a null uuid", {"messages": with_part({"type": "image_url", "image_url": {"url": data_url(image(1, 1))}, "uuid": None})}, 200, None),
     Case("input_image part, loopback URL", {"messages": with_part({"type": "input_image", "image_url": "http://127.0.0.1:9/x.png"})}, 400, "image_url_not_allowed"),
     Case("image_embeds part", {"messages": with_part({"type": "image_embeds", "image_embeds": "AAAA"})}, 400, "unsupported_media"),
     Case("typeless image_embeds", {"messages": with_part({"image_embeds": {"image_embeds": "AAAA"}})}, 400, "unsupported_media"),

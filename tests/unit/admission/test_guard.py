@@ -32,12 +32,16 @@ def scope(content_length=None):
     return {"type": "http", "headers": headers}
 
 
-def outcome_of(coro_or_fn) -> Outcome:
+def error_of(coro_or_fn) -> AdmissionError:
     with pytest.raises(AdmissionError) as caught:
         result = coro_or_fn()
         if asyncio.iscoroutine(result):
             run(result)
-    return caught.value.outcome
+    return caught.value
+
+
+def outcome_of(coro_or_fn) -> Outcome:
+    return error_of(coro_or_fn).outcome
 
 
 def test_body_is_read_whole_within_limits():
@@ -221,7 +225,7 @@ def test_the_guards_media_keys_cover_every_media_key_of_vllms_types():
 
 def part_variants():
     """Each vLLM content-part type as a typed part, without its type, and with a uuid (which
-    sends even a typed part down vLLM's key-based path)."""
+    sends even a typed part down vLLM's key-based path, and is refused whatever it carries)."""
     media = media_keys_of_the_types()
     for cls in vllm_content_part_types():
         keys = cls.__required_keys__ | cls.__optional_keys__
@@ -237,7 +241,7 @@ def part_variants():
         by_keys = set(part) & media  # what vLLM's key-based path sees
         if by_keys:
             yield f"{cls.__name__}-typeless", part, expected(by_keys)
-            yield f"{cls.__name__}-uuid", {"type": "text", "uuid": "u1", **part}, expected(by_keys)
+            yield f"{cls.__name__}-uuid", {"type": "text", "uuid": "u1", **part}, Outcome.REJECTED_UNSUPPORTED_MEDIA
 
 
 def guard_module():
@@ -266,12 +270,50 @@ def test_every_media_part_shape_is_checked_whatever_its_type(name, part, expecte
     assert outcome_of(lambda: RequestGuard().check_images(body)) is expected
 
 
-def test_typeless_and_uuid_image_parts_get_the_pixel_check():
+def test_typeless_image_parts_get_the_pixel_check():
     bomb = data_url(png_header_only(100_000, 100_000))
-    for part in ({"image_url": bomb}, {"image_url": {"url": bomb}}, {"type": "text", "uuid": "u", "image_url": bomb},
-                 {"type": "input_image", "image_url": bomb}):  # fmt: skip
+    for part in ({"image_url": bomb}, {"image_url": {"url": bomb}}, {"type": "input_image", "image_url": bomb},
+                 {"type": "image_url", "image_url": {"url": bomb}, "uuid": None}):  # fmt: skip
         body = {"messages": [{"role": "user", "content": [part]}]}
         assert outcome_of(lambda b=body: RequestGuard().check_images(b)) is Outcome.REJECTED_IMAGE_TOO_LARGE, part
+
+
+def test_vllm_takes_a_parts_uuid_as_the_images_identity():
+    """Why the guard refuses uuids (vLLM 0.32's own code): a uuid with no image is still an
+    image part to its parser, and two different images under one uuid get one cache identity
+    (its processor, encoder and prefix caches are keyed by it)."""
+    from vllm.multimodal.parse import MultiModalDataParser
+    from vllm.multimodal.processing.inputs import ProcessorInputs
+    from vllm.renderers.chat_utils import _parse_chat_message_content_mm_part
+
+    assert _parse_chat_message_content_mm_part({"type": "image_url", "image_url": None, "uuid": "scan-1"}) == (
+        "image_url", None)  # fmt: skip
+    parser = MultiModalDataParser()
+
+    def identity(color: str, uuids: dict) -> str:
+        items = parser.parse_mm_data({"image": [Image.new("RGB", (8, 8), color)]})
+        return ProcessorInputs([1], items, uuids).get_mm_hashes("m", "blake3")["image"][0]
+
+    assert identity("red", {"image": ["scan-1"]}) == identity("blue", {"image": ["scan-1"]}) == "scan-1"
+    assert identity("red", {}) != identity("blue", {})  # without one: the content's hash
+
+
+def test_a_media_part_with_a_uuid_is_refused_before_anything_is_read(monkeypatch):
+    """vLLM takes a part's uuid as its cache identity, and a uuid with no data as a reference
+    to what is cached under it: a client-chosen id could fetch another request's image."""
+    read = []
+    monkeypatch.setattr(guard_module(), "_declared_size", lambda *args: read.append(1) or (1, 1))
+    tiny = data_url(image_bytes(1, 1))
+    for part in ({"type": "image_url", "image_url": {"url": tiny}, "uuid": "scan-1"},
+                 {"type": "image_url", "image_url": None, "uuid": "scan-1"}, {"type": "image_url", "uuid": "scan-1"},
+                 {"image_url": tiny, "uuid": 7}, {"type": "input_image", "image_url": tiny, "uuid": ""}):  # fmt: skip
+        body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, part]}]}
+        error = error_of(lambda b=body: RequestGuard().check_images(b))
+        assert error.outcome is Outcome.REJECTED_UNSUPPORTED_MEDIA and "uuid" in error.message, part
+    assert read == []
+    plain = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": tiny}, "uuid": None},
+                                                       {"type": "text", "text": "hi", "uuid": "t"}]}]}  # fmt: skip
+    assert run(RequestGuard().check_images(plain)) == (1, 1)  # a null uuid, a text part's: no cache identity
 
 
 def test_too_many_images_are_refused_before_any_is_decoded(monkeypatch):
