@@ -15,7 +15,7 @@ standard: NaN, Infinity, numbers beyond a double, lone surrogates, a byte-order 
 UTF-16), and wherever msgspec decodes a body it gives the same objects as ``json.loads``
 (integers of any size, floats, escapes, a repeated key's last value:
 ``tests/unit/admission/test_handoff.py``). The ``priority`` the middleware appends to the
-body is set on the object the way a parser reads the appended key (``with_priority``).
+body is set on the object the way a parser reads the appended key (``with_fields``).
 
 Guarantees: a handed parse is used at most once, for equal bytes only, and only within the
 request it was handed over for (the context of its task and of the tasks it starts); the
@@ -75,3 +75,30 @@ def install() -> bool:
         return False
     requests.json = HandedJson()
     return True
+
+
+def with_fields(body: bytes, fields: dict[str, Any]) -> bytes:
+    """``body`` (a JSON object) with ``fields`` set, without decoding it again: they are
+    appended last, and JSON parsers (Python's, vLLM's, msgspec's) take a repeated key's last
+    value, so each also overrides the field of that name the client sent."""
+    end = _end_of_content(body, len(body))
+    if end == 0 or body[end - 1] != CLOSE:
+        raise ValueError("not a JSON object")
+    if not fields:
+        return body
+    inner = _end_of_content(body, end - 1)
+    sep = b"" if inner and body[inner - 1] == OPEN else b","
+    added = b",".join(json.dumps(k).encode() + b":" + json.dumps(v).encode() for k, v in fields.items())
+    # one copy of a body that may hold megabytes of images (slices of bytes copy)
+    return b"".join((memoryview(body)[:inner], sep, added, b"}"))
+
+
+OPEN, CLOSE = ord("{"), ord("}")
+WHITESPACE = frozenset(b" \t\r\n")
+
+
+def _end_of_content(body: bytes, end: int) -> int:
+    """The index after the last non-whitespace byte of ``body[:end]``."""
+    while end and body[end - 1] in WHITESPACE:
+        end -= 1
+    return end

@@ -22,7 +22,9 @@ Guarantees:
 - Each request runs in one priority class (``priority``: asked for with ``x-priority`` or the
   body's ``priority``, bounded by its key), named in the response's ``x-priority`` header;
   vLLM gets the class as the body's ``priority``, appended to the body as read, and
-  preprocesses the request's images in class order (``preprocess``). Otherwise bodies are
+  preprocesses the request's images in class order (``preprocess``).
+- vLLM's prefix cache is kept per account: a ``cache_salt`` made from the account (and the
+  client's own salt) is appended the same way (``cache_scope``). Otherwise bodies are
   read once and replayed to vLLM unchanged, with the guard's parse of them, which vLLM
   takes instead of parsing them again (``handoff``); request content is never logged.
   vLLM's own errors get a string ``code`` (``engine_errors``).
@@ -40,12 +42,14 @@ from serving.admission.controller import AdmissionController
 from serving.admission.engine_errors import ErrorRewriter
 from serving.admission.estimate import PromptEstimator, RequestShape
 from serving.admission.guard import RequestGuard, count_images
-from serving.admission.handoff import hand_over
+from serving.admission.cache_scope import FIELD as SALT_FIELD
+from serving.admission.cache_scope import account_salt
+from serving.admission.handoff import hand_over, with_fields
 from serving.admission.inline_render import render_inline
 from serving.admission.keys import Account
 from serving.admission.outcomes import AdmissionError, Outcome, error_response
 from serving.admission.preprocess import preprocess_rank
-from serving.admission.priority import PRIORITY_HEADER, requested_class, with_priority
+from serving.admission.priority import PRIORITY_HEADER, requested_class
 from serving.admission.request import AdmittedRequest
 from serving.logs import request_id_var
 from serving.usage.engine_tokens import token_tally
@@ -158,8 +162,12 @@ class AdmissionMiddleware:
         preprocess_rank.set(priority.rank)  # vLLM preprocesses its images in class order
         render_inline.set(usage.images == 0 and len(body) <= self.inline_max_bytes)  # no renderer thread handoff
         token_tally.set(usage.tally)  # the engine's token counts land in the usage record
-        body = with_priority(body, priority.vllm_priority)  # vLLM schedules (and preempts) by class
-        parsed["priority"] = priority.vllm_priority  # as vLLM reads the appended key
+        fields = {"priority": priority.vllm_priority}  # vLLM schedules (and preempts) by class
+        salt = account_salt(account.name, parsed.get(SALT_FIELD))
+        if salt is not None:
+            fields[SALT_FIELD] = salt  # this account's prefix cache (cache_scope)
+        body = with_fields(body, fields)
+        parsed.update(fields)  # as vLLM reads the appended keys
         hand_over(body, parsed)  # vLLM's FastAPI takes this parse instead of parsing again
         usage.deciding_at = time.monotonic()
         request = await self._admit(account, shape, receive, send, usage)

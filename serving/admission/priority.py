@@ -80,27 +80,3 @@ def requested_class(scope, body: dict, default: PriorityClass, allowed: Priority
             f"This key may use priority classes up to {allowed.value!r}; the request asked for {asked.value!r}.",
         )
     return asked
-
-
-def with_priority(body: bytes, value: int) -> bytes:
-    """``body`` (a JSON object) with vLLM's ``priority`` field set to ``value``, without
-    decoding it again: the field is appended last, and JSON parsers (Python's, vLLM's) take
-    a repeated key's last value, so it also overrides a ``priority`` the client sent."""
-    end = _end_of_content(body, len(body))
-    if end == 0 or body[end - 1] != CLOSE:
-        raise ValueError("not a JSON object")
-    inner = _end_of_content(body, end - 1)
-    sep = b"" if inner and body[inner - 1] == OPEN else b","
-    # one copy of a body that may hold megabytes of images (slices of bytes copy)
-    return b"".join((memoryview(body)[:inner], sep, b'"priority":', str(value).encode(), b"}"))
-
-
-OPEN, CLOSE = ord("{"), ord("}")
-WHITESPACE = frozenset(b" \t\r\n")
-
-
-def _end_of_content(body: bytes, end: int) -> int:
-    """The index after the last non-whitespace byte of ``body[:end]``."""
-    while end and body[end - 1] in WHITESPACE:
-        end -= 1
-    return end

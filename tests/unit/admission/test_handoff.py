@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from serving.admission import handoff
+from serving.admission.handoff import with_fields
 from serving.admission.guard import RequestGuard
 from serving.admission.outcomes import AdmissionError, Outcome
-from serving.admission.priority import with_priority
 
 
 def same(a, b) -> bool:
@@ -78,11 +78,28 @@ def test_what_json_loads_reads_beyond_the_standard_is_refused_by_the_guard(body)
     assert refused.value.outcome is Outcome.REJECTED_INVALID_JSON
 
 
-@pytest.mark.parametrize("text", ['{"model": "m"}', '{}', '{"priority": 7, "model": "m"}', '{"model": "m", "priority": -3} '])
-def test_the_priority_set_on_the_parse_is_what_a_parser_reads_from_the_appended_key(text):
+FIELDS = {"priority": 2, "cache_salt": "ab\"c\u00e9"}
+
+
+@pytest.mark.parametrize("text", ['{"model": "m"}', '{}', '{"priority": 7, "model": "m"}', '{"model": "m", "priority": -3} ',
+                                  '{"cache_salt": "mine", "model": "m"}'])  # fmt: skip
+def test_the_fields_set_on_the_parse_are_what_a_parser_reads_from_the_appended_keys(text):
     parsed = RequestGuard.parse(text.encode())
-    parsed["priority"] = 2
-    assert same(parsed, json.loads(with_priority(text.encode(), 2)))
+    parsed.update(FIELDS)
+    appended = with_fields(text.encode(), FIELDS)
+    assert same(parsed, json.loads(appended)) and same(parsed, RequestGuard.parse(appended))
+
+
+@pytest.mark.parametrize("body", [b'{"model": "m", "priority": 7}', b'{"a": 1}\n  ', b"{}", b'{ }'])
+def test_fields_are_appended_to_the_body_and_override_the_clients(body):
+    out = with_fields(body, {"priority": -1, "cache_salt": "s"})
+    assert json.loads(out)["priority"] == -1 and json.loads(out)["cache_salt"] == "s"
+    assert {k: v for k, v in json.loads(out).items() if k not in ("priority", "cache_salt")} == {
+        k: v for k, v in json.loads(body).items() if k != "priority"}
+    assert out.startswith(body.rstrip()[:-1].rstrip())  # appended: the body is not re-encoded
+    assert with_fields(body, {}) is body
+    with pytest.raises(ValueError):
+        with_fields(b'[1]', {"priority": 1})
 
 
 @pytest.fixture

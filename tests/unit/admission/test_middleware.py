@@ -7,6 +7,8 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry
 
+from serving.admission import handoff
+from serving.admission.cache_scope import account_salt
 from serving.admission.clock import FakeClock
 from serving.admission.controller import AdmissionController
 from serving.admission.keys import KeyStore, hash_key
@@ -96,6 +98,39 @@ class Client:
 CHAT = {"model": "medgemma-4b-it", "messages": [{"role": "user", "content": "one two three"}], "max_tokens": 5}
 
 
+class HandoffReadingApp(FakeEngineApp):
+    """Also keeps the parse handed over with each body: what vLLM's route reads instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.parses = []
+
+    async def __call__(self, scope, receive, send):
+        handed = handoff._handed.get()
+        self.parses.append(handed[1] if handed else None)
+        await super().__call__(scope, receive, send)
+
+
+def test_vllm_gets_the_accounts_cache_salt_in_place_of_the_clients():
+    """Without a salt, or with its own, a request reaches vLLM (its bytes and the parse vLLM
+    reads) with a salt of its account; one vLLM would refuse is left for vLLM to refuse."""
+
+    async def salts(asked: list) -> tuple[list, list]:
+        app = HandoffReadingApp()
+        mw, _, _ = build(app)
+        for value in asked:
+            body = CHAT if value is None else {**CHAT, "cache_salt": value}
+            scope, payload = request(body)
+            client = Client(payload)
+            await mw(scope, client.receive, client.send)
+            assert client.status == 200
+        return [json.loads(body)["cache_salt"] for body in app.bodies], [p["cache_salt"] for p in app.parses]
+
+    sent, parsed = asyncio.run(salts([None, "ward-3", account_salt("other"), "", "a/b"]))
+    assert sent == parsed == [account_salt("acme"), account_salt("acme", "ward-3"),
+                              account_salt("acme", account_salt("other")), "", "a/b"]  # fmt: skip
+
+
 def test_admitted_stream_gets_headers_body_replayed_and_units_released_at_the_end():
     async def scenario():
         app = FakeEngineApp()
@@ -104,7 +139,9 @@ def test_admitted_stream_gets_headers_body_replayed_and_units_released_at_the_en
         client = Client(payload)
         await mw(scope, client.receive, client.send)
         # vLLM sees the body as sent, with the request's class as its scheduling priority
-        assert len(app.bodies) == 1 and json.loads(app.bodies[0]) == {**CHAT, "priority": 0}
+        # and its account's prefix-cache salt
+        assert len(app.bodies) == 1
+        assert json.loads(app.bodies[0]) == {**CHAT, "priority": 0, "cache_salt": account_salt("acme")}
         assert app.bodies[0].startswith(payload[:-1])  # appended, not re-encoded
         assert client.status == 200
         assert client.headers[b"x-ratelimit-limit-concurrency"] == b"2"

@@ -1,13 +1,12 @@
 """Priority classes: what a request asks for, what its key allows, what vLLM is told."""
 
-import json
 
 import pytest
 
 from serving.admission.keys import KeyStore, hash_key
 from serving.admission.keysfile import KeysFileError
 from serving.admission.outcomes import AdmissionError, Outcome
-from serving.admission.priority import PriorityClass, from_body_priority, requested_class, with_priority
+from serving.admission.priority import PriorityClass, from_body_priority, requested_class
 
 STAT, INTERACTIVE, BATCH = PriorityClass.STAT, PriorityClass.INTERACTIVE, PriorityClass.BATCH
 
@@ -49,15 +48,6 @@ def test_an_unreadable_class_is_a_400(header, body):
     with pytest.raises(AdmissionError) as info:
         requested_class(scope(header), body, default=INTERACTIVE, allowed=STAT)
     assert info.value.outcome is Outcome.REJECTED_INVALID_PRIORITY
-
-
-@pytest.mark.parametrize("body", [b'{"model": "m", "priority": 7}', b'{"a": 1}\n  ', b"{}", b'{ }'])
-def test_the_class_is_appended_to_the_body_and_overrides_the_clients_field(body):
-    out = with_priority(body, -1)
-    assert json.loads(out)["priority"] == -1
-    assert {k: v for k, v in json.loads(out).items() if k != "priority"} == {
-        k: v for k, v in json.loads(body).items() if k != "priority"}
-    assert out.startswith(body.rstrip()[:-1].rstrip())  # appended: the body is not re-encoded
 
 
 KEY_A, KEY_B = "mgk_a", "mgk_b"
