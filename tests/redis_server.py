@@ -56,10 +56,17 @@ class RedisServer:
         self.process = None
 
 
-def leased_units(url: str, account: str) -> int:
-    """The units of ``account``'s leases in the Redis at ``url`` now (members ``id|units``;
-    expired ones included until an acquire drops them)."""
+def leased_units(url: str, account: str, live: bool = False) -> int:
+    """The units of ``account``'s leases in the Redis at ``url`` now (members ``id|units``):
+    expired ones included until an acquire drops them, or with ``live`` only those the
+    ledger counts (unexpired by Redis's clock)."""
     import redis as redis_sync
 
-    members = redis_sync.Redis.from_url(url).zrange(f"medgemma:leases:{{{account}}}", 0, -1)
+    client = redis_sync.Redis.from_url(url)
+    key = f"medgemma:leases:{{{account}}}"
+    if live:
+        seconds, micros = client.time()
+        members = client.zrangebyscore(key, f"({seconds * 1000 + micros // 1000}", "+inf")
+    else:
+        members = client.zrange(key, 0, -1)
     return sum(int(m.rsplit(b"|", 1)[1]) for m in members)

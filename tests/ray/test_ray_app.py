@@ -27,7 +27,7 @@ from tests.integration.images import data_url, image
 from tests.live_server import write_keys
 from tests.metrics_text import Sampler, samples
 from tests.prometheus_server import PrometheusServer
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, leased_units
 
 ROOT = Path(__file__).resolve().parents[2]
 PORT_MIN = 30400  # direct ingress: the first replica on this node, then the next ports
@@ -489,17 +489,6 @@ def test_scales_out_under_load_and_back_with_no_failed_request(ray_app, tmp_path
 LEASE_TTL_S = 15.0  # the app's default --lease-ttl-s
 
 
-def leased_units(app: RayApp) -> int:
-    """Units leased in Redis right now (every replica's live leases)."""
-    import redis as redis_sync
-
-    client = redis_sync.Redis.from_url(app.redis_url)
-    seconds, micros = client.time()  # live: what the ledger counts (an expired lease is
-    now_ms = seconds * 1000 + micros // 1000  # dropped only by the next acquire)
-    members = client.zrangebyscore("medgemma:leases:{main}", f"({now_ms}", "+inf")
-    return sum(int(member.rsplit(b"|", 1)[1]) for member in members)
-
-
 def held_units(port: int) -> float:
     """Units a replica holds in the ledger: its running requests' and those queued for an
     engine slot (they took their lease first; cost 1 each here)."""
@@ -593,7 +582,7 @@ def test_a_replica_whose_engine_or_process_dies_is_replaced_on_its_port(ray_app,
             # Its leases are gone (released, or expired within the TTL): what Redis holds is
             # what the other replica holds (read around it: its requests come and go).
             other_before = held_units(other_port)
-            leased = leased_units(ray_app)
+            leased = leased_units(ray_app.redis_url, "main", live=True)  # every replica's live leases
             other_after = held_units(other_port)
             assert leased <= max(other_before, other_after) + 1, (fault, leased, other_before, other_after, victim_units)
             # The autoscaling signal (our recording rules on Prometheus) counts one replica.
