@@ -14,8 +14,9 @@ Why vLLM sees what it would have parsed: the guard refuses every body msgspec ca
 standard: NaN, Infinity, numbers beyond a double, lone surrogates, a byte-order mark,
 UTF-16), and wherever msgspec decodes a body it gives the same objects as ``json.loads``
 (integers of any size, floats, escapes, a repeated key's last value:
-``tests/unit/admission/test_handoff.py``). The ``priority`` the middleware appends to the
-body is set on the object the way a parser reads the appended key (``with_fields``).
+``tests/unit/admission/test_handoff.py``). The fields the middleware appends to the body
+(``priority``, ``cache_salt``) are set on the object the way a parser reads the appended
+keys (``with_fields``).
 
 Guarantees: a handed parse is used at most once, for equal bytes only, and only within the
 request it was handed over for (the context of its task and of the tasks it starts); the

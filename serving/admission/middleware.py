@@ -38,12 +38,11 @@ import re
 import time
 import uuid
 
+from serving.admission.cache_scope import FIELD as SALT_FIELD, account_salt
 from serving.admission.controller import AdmissionController
 from serving.admission.engine_errors import ErrorRewriter
 from serving.admission.estimate import PromptEstimator, RequestShape
 from serving.admission.guard import RequestGuard, count_images
-from serving.admission.cache_scope import FIELD as SALT_FIELD
-from serving.admission.cache_scope import account_salt
 from serving.admission.handoff import hand_over, with_fields
 from serving.admission.inline_render import render_inline
 from serving.admission.keys import Account

@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from serving.admission import handoff
-from serving.admission.handoff import with_fields
 from serving.admission.guard import RequestGuard
+from serving.admission.handoff import with_fields
 from serving.admission.outcomes import AdmissionError, Outcome
 
 

@@ -1,6 +1,5 @@
 """Priority classes: what a request asks for, what its key allows, what vLLM is told."""
 
-
 import pytest
 
 from serving.admission.keys import KeyStore, hash_key
